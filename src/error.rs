@@ -1,0 +1,114 @@
+//! The error every waiter of a failed flight gets.
+
+use std::error::Error;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::flight::Panicked;
+
+/// The error type of [`CoalesceService`](crate::CoalesceService).
+///
+/// Every waiter of a flight gets a clone of the same error. The inner service's error is kept
+/// behind an [`Arc`] (so it need not be `Clone`) and stays reachable by type:
+///
+/// ```
+/// use std::error::Error as _;
+/// use tower::{service_fn, ServiceExt};
+/// use tower_coalesce::{CoalesceError, CoalesceLayer};
+/// use tower_layer::Layer;
+///
+/// #[derive(Debug)]
+/// struct NotFound;
+/// impl std::fmt::Display for NotFound {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+///         f.write_str("not found")
+///     }
+/// }
+/// impl std::error::Error for NotFound {}
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let svc = CoalesceLayer::new(|id: &u32| Some(*id))
+///     .layer(service_fn(|_id: u32| async { Err::<String, _>(NotFound) }));
+/// let err: CoalesceError = svc.oneshot(7).await.unwrap_err();
+/// assert!(err.downcast_ref::<NotFound>().is_some());
+/// assert!(err.source().unwrap().downcast_ref::<NotFound>().is_some());
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct CoalesceError {
+    kind: Kind,
+}
+
+#[derive(Clone)]
+enum Kind {
+    Inner(Arc<dyn Error + Send + Sync + 'static>),
+    Panicked(Panicked),
+}
+
+impl CoalesceError {
+    pub(crate) fn inner(error: impl Into<tower::BoxError>) -> Self {
+        CoalesceError {
+            kind: Kind::Inner(Arc::from(error.into())),
+        }
+    }
+
+    pub(crate) fn panicked(panic: Panicked) -> Self {
+        CoalesceError {
+            kind: Kind::Panicked(panic),
+        }
+    }
+
+    /// Whether the inner service panicked (in `call` or in its future).
+    pub fn is_panic(&self) -> bool {
+        matches!(self.kind, Kind::Panicked(_))
+    }
+
+    /// The panic message, if the inner service panicked with a string payload.
+    pub fn panic_message(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Panicked(p) => Some(p.message()),
+            Kind::Inner(_) => None,
+        }
+    }
+
+    /// The inner service's error, if it returned one.
+    pub fn get_ref(&self) -> Option<&(dyn Error + Send + Sync + 'static)> {
+        match &self.kind {
+            Kind::Inner(e) => Some(&**e),
+            Kind::Panicked(_) => None,
+        }
+    }
+
+    /// The inner service's error as `E`, if it returned one of that type.
+    pub fn downcast_ref<E: Error + 'static>(&self) -> Option<&E> {
+        self.get_ref()?.downcast_ref()
+    }
+}
+
+impl fmt::Debug for CoalesceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Inner(e) => f.debug_tuple("CoalesceError::Inner").field(e).finish(),
+            Kind::Panicked(p) => f.debug_tuple("CoalesceError::Panicked").field(p).finish(),
+        }
+    }
+}
+
+impl fmt::Display for CoalesceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Inner(e) => write!(f, "inner service failed: {e}"),
+            Kind::Panicked(p) => write!(f, "inner service panicked: {}", p.message()),
+        }
+    }
+}
+
+impl Error for CoalesceError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match &self.kind {
+            Kind::Inner(e) => Some(&**e),
+            Kind::Panicked(p) => Some(p),
+        }
+    }
+}

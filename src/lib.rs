@@ -1,0 +1,72 @@
+//! Request coalescing ("singleflight") as Tower middleware.
+//!
+//! [`CoalesceLayer`] wraps any [`Service`](tower_service::Service) whose requests yield a key.
+//! The first request for a key calls the inner service; identical requests that arrive while
+//! that call is in flight wait for the same result instead of calling the backend again.
+//!
+//! ```
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use std::sync::Arc;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_coalesce::CoalesceLayer;
+//!
+//! # #[tokio::main]
+//! # async fn main() {
+//! let backend_calls = Arc::new(AtomicUsize::new(0));
+//! let calls = backend_calls.clone();
+//! let svc = ServiceBuilder::new()
+//!     .layer(CoalesceLayer::new(|key: &String| Some(key.clone())))
+//!     .service(service_fn(move |key: String| {
+//!         calls.fetch_add(1, Ordering::SeqCst);
+//!         async move {
+//!             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+//!             Ok::<_, std::convert::Infallible>(format!("value of {key}"))
+//!         }
+//!     }));
+//!
+//! let requests = (0..100).map(|_| svc.clone().oneshot("hot".to_string()));
+//! let responses = futures::future::join_all(requests).await;
+//! assert!(responses.iter().all(|r| r.as_deref().unwrap() == "value of hot"));
+//! assert_eq!(backend_calls.load(Ordering::SeqCst), 1);
+//! assert_eq!(svc.in_flight(), 0);
+//! # }
+//! ```
+//!
+//! # Contract
+//!
+//! 1. At most one call per key is in flight at a time, per registry; different keys never wait
+//!    on each other.
+//! 2. No stale joins: a request that arrives after a call's response was published starts a
+//!    new call.
+//! 3. Every waiter of a call gets a clone of the same response, or a [`CoalesceError`] sharing
+//!    the same inner error (the error need not be `Clone`).
+//! 4. Cancellation is local: dropping a waiter never fails or stalls the others; if the leader
+//!    goes away the call goes on for the rest; when the last waiter goes away the call is
+//!    dropped (cancelled) and the key freed.
+//! 5. A panic in the inner service becomes an error for that call's waiters; the key stays
+//!    usable.
+//! 6. Waiters are woken once, by the call's completion; they never poll in a loop and never
+//!    wait for the inner service's readiness.
+//! 7. The registry removes each entry exactly once, by its own call, so it is empty once the
+//!    load stops.
+//! 8. No lock is held across an `.await` or while user code runs (key `Eq` aside).
+//!
+//! The tower-free core is [`Group`], usable on its own like Go's `singleflight.Group`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod builder;
+mod error;
+mod flight;
+mod future;
+mod layer;
+mod service;
+mod sync;
+
+pub use builder::ServiceBuilderExt;
+pub use error::CoalesceError;
+pub use flight::{Group, Panicked, Run};
+pub use future::ResponseFuture;
+pub use layer::CoalesceLayer;
+pub use service::CoalesceService;
