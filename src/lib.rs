@@ -60,6 +60,9 @@ mod builder;
 mod error;
 mod flight;
 mod future;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
 mod layer;
 mod service;
 mod sync;
