@@ -1,0 +1,253 @@
+//! [`CoalesceGrpcLayer`]: options, and one registry shared by every service it wraps.
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::HeaderName;
+use http::request::Parts;
+use tower_layer::Layer;
+
+use super::key::{Config, GrpcKey};
+use super::service::CoalesceGrpcService;
+use crate::flight::Group;
+
+/// Coalesces concurrent identical unary gRPC calls to allow-listed methods.
+///
+/// Nothing is coalesced until a method is allow-listed with [`method`](Self::method). A call
+/// is coalesced only if it is a `POST` to an allow-listed path with an `application/grpc`
+/// content type, carries no credentials (`authorization`, `cookie`, `proxy-authorization`)
+/// unless an [`identity`](Self::identity) tells callers apart, does not ask for a fresh answer
+/// (`cache-control: no-cache`), and its request message fits in
+/// [`request_limit`](Self::request_limit). Every other call bypasses the layer untouched.
+///
+/// Calls share a response when their key is equal: method path, authority, content type,
+/// request message bytes, `grpc-encoding`, `grpc-accept-encoding`, `accept-encoding`, the
+/// [`metadata`](Self::metadata) keys configured, and the identity. Only a response whose
+/// `grpc-status` is `0` is shared, and only if it fits in
+/// [`response_limit`](Self::response_limit); otherwise its own caller gets it untouched and
+/// the followers make their own calls, all at once.
+///
+/// # Registry scope
+///
+/// The layer owns one registry: every service it makes, in every [`layer`](Layer::layer)
+/// call, and every clone of the layer share it (as tower's `GlobalConcurrencyLimitLayer` shares
+/// its semaphore). The key includes the method path, so one layer can wrap a whole tonic
+/// server. Each builder method returns a layer with a registry of its own, so configure the
+/// layer first and clone the finished one.
+///
+/// # Example
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body_util::{BodyExt, Full};
+/// use tower::{service_fn, ServiceBuilder, ServiceExt};
+/// use tower_coalesce::grpc::CoalesceGrpcLayer;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let layer = CoalesceGrpcLayer::new()
+///     .method("/catalog.v1.Catalog/GetItem")
+///     .metadata("x-tenant");
+/// // With tonic: `Server::builder().layer(layer).add_service(...)`.
+/// let svc = ServiceBuilder::new()
+///     .layer(layer)
+///     .service(service_fn(|_req: Request<_>| async {
+///         let response = Response::builder()
+///             .header("content-type", "application/grpc")
+///             .header("grpc-status", "0")
+///             .body(Full::new(Bytes::new()))
+///             .unwrap();
+///         Ok::<_, std::convert::Infallible>(response)
+///     }));
+///
+/// let call = Request::post("/catalog.v1.Catalog/GetItem")
+///     .header("content-type", "application/grpc")
+///     .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+///     .unwrap();
+/// let response = svc.oneshot(call).await.unwrap();
+/// assert_eq!(response.headers()["grpc-status"], "0");
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct CoalesceGrpcLayer {
+    pub(crate) shared: Shared,
+}
+
+/// What a layer shares with every service it makes.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) config: Arc<Config>,
+    pub(crate) group: Group<GrpcKey>,
+    /// Followers waiting for a flight, across the registry.
+    pub(crate) waiting: Arc<AtomicUsize>,
+}
+
+impl Shared {
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+}
+
+impl CoalesceGrpcLayer {
+    /// A layer with no method allow-listed (it coalesces nothing yet) and the default limits:
+    /// 64 KiB per request message, 4 MiB per response.
+    pub fn new() -> Self {
+        CoalesceGrpcLayer {
+            shared: Shared {
+                config: Arc::new(Config::new()),
+                group: Group::new(),
+                waiting: Arc::new(AtomicUsize::new(0)),
+            },
+        }
+    }
+
+    /// The options, to change them. A layer with other options gets a registry of its own: its
+    /// keys mean something else, so it must not meet flights of the layer it was made from.
+    fn config(&mut self) -> &mut Config {
+        self.shared.group = Group::new();
+        self.shared.waiting = Arc::new(AtomicUsize::new(0));
+        Arc::make_mut(&mut self.shared.config)
+    }
+
+    /// Allow-lists a unary method by its full path, `/package.Service/Method`.
+    ///
+    /// Only unary methods belong here: a streaming call's request or response is a sequence of
+    /// messages over time, which the layer does not share. tonic's generated servers expose
+    /// the service part as `NAME` (via `tonic::server::NamedService`).
+    ///
+    /// # Panics
+    ///
+    /// If `path` does not look like `/service/method` (a leading `/`, exactly one more `/`,
+    /// nothing empty), since it would silently never match.
+    pub fn method(mut self, path: impl Into<String>) -> Self {
+        let path = path.into();
+        let valid = path
+            .strip_prefix('/')
+            .and_then(|rest| rest.split_once('/'))
+            .is_some_and(|(service, method)| {
+                !service.is_empty() && !method.is_empty() && !method.contains('/')
+            });
+        assert!(
+            valid,
+            "gRPC method paths look like \"/package.Service/Method\", got {path:?}"
+        );
+        self.config().methods.insert(path.into_boxed_str());
+        self
+    }
+
+    /// Allow-lists several unary methods; see [`method`](Self::method).
+    pub fn methods<I>(self, paths: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        paths.into_iter().fold(self, Self::method)
+    }
+
+    /// Makes the values of a request metadata key part of the key: calls that differ in it do
+    /// not share a response. Use it for every metadata the handler reads (a tenant, a locale).
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not a valid metadata (HTTP header) name.
+    pub fn metadata(mut self, name: impl AsRef<str>) -> Self {
+        let name = HeaderName::try_from(name.as_ref())
+            .unwrap_or_else(|_| panic!("invalid metadata key {:?}", name.as_ref()));
+        if !self.config().metadata.contains(&name) {
+            self.config().metadata.push(name);
+        }
+        self
+    }
+
+    /// Adds the caller's identity to the key, and lets calls with credentials be coalesced.
+    ///
+    /// Without an identity, a call that carries `authorization`, `cookie` or
+    /// `proxy-authorization` metadata bypasses the layer: its response may be meant for that
+    /// caller alone. With one, `identify` is called for every candidate call; calls share a
+    /// response only when their identities are equal, and a call with credentials for which
+    /// `identify` returns `None` still bypasses.
+    ///
+    /// Derive the identity from credentials that were *verified* before this layer (put the
+    /// authentication layer outside it and read what it stored in the request extensions),
+    /// not from the raw token: an unverified token would let a caller join another's call.
+    ///
+    /// ```
+    /// use tower_coalesce::grpc::CoalesceGrpcLayer;
+    ///
+    /// #[derive(Clone)]
+    /// struct UserId(String);
+    ///
+    /// let layer = CoalesceGrpcLayer::new()
+    ///     .method("/catalog.v1.Catalog/GetItem")
+    ///     .identity(|parts| parts.extensions.get::<UserId>().map(|user| user.0.clone()));
+    /// # let _ = layer;
+    /// ```
+    pub fn identity<F, I>(mut self, identify: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<I> + Send + Sync + 'static,
+        I: Into<Bytes>,
+    {
+        self.config().identity = Some(Arc::new(move |parts: &Parts| {
+            identify(parts).map(Into::into)
+        }));
+        self
+    }
+
+    /// The largest request body (the framed request message) that is buffered to compute a
+    /// key, in bytes; default 64 KiB. A larger request bypasses the layer, with its body
+    /// passed on whole.
+    ///
+    /// The key holds the whole message while the call is in flight, so this bounds the memory
+    /// a flight's key uses.
+    pub fn request_limit(mut self, bytes: usize) -> Self {
+        self.config().request_limit = bytes;
+        self
+    }
+
+    /// The largest response body that is buffered to be shared, in bytes; default 4 MiB
+    /// (tonic's default message size limit). Over it, the caller that made the call gets its
+    /// whole response and the followers make their own calls.
+    pub fn response_limit(mut self, bytes: usize) -> Self {
+        self.config().response_limit = bytes;
+        self
+    }
+
+    /// The number of calls in flight for which others may wait, in the registry this layer
+    /// shares.
+    pub fn in_flight(&self) -> usize {
+        self.shared.group.in_flight()
+    }
+
+    /// The number of calls currently waiting for another call's response (followers), in the
+    /// registry this layer shares.
+    pub fn waiting(&self) -> usize {
+        self.shared.waiting()
+    }
+}
+
+impl Default for CoalesceGrpcLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S> Layer<S> for CoalesceGrpcLayer {
+    type Service = CoalesceGrpcService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CoalesceGrpcService::from_parts(inner, self.shared.clone())
+    }
+}
+
+impl fmt::Debug for CoalesceGrpcLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoalesceGrpcLayer")
+            .field("config", &self.shared.config)
+            .field("group", &self.shared.group)
+            .field("waiting", &self.waiting())
+            .finish()
+    }
+}

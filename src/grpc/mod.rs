@@ -1,0 +1,44 @@
+//! gRPC adapter (feature `grpc`): coalesces identical concurrent unary calls to allow-listed
+//! methods, for tonic servers and any `http::Request` → `http::Response` gRPC service.
+//!
+//! Every gRPC call is an HTTP/2 `POST`, so HTTP's "safe method" rule cannot pick what to
+//! coalesce: [`CoalesceGrpcLayer`] coalesces only the unary methods you allow-list, and a call
+//! only when it is anonymous (or an [identity](CoalesceGrpcLayer::identity) is configured) and
+//! small enough to key. The key holds the request message bytes themselves, so two calls share
+//! a response only if they sent the same message to the same method with the same encodings
+//! and configured metadata. Only a response whose `grpc-status` is `0` is shared; after any
+//! other outcome each follower makes its own call.
+//!
+//! ```no_run
+//! # // Needs a tonic service; see `examples/tonic.rs` for the whole program.
+//! # use tower_coalesce::grpc::CoalesceGrpcLayer;
+//! # fn doc<Svc>(catalog: Svc) where
+//! #     Svc: tower_service::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>, Error = std::convert::Infallible>
+//! #         + tonic::server::NamedService + Clone + Send + Sync + 'static,
+//! #     Svc::Future: Send + 'static,
+//! # {
+//! let coalesce = CoalesceGrpcLayer::new().method("/catalog.v1.Catalog/GetItem");
+//! let server = tonic::transport::Server::builder()
+//!     // Authentication goes outside (before) coalescing; timeouts, tracing and compression
+//!     // too, so they stay per caller.
+//!     .layer(coalesce)
+//!     .add_service(catalog)
+//!     .serve("127.0.0.1:50051".parse().unwrap());
+//! # drop(server);
+//! # }
+//! ```
+//!
+//! The inner service sees each request with its body as a [`CoalesceBody`], and responses
+//! come back as `http::Response<CoalesceBody<_>>`.
+//!
+//! [`CoalesceBody`]: crate::http::CoalesceBody
+
+mod future;
+mod key;
+mod layer;
+mod service;
+mod status;
+
+pub use future::ResponseFuture;
+pub use layer::CoalesceGrpcLayer;
+pub use service::CoalesceGrpcService;
