@@ -334,11 +334,9 @@ mod tests {
     use std::convert::Infallible;
 
     type Frames = Vec<Result<Frame<Bytes>, &'static str>>;
+    type TestStream = StreamBody<futures::stream::Iter<<Frames as IntoIterator>::IntoIter>>;
 
-    fn stream(
-        frames: Frames,
-    ) -> StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, &'static str>>>>
-    {
+    fn stream(frames: Frames) -> TestStream {
         StreamBody::new(futures::stream::iter(frames))
     }
 

@@ -1,8 +1,118 @@
-//! HTTP adapter (feature `http`): coalescing for `http::Request` → `http::Response` services
-//! that follows the shared-cache rules of RFC 9111.
+//! HTTP adapter (feature `http`): coalescing for `http::Request` → `http::Response` services,
+//! such as an axum `Router`, following the rules of a shared cache (RFC 9111) whose entries
+//! live only while their request is in flight.
+//!
+//! ```
+//! use axum::{routing::get, Router};
+//! use tower_coalesce::http::CoalesceHttpLayer;
+//!
+//! let app: Router = Router::new()
+//!     .route("/prices", get(|| async { "expensive" }))
+//!     .layer(CoalesceHttpLayer::new());
+//! ```
+//!
+//! # Which requests are coalesced
+//!
+//! A request is coalesced only if its method is `GET` or `HEAD` (configurable, never
+//! `CONNECT`) and it has no body, no `Range`, no `Upgrade` / `Connection: upgrade`, no
+//! `Cache-Control: no-cache|no-store` or `Pragma: no-cache`, and no `Authorization`,
+//! `Cookie` or `Proxy-Authorization` unless an [identity](CoalesceHttpLayer::identity) is
+//! configured and known for it. Every other request bypasses: it goes to the inner service
+//! untouched.
+//!
+//! Requests are coalesced when their keys are equal. The key is made of the method; the URI
+//! (scheme, authority, path and query, exactly); the values of the key headers (by default
+//! `Accept`, `Accept-Encoding`, `Accept-Language`), of the conditional headers (`If-None-Match`,
+//! `If-Modified-Since`, `If-Match`, `If-Unmodified-Since`, `If-Range`) and of `Host`,
+//! `Forwarded`, `X-Forwarded-Host`, `X-Forwarded-Proto`; and the identity, if configured. The
+//! key is compared field by field, never reduced to a hash.
+//!
+//! **The response must depend on nothing else.** If a handler reads another header, a query
+//! parameter it ignores does not matter, but a header it reads does: add it with
+//! [`key_header`](CoalesceHttpLayer::key_header), or send a `Vary` naming it.
+//!
+//! # Which responses are shared
+//!
+//! The first request of a key (the *leader*) calls the inner service; identical requests that
+//! arrive while it runs (the *followers*) wait. Its response is shared with them only if a
+//! shared cache could store it: no `Set-Cookie`, no `Cache-Control: private`, `no-store` or
+//! `no-cache`, no `Vary: *`, not `text/event-stream`, not `101`, and a body within
+//! [`max_body_bytes`](CoalesceHttpLayer::max_body_bytes) (default 2 MiB). Every status may be
+//! shared, errors such as `500` included, as every waiter would have waited for the same call.
+//!
+//! A shared body is buffered into memory with its trailers, and every waiter (the leader too)
+//! gets a rebuilt copy: same status, version, headers, extensions, body and trailers. A
+//! follower whose request headers differ from the leader's on a header named by the response's
+//! `Vary` does not get it.
+//!
+//! When the response is not shared, the leader gets its own response, untouched (a body over
+//! the limit arrives whole: the bytes already read, then the rest of the stream), and every
+//! follower is released at once to make its own call to the inner service. The same happens
+//! when the inner service returns an error: the leader gets the error, the followers call.
+//!
+//! # Errors and panics
+//!
+//! The service's error type is the inner service's, so the layer stacks on an axum `Router`
+//! with no `HandleErrorLayer`. If the inner service panics, the leader's future panics again
+//! with the same message (so `CatchPanicLayer`, or the server, handles it as without this
+//! layer) and the followers make their own calls. If the leader's request is dropped (client
+//! gone, timeout), a follower takes over the call; it does not get a response that was meant
+//! for the leader alone.
+//!
+//! # How a response was served
+//!
+//! Every response carries a [`ServedBy`] extension, and optionally an RFC 9211
+//! `Cache-Status` header (see [`CoalesceHttpLayer::cache_status_header`]).
+//!
+//! # Where to put the layer
+//!
+//! Inside authentication (so an identity can come from verified credentials), outside
+//! nothing that changes the response per request. Keep tracing, timeouts and compression
+//! *outside* (added after it in `Router::layer`, or before it in a `ServiceBuilder`): a
+//! timeout inside would cut the shared call for everybody, tracing inside would record one
+//! span for many requests, and compression inside would tie the body to one
+//! `Accept-Encoding` (it is in the key by default, so that is merely wasteful).
 
-// Used by the HTTP service and by the gRPC adapter.
-#[cfg_attr(not(test), allow(dead_code))]
+// `pub(crate)`: the gRPC adapter buffers and replays bodies with it too.
 pub(crate) mod body;
+mod builder;
+mod future;
+mod key;
+mod layer;
+mod service;
+mod share;
+
+#[cfg(test)]
+mod tests;
 
 pub use body::CoalesceBody;
+pub use builder::HttpServiceBuilderExt;
+pub use future::ResponseFuture;
+pub use layer::{CoalesceHttpLayer, DEFAULT_MAX_BODY_BYTES};
+pub use service::CoalesceHttpService;
+
+/// How a response was served: a response extension set on every response of
+/// [`CoalesceHttpService`].
+///
+/// ```
+/// use tower_coalesce::http::ServedBy;
+///
+/// # fn inspect(res: &http::Response<()>) {
+/// if res.extensions().get::<ServedBy>() == Some(&ServedBy::Follower) {
+///     // This response is a copy of another request's response.
+/// }
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ServedBy {
+    /// The request started the call; the response is its own (shared with followers, or not).
+    Leader,
+    /// The request joined another request's call and got a copy of its response.
+    Follower,
+    /// The request joined another request's call, but that response could not be shared
+    /// with it (or the call failed), so it made its own call.
+    Released,
+    /// The request was not eligible for coalescing and went straight to the inner service.
+    Bypass,
+}

@@ -1,0 +1,233 @@
+//! [`ResponseFuture`] of [`CoalesceHttpService`](super::CoalesceHttpService).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower::util::Oneshot;
+use tower_service::Service;
+
+use super::body::CoalesceBody;
+use super::key::{Bypass, Key};
+use super::share::{Outcome, Release};
+use super::ServedBy;
+use crate::flight::Run;
+
+/// Where the flight leaves the leader's own response (or error) when it is not shared.
+pub(crate) type LeaderSlot<B, E> = Arc<Slot<B, E>>;
+pub(crate) type Slot<B, E> = Mutex<Option<Result<Response<CoalesceBody<B>>, E>>>;
+
+pin_project! {
+    /// The response future of [`CoalesceHttpService`](super::CoalesceHttpService).
+    ///
+    /// # Panics
+    ///
+    /// If the inner service (or the response body, while it is buffered) panics, the leader's
+    /// future panics again with the same message (`std::panic::resume_unwind`), so that
+    /// `CatchPanicLayer` or the server sees the panic exactly as without this layer. The
+    /// followers do not panic: they are released to make their own calls.
+    pub struct ResponseFuture<S, ReqBody, ResBody>
+    where
+        S: Service<Request<ReqBody>>,
+        ResBody: Body,
+    {
+        #[pin]
+        state: State<S, ReqBody, ResBody>,
+        cache_status: bool,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, ReqBody, ResBody>
+    where
+        S: Service<Request<ReqBody>>,
+        ResBody: Body,
+    {
+        Bypass {
+            #[pin]
+            call: Oneshot<S, Request<ReqBody>>,
+            reason: Bypass,
+        },
+        Leader {
+            run: Run<Key, Outcome>,
+            slot: LeaderSlot<ResBody, S::Error>,
+        },
+        Follower {
+            run: Run<Key, Outcome>,
+            own: Option<(S, Request<ReqBody>)>,
+        },
+        Released {
+            #[pin]
+            call: Oneshot<S, Request<ReqBody>>,
+            reason: Release,
+        },
+    }
+}
+
+impl<S, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>>,
+    ResBody: Body,
+{
+    pub(crate) fn bypass(
+        call: Oneshot<S, Request<ReqBody>>,
+        reason: Bypass,
+        cache_status: bool,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Bypass { call, reason },
+            cache_status,
+        }
+    }
+
+    pub(crate) fn leader(
+        run: Run<Key, Outcome>,
+        slot: LeaderSlot<ResBody, S::Error>,
+        cache_status: bool,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Leader { run, slot },
+            cache_status,
+        }
+    }
+
+    pub(crate) fn follower(
+        run: Run<Key, Outcome>,
+        inner: S,
+        req: Request<ReqBody>,
+        cache_status: bool,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Follower {
+                run,
+                own: Some((inner, req)),
+            },
+            cache_status,
+        }
+    }
+
+    /// How the response of this future is going to be served, as far as known now: a
+    /// follower can still turn into [`ServedBy::Released`].
+    pub fn served_by(&self) -> ServedBy {
+        match &self.state {
+            State::Bypass { .. } => ServedBy::Bypass,
+            State::Leader { .. } => ServedBy::Leader,
+            State::Follower { .. } => ServedBy::Follower,
+            State::Released { .. } => ServedBy::Released,
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
+{
+    type Output = Result<Response<CoalesceBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let header = *this.cache_status;
+        loop {
+            let reason = match this.state.as_mut().project() {
+                StateProj::Bypass { call, reason } => {
+                    let res = ready!(call.poll(cx))?;
+                    let (fwd, detail) = reason.cache_status();
+                    let entry = || format!("tower-coalesce; fwd={fwd}; detail={detail}");
+                    let res = res.map(CoalesceBody::original);
+                    return Poll::Ready(Ok(mark(res, ServedBy::Bypass, header, entry)));
+                }
+                StateProj::Released { call, reason } => {
+                    let res = ready!(call.poll(cx))?;
+                    let (fwd, detail) = reason.cache_status();
+                    let entry =
+                        || format!("tower-coalesce; fwd={fwd}; collapsed=?0; detail={detail}");
+                    let res = res.map(CoalesceBody::original);
+                    return Poll::Ready(Ok(mark(res, ServedBy::Released, header, entry)));
+                }
+                StateProj::Leader { run, slot } => {
+                    let res = match ready!(Pin::new(run).poll(cx)) {
+                        Ok(Outcome::Shared(shared)) => shared.to_response(),
+                        Ok(Outcome::Released(_)) => slot
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .take()
+                            .expect("a flight that releases leaves the leader its response")?,
+                        // Let the panic go on as if this layer were not there.
+                        Err(panicked) => {
+                            std::panic::resume_unwind(Box::new(panicked.message().to_owned()))
+                        }
+                    };
+                    let entry = || "tower-coalesce; fwd=miss".to_owned();
+                    return Poll::Ready(Ok(mark(res, ServedBy::Leader, header, entry)));
+                }
+                StateProj::Follower { run, own } => {
+                    let reason = match ready!(Pin::new(run).poll(cx)) {
+                        Ok(Outcome::Shared(shared)) => {
+                            let (_, req) = own.as_ref().expect("polled after completion");
+                            if shared.vary_matches(req.headers()) {
+                                let entry = || "tower-coalesce; fwd=miss; collapsed".to_owned();
+                                let res = shared.to_response();
+                                return Poll::Ready(Ok(mark(
+                                    res,
+                                    ServedBy::Follower,
+                                    header,
+                                    entry,
+                                )));
+                            }
+                            Release::Vary
+                        }
+                        Ok(Outcome::Released(reason)) => reason,
+                        Err(_) => Release::Panic,
+                    };
+                    reason
+                }
+            };
+            // A follower with nothing it may use: make its own call, now.
+            let StateProj::Follower { own, .. } = this.state.as_mut().project() else {
+                unreachable!("only followers are released");
+            };
+            let (inner, req) = own.take().expect("polled after completion");
+            this.state.set(State::Released {
+                call: Oneshot::new(inner, req),
+                reason,
+            });
+        }
+    }
+}
+
+fn mark<B>(
+    mut res: Response<B>,
+    by: ServedBy,
+    header: bool,
+    entry: impl FnOnce() -> String,
+) -> Response<B> {
+    res.extensions_mut().insert(by);
+    if header {
+        if let Ok(value) = HeaderValue::try_from(entry()) {
+            // RFC 9211: each cache appends its entry, the one nearest the client last.
+            res.headers_mut()
+                .append(HeaderName::from_static("cache-status"), value);
+        }
+    }
+    res
+}
+
+impl<S, ReqBody, ResBody> fmt::Debug for ResponseFuture<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>>,
+    ResBody: Body,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("served_by", &self.served_by())
+            .finish()
+    }
+}

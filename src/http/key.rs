@@ -1,0 +1,470 @@
+//! Request rules: which requests may be coalesced, and the key they are coalesced under.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{HeaderMap, Method, Uri};
+use http_body::Body;
+
+use super::body::content_length;
+
+/// Everything a response may depend on, as far as the layer knows. Compared field by field,
+/// never reduced to a hash: two requests share a response only if their keys are equal.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    method: Method,
+    /// Scheme, authority, path and query (HTTP/1 servers see only path and query here; the
+    /// authority then comes from `Host`, which is among `headers`).
+    uri: Uri,
+    /// The values of every keyed header present, in the layer's order, each with its name so
+    /// that values cannot slide from one header to the next.
+    headers: Vec<(HeaderName, HeaderValue)>,
+    identity: Option<Bytes>,
+}
+
+/// Why a request went straight to the inner service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bypass {
+    /// Its method is not one the layer coalesces (or is `CONNECT`).
+    Method,
+    /// It carries `Authorization`, `Cookie` or `Proxy-Authorization` and no identity was
+    /// configured, or the identity function returned `None` for it.
+    Credentials,
+    /// It asks for part of a representation (`Range`).
+    Range,
+    /// It asks to switch protocols (`Upgrade`, `Connection: upgrade`).
+    Upgrade,
+    /// It asks not to be served from a cache (`Cache-Control: no-cache|no-store`,
+    /// `Pragma: no-cache`).
+    NoCache,
+    /// It has a body, which the key does not cover.
+    Body,
+}
+
+impl Bypass {
+    /// RFC 9211 `fwd` and `detail` values for a `Cache-Status` entry.
+    pub(crate) fn cache_status(self) -> (&'static str, &'static str) {
+        match self {
+            Bypass::Method => ("method", "method"),
+            Bypass::Credentials => ("bypass", "credentials"),
+            Bypass::Range => ("bypass", "range"),
+            Bypass::Upgrade => ("bypass", "upgrade"),
+            Bypass::NoCache => ("request", "no-cache"),
+            Bypass::Body => ("bypass", "body"),
+        }
+    }
+}
+
+pub(crate) type IdentityFn = Arc<dyn Fn(&Parts) -> Option<Bytes> + Send + Sync>;
+
+/// Headers always in the key whatever the configuration: conditional requests get different
+/// answers (`304`, `412`, `206`), and the authority may arrive through a proxy's headers.
+/// Leaving `X-Forwarded-Host` out would let one client poison the links in everybody's page.
+pub(crate) const ALWAYS_KEYED: [HeaderName; 9] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+    header::HOST,
+    header::FORWARDED,
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+];
+
+/// The configurable part of the keyed headers, by default.
+pub(crate) const DEFAULT_KEY_HEADERS: [HeaderName; 3] = [
+    header::ACCEPT,
+    header::ACCEPT_ENCODING,
+    header::ACCEPT_LANGUAGE,
+];
+
+/// The request-side options of the layer.
+#[derive(Clone)]
+pub(crate) struct KeyRules {
+    pub(crate) methods: Vec<Method>,
+    /// Configured key headers followed by [`ALWAYS_KEYED`], without duplicates.
+    pub(crate) headers: Vec<HeaderName>,
+    pub(crate) identity: Option<IdentityFn>,
+}
+
+impl Default for KeyRules {
+    fn default() -> Self {
+        let mut rules = KeyRules {
+            methods: vec![Method::GET, Method::HEAD],
+            headers: Vec::new(),
+            identity: None,
+        };
+        rules.set_headers(DEFAULT_KEY_HEADERS);
+        rules
+    }
+}
+
+impl fmt::Debug for KeyRules {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRules")
+            .field("methods", &self.methods)
+            .field("headers", &self.headers)
+            .field("identity", &self.identity.as_ref().map(|_| "fn"))
+            .finish()
+    }
+}
+
+impl KeyRules {
+    /// Replaces the configured key headers; [`ALWAYS_KEYED`] stay.
+    pub(crate) fn set_headers(&mut self, names: impl IntoIterator<Item = HeaderName>) {
+        self.headers.clear();
+        for name in names.into_iter().chain(ALWAYS_KEYED) {
+            if !self.headers.contains(&name) {
+                self.headers.push(name);
+            }
+        }
+    }
+
+    /// Adds one key header.
+    pub(crate) fn add_header(&mut self, name: HeaderName) {
+        if !self.headers.contains(&name) {
+            self.headers.push(name);
+        }
+    }
+
+    /// The key `parts` and `body` are coalesced under, or why they must bypass.
+    pub(crate) fn classify<B: Body>(&self, parts: &Parts, body: &B) -> Result<Key, Bypass> {
+        if parts.method == Method::CONNECT || !self.methods.contains(&parts.method) {
+            return Err(Bypass::Method);
+        }
+        let headers = &parts.headers;
+        if headers.contains_key(header::UPGRADE)
+            || has_token(headers, &header::CONNECTION, "upgrade")
+        {
+            return Err(Bypass::Upgrade);
+        }
+        if headers.contains_key(header::RANGE) {
+            return Err(Bypass::Range);
+        }
+        if has_directive(headers, &header::CACHE_CONTROL, &["no-cache", "no-store"])
+            || has_directive(headers, &header::PRAGMA, &["no-cache"])
+        {
+            return Err(Bypass::NoCache);
+        }
+        if content_length(headers).is_some_and(|len| len > 0)
+            || headers.contains_key(header::CONTENT_LENGTH) && content_length(headers).is_none()
+            || headers.contains_key(header::TRANSFER_ENCODING)
+            || body.size_hint().exact() != Some(0)
+        {
+            return Err(Bypass::Body);
+        }
+        let credentials = headers.contains_key(header::AUTHORIZATION)
+            || headers.contains_key(header::COOKIE)
+            || headers.contains_key(header::PROXY_AUTHORIZATION);
+        let identity = self.identity.as_ref().and_then(|identify| identify(parts));
+        if credentials && identity.is_none() {
+            return Err(Bypass::Credentials);
+        }
+        let mut keyed = Vec::new();
+        for name in &self.headers {
+            for value in headers.get_all(name) {
+                keyed.push((name.clone(), value.clone()));
+            }
+        }
+        Ok(Key {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: keyed,
+            identity,
+        })
+    }
+}
+
+/// Whether a comma-separated header (all its lines) has `token`, case-insensitively.
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    has_directive(headers, name, &[token])
+}
+
+/// Whether a comma-separated directive list (`Cache-Control`, `Pragma`, `Connection`) has one
+/// of `wanted`, case-insensitively, with or without an argument. A value that is not visible
+/// ASCII counts as a match: when unsure, do not share.
+pub(crate) fn has_directive(headers: &HeaderMap, name: &HeaderName, wanted: &[&str]) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .any(|value| match value.to_str() {
+            Ok(value) => value.split(',').any(|directive| {
+                let name = directive.split('=').next().unwrap_or("").trim();
+                wanted.iter().any(|w| name.eq_ignore_ascii_case(w))
+            }),
+            Err(_) => true,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{Empty, Full};
+
+    fn parts(req: http::request::Builder) -> Parts {
+        req.body(()).unwrap().into_parts().0
+    }
+
+    fn get(uri: &str) -> http::request::Builder {
+        http::Request::get(uri)
+    }
+
+    fn key(rules: &KeyRules, req: http::request::Builder) -> Result<Key, Bypass> {
+        rules.classify(&parts(req), &Empty::<Bytes>::new())
+    }
+
+    #[test]
+    fn get_and_head_are_coalesced_separately_by_default() {
+        let rules = KeyRules::default();
+        let g = key(&rules, get("/a")).unwrap();
+        let h = key(&rules, http::Request::head("/a")).unwrap();
+        assert_ne!(g, h);
+        assert_eq!(g, key(&rules, get("/a")).unwrap());
+    }
+
+    #[test]
+    fn other_methods_bypass() {
+        let rules = KeyRules::default();
+        for m in [
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::PATCH,
+            Method::OPTIONS,
+        ] {
+            let req = http::Request::builder().method(m.clone()).uri("/a");
+            assert_eq!(key(&rules, req), Err(Bypass::Method), "{m}");
+        }
+    }
+
+    #[test]
+    fn connect_bypasses_even_when_configured() {
+        let rules = KeyRules {
+            methods: vec![Method::CONNECT, Method::GET],
+            ..KeyRules::default()
+        };
+        let req = http::Request::builder()
+            .method(Method::CONNECT)
+            .uri("example.com:443");
+        assert_eq!(key(&rules, req), Err(Bypass::Method));
+    }
+
+    #[test]
+    fn configured_methods_are_coalesced() {
+        let rules = KeyRules {
+            methods: vec![Method::OPTIONS],
+            ..KeyRules::default()
+        };
+        let req = http::Request::builder().method(Method::OPTIONS).uri("/a");
+        assert!(key(&rules, req).is_ok());
+        assert_eq!(key(&rules, get("/a")), Err(Bypass::Method));
+    }
+
+    #[test]
+    fn path_query_and_authority_are_in_the_key() {
+        let rules = KeyRules::default();
+        let k = |r| key(&rules, r).unwrap();
+        assert_ne!(k(get("/a")), k(get("/b")));
+        assert_ne!(k(get("/a?x=1")), k(get("/a?x=2")));
+        assert_ne!(k(get("/a")), k(get("/a?")));
+        assert_ne!(k(get("http://one.test/a")), k(get("http://two.test/a")));
+        assert_ne!(k(get("http://one.test/a")), k(get("https://one.test/a")));
+        assert_ne!(
+            k(get("/a").header("host", "one.test")),
+            k(get("/a").header("host", "two.test"))
+        );
+    }
+
+    #[test]
+    fn forwarding_headers_are_in_the_key() {
+        let rules = KeyRules::default();
+        let k = |r| key(&rules, r).unwrap();
+        for name in ["x-forwarded-host", "x-forwarded-proto", "forwarded"] {
+            assert_ne!(
+                k(get("/a")),
+                k(get("/a").header(name, "evil.test")),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn default_key_headers_are_in_the_key() {
+        let rules = KeyRules::default();
+        let k = |r| key(&rules, r).unwrap();
+        for name in ["accept", "accept-encoding", "accept-language"] {
+            assert_ne!(
+                k(get("/a").header(name, "x")),
+                k(get("/a").header(name, "y")),
+                "{name}"
+            );
+            assert_ne!(k(get("/a")), k(get("/a").header(name, "y")), "{name}");
+        }
+        // Headers outside the key do not split flights.
+        assert_eq!(
+            k(get("/a").header("user-agent", "x")),
+            k(get("/a").header("user-agent", "y"))
+        );
+    }
+
+    #[test]
+    fn conditional_headers_are_always_in_the_key() {
+        let mut rules = KeyRules::default();
+        rules.set_headers([]);
+        let k = |r| key(&rules, r).unwrap();
+        for name in [
+            "if-none-match",
+            "if-modified-since",
+            "if-match",
+            "if-unmodified-since",
+            "if-range",
+        ] {
+            assert_ne!(k(get("/a")), k(get("/a").header(name, "\"v1\"")), "{name}");
+            assert_ne!(
+                k(get("/a").header(name, "\"v1\"")),
+                k(get("/a").header(name, "\"v2\"")),
+                "{name}"
+            );
+        }
+        // Configured-away headers no longer split flights.
+        assert_eq!(
+            k(get("/a").header("accept", "x")),
+            k(get("/a").header("accept", "y"))
+        );
+    }
+
+    #[test]
+    fn configured_key_header_and_value_boundaries() {
+        let mut rules = KeyRules::default();
+        rules.add_header(HeaderName::from_static("x-tenant"));
+        let k = |r| key(&rules, r).unwrap();
+        assert_ne!(
+            k(get("/a").header("x-tenant", "a")),
+            k(get("/a").header("x-tenant", "b"))
+        );
+        // Two values of one header differ from one value in each of two headers.
+        assert_ne!(
+            k(get("/a").header("accept", "a").header("accept", "b")),
+            k(get("/a")
+                .header("accept", "a")
+                .header("accept-language", "b")),
+        );
+        // Order of repeated values matters (it can change the response).
+        assert_ne!(
+            k(get("/a").header("accept", "a").header("accept", "b")),
+            k(get("/a").header("accept", "b").header("accept", "a")),
+        );
+    }
+
+    #[test]
+    fn credentials_bypass_without_identity() {
+        let rules = KeyRules::default();
+        for name in ["authorization", "cookie", "proxy-authorization"] {
+            assert_eq!(
+                key(&rules, get("/a").header(name, "secret")),
+                Err(Bypass::Credentials),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn identity_keys_credentialed_requests_and_none_bypasses() {
+        let rules = KeyRules {
+            identity: Some(Arc::new(|parts: &Parts| {
+                parts
+                    .headers
+                    .get("x-user")
+                    .map(|v| Bytes::copy_from_slice(v.as_bytes()))
+            })),
+            ..KeyRules::default()
+        };
+        let k = |r| key(&rules, r);
+        let alice = k(get("/a")
+            .header("authorization", "a")
+            .header("x-user", "alice"))
+        .unwrap();
+        let bob = k(get("/a")
+            .header("authorization", "b")
+            .header("x-user", "bob"))
+        .unwrap();
+        assert_ne!(alice, bob);
+        assert_eq!(
+            alice,
+            k(get("/a").header("cookie", "c").header("x-user", "alice")).unwrap()
+        );
+        assert_eq!(
+            k(get("/a").header("authorization", "a")),
+            Err(Bypass::Credentials)
+        );
+        // Anonymous requests are keyed with no identity, apart from every identified one.
+        let anonymous = k(get("/a")).unwrap();
+        assert_ne!(anonymous, alice);
+        assert_eq!(anonymous, k(get("/a")).unwrap());
+    }
+
+    #[test]
+    fn range_upgrade_and_no_cache_bypass() {
+        let rules = KeyRules::default();
+        let k = |r| key(&rules, r);
+        assert_eq!(
+            k(get("/a").header("range", "bytes=0-1")),
+            Err(Bypass::Range)
+        );
+        assert_eq!(
+            k(get("/a").header("upgrade", "websocket")),
+            Err(Bypass::Upgrade)
+        );
+        assert_eq!(
+            k(get("/a").header("connection", "keep-alive, Upgrade")),
+            Err(Bypass::Upgrade)
+        );
+        assert!(k(get("/a").header("connection", "keep-alive")).is_ok());
+        assert_eq!(
+            k(get("/a").header("cache-control", "No-Cache")),
+            Err(Bypass::NoCache)
+        );
+        assert_eq!(
+            k(get("/a").header("cache-control", "max-age=0, no-store")),
+            Err(Bypass::NoCache)
+        );
+        assert_eq!(
+            k(get("/a").header("pragma", "no-cache")),
+            Err(Bypass::NoCache)
+        );
+        assert!(k(get("/a").header("cache-control", "max-age=60")).is_ok());
+    }
+
+    #[test]
+    fn requests_with_a_body_bypass() {
+        let rules = KeyRules::default();
+        let full = Full::new(Bytes::from_static(b"x"));
+        assert_eq!(rules.classify(&parts(get("/a")), &full), Err(Bypass::Body));
+        let empty = Empty::<Bytes>::new();
+        let p = |r| parts(r);
+        assert_eq!(
+            rules.classify(&p(get("/a").header("content-length", "3")), &empty),
+            Err(Bypass::Body)
+        );
+        assert_eq!(
+            rules.classify(&p(get("/a").header("content-length", "x")), &empty),
+            Err(Bypass::Body)
+        );
+        assert_eq!(
+            rules.classify(&p(get("/a").header("transfer-encoding", "chunked")), &empty),
+            Err(Bypass::Body)
+        );
+        assert!(rules
+            .classify(&p(get("/a").header("content-length", "0")), &empty)
+            .is_ok());
+        // A body of unknown length is a body.
+        let stream = http_body_util::StreamBody::new(futures::stream::empty::<
+            Result<http_body::Frame<Bytes>, ()>,
+        >());
+        assert_eq!(rules.classify(&p(get("/a")), &stream), Err(Bypass::Body));
+    }
+}

@@ -1,0 +1,203 @@
+//! [`CoalesceHttpService`]: classify each request, then bypass, lead or follow.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
+
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use tower::util::Oneshot;
+use tower_service::Service;
+
+use super::body::{buffer, content_length, Buffered, CoalesceBody};
+use super::future::{LeaderSlot, ResponseFuture, Slot};
+use super::key::Key;
+use super::layer::Config;
+use super::share::{shareable, Outcome, Release, SharedResponse};
+use crate::flight::Group;
+
+/// Coalesces identical concurrent HTTP requests; made by
+/// [`CoalesceHttpLayer`](super::CoalesceHttpLayer), see there for the options and the
+/// registry's scope.
+///
+/// - The error type is the inner service's: the layer adds no errors of its own, so it stacks
+///   on an axum `Router` (whose errors are `Infallible`) without `HandleErrorLayer`.
+/// - `poll_ready` is always ready. Each call (a flight, a bypassed request, a follower's own
+///   call) drives a clone of the inner service through `poll_ready` and `call` itself, so a
+///   follower never waits for the inner service's readiness.
+/// - Responses have a [`CoalesceBody`] and a [`ServedBy`](super::ServedBy) extension.
+pub struct CoalesceHttpService<S> {
+    inner: S,
+    config: Arc<Config>,
+    group: Group<Key>,
+}
+
+impl<S> CoalesceHttpService<S> {
+    pub(crate) fn from_parts(inner: S, config: Arc<Config>, group: Group<Key>) -> Self {
+        CoalesceHttpService {
+            inner,
+            config,
+            group,
+        }
+    }
+
+    /// The number of keys with a call in flight, in the registry this service shares with its
+    /// layer and its clones.
+    pub fn in_flight(&self) -> usize {
+        self.group.in_flight()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes this service, returning the inner one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CoalesceHttpService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body + Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Send,
+{
+    type Response = Response<CoalesceBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody, ResBody>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let config = &self.config;
+        let (parts, body) = req.into_parts();
+        let classified = config.rules.classify(&parts, &body);
+        let req = Request::from_parts(parts, body);
+        let key = match classified {
+            Ok(key) => key,
+            Err(reason) => {
+                let call = Oneshot::new(self.inner.clone(), req);
+                return ResponseFuture::bypass(call, reason, config.cache_status);
+            }
+        };
+        let slot: LeaderSlot<ResBody, S::Error> = Arc::new(Mutex::new(None));
+        // Taken only by `make`, which runs only for the leader: whoever still holds the
+        // request afterwards is a follower and can make its own call if it must.
+        let mut own = Some(req);
+        let run = self.group.run(key, || {
+            let req = own.take().expect("the flight is made once");
+            flight(
+                self.inner.clone(),
+                req,
+                Arc::downgrade(&slot),
+                config.max_body_bytes,
+            )
+        });
+        match own {
+            None => ResponseFuture::leader(run, slot, config.cache_status),
+            Some(req) => {
+                ResponseFuture::follower(run, self.inner.clone(), req, config.cache_status)
+            }
+        }
+    }
+}
+
+/// One call of the inner service on behalf of a key: calls, judges the response, buffers a
+/// shareable body. A response that cannot be shared goes to the leader through `slot` (if the
+/// leader is still there: whoever took over the flight does not get it).
+async fn flight<S, ReqBody, ResBody>(
+    inner: S,
+    req: Request<ReqBody>,
+    slot: Weak<Slot<ResBody, S::Error>>,
+    limit: usize,
+) -> Outcome
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
+{
+    let hand_to_leader = |result| {
+        if let Some(slot) = slot.upgrade() {
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
+        }
+    };
+    // The leader's request headers, to compare with the followers' on whatever the response's
+    // `Vary` will name; one copy per flight.
+    let request_headers = req.headers().clone();
+    let head = req.method() == Method::HEAD;
+    let (parts, body) = match Oneshot::new(inner, req).await {
+        Ok(res) => res.into_parts(),
+        Err(error) => {
+            hand_to_leader(Err(error));
+            return Outcome::Released(Release::Error);
+        }
+    };
+    let vary = match shareable(&parts) {
+        Ok(vary) => vary,
+        Err(release) => {
+            hand_to_leader(Ok(Response::from_parts(
+                parts,
+                CoalesceBody::original(body),
+            )));
+            return Outcome::Released(release);
+        }
+    };
+    // `Content-Length` describes the body of a `HEAD` response's `GET`, and there is no body
+    // for 1xx, 204 and 304.
+    let no_body = head
+        || parts.status.is_informational()
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED;
+    if !no_body && content_length(&parts.headers).is_some_and(|len| len > limit as u64) {
+        hand_to_leader(Ok(Response::from_parts(
+            parts,
+            CoalesceBody::original(body),
+        )));
+        return Outcome::Released(Release::TooLarge);
+    }
+    match buffer(body, limit).await {
+        Buffered::Complete { data, trailers } => Outcome::Shared(Arc::new(SharedResponse::new(
+            parts,
+            &vary,
+            &request_headers,
+            data,
+            trailers,
+        ))),
+        Buffered::Incomplete(body) => {
+            hand_to_leader(Ok(Response::from_parts(parts, body)));
+            Outcome::Released(Release::TooLarge)
+        }
+    }
+}
+
+impl<S: Clone> Clone for CoalesceHttpService<S> {
+    fn clone(&self) -> Self {
+        CoalesceHttpService {
+            inner: self.inner.clone(),
+            config: Arc::clone(&self.config),
+            group: self.group.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for CoalesceHttpService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoalesceHttpService")
+            .field("inner", &self.inner)
+            .field("config", &self.config)
+            .field("group", &self.group)
+            .finish()
+    }
+}

@@ -1,0 +1,325 @@
+//! Response rules: which responses may be handed to followers, and the shared response
+//! every waiter's response is rebuilt from.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::response::Parts;
+use http::{Extensions, HeaderMap, Response, StatusCode, Version};
+use http_body::Body;
+
+use super::body::CoalesceBody;
+use super::key::has_directive;
+
+/// What a flight hands its followers.
+#[derive(Clone, Debug)]
+pub(crate) enum Outcome {
+    /// A response every waiter may get a copy of (subject to [`SharedResponse::vary_matches`]).
+    Shared(Arc<SharedResponse>),
+    /// Nothing to share: each follower makes its own call. The leader, if still there, finds
+    /// its own response (or error) in its slot.
+    Released(Release),
+}
+
+/// Why a flight's response was not shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Release {
+    /// The inner service returned an error.
+    Error,
+    /// The inner service or its body panicked.
+    Panic,
+    /// `Set-Cookie`: the response starts or changes somebody's session.
+    SetCookie,
+    /// `Cache-Control: private`, `no-store` or `no-cache`.
+    CacheControl,
+    /// `Vary: *`, or a `Vary` that cannot be read.
+    VaryAny,
+    /// The body is larger than the limit (by `Content-Length`, size hint, or while reading),
+    /// or failed while being read.
+    TooLarge,
+    /// A stream that is not meant to end (`text/event-stream`) or a protocol switch.
+    Stream,
+    /// Shared, but the follower's request differs from the leader's in a header the
+    /// response's `Vary` names.
+    Vary,
+}
+
+impl Release {
+    /// RFC 9211 `fwd` and `detail` values for a released follower's `Cache-Status` entry.
+    pub(crate) fn cache_status(self) -> (&'static str, &'static str) {
+        match self {
+            Release::Error => ("miss", "error"),
+            Release::Panic => ("miss", "panic"),
+            Release::SetCookie => ("miss", "set-cookie"),
+            Release::CacheControl => ("miss", "cache-control"),
+            Release::VaryAny => ("miss", "vary-any"),
+            Release::TooLarge => ("miss", "too-large"),
+            Release::Stream => ("miss", "stream"),
+            Release::Vary => ("vary-miss", "vary"),
+        }
+    }
+}
+
+/// Whether a response with these parts may be given to followers, judged before its body is
+/// read. Returns the response's `Vary` header names (lower case, no duplicates) when it may.
+pub(crate) fn shareable(parts: &Parts) -> Result<Vec<HeaderName>, Release> {
+    let headers = &parts.headers;
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(Release::Stream);
+    }
+    if headers.contains_key(header::SET_COOKIE) {
+        return Err(Release::SetCookie);
+    }
+    if has_directive(
+        headers,
+        &header::CACHE_CONTROL,
+        &["private", "no-store", "no-cache"],
+    ) {
+        return Err(Release::CacheControl);
+    }
+    if headers
+        .get_all(header::CONTENT_TYPE)
+        .iter()
+        .any(|v| starts_with_ignore_case(v.as_bytes(), b"text/event-stream"))
+    {
+        return Err(Release::Stream);
+    }
+    vary_names(headers)
+}
+
+fn starts_with_ignore_case(value: &[u8], prefix: &[u8]) -> bool {
+    value.len() >= prefix.len() && value[..prefix.len()].eq_ignore_ascii_case(prefix)
+}
+
+/// The header names listed by `Vary`; `*` or an unreadable entry means "anything".
+fn vary_names(headers: &HeaderMap) -> Result<Vec<HeaderName>, Release> {
+    let mut names: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::VARY) {
+        let value = value.to_str().map_err(|_| Release::VaryAny)?;
+        for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name == "*" {
+                return Err(Release::VaryAny);
+            }
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| Release::VaryAny)?;
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// A leader's response, buffered, from which each waiter's response is rebuilt.
+#[derive(Debug)]
+pub(crate) struct SharedResponse {
+    pub(crate) status: StatusCode,
+    pub(crate) version: Version,
+    pub(crate) headers: HeaderMap,
+    /// Response extensions are `Clone` in `http` 1; the leader's are copied to everybody so a
+    /// waiter sees what it would have seen from its own call.
+    pub(crate) extensions: Extensions,
+    pub(crate) body: Bytes,
+    pub(crate) trailers: Option<HeaderMap>,
+    /// For each header the response's `Vary` names, the leader's request values.
+    pub(crate) vary: Vec<(HeaderName, Vec<HeaderValue>)>,
+}
+
+impl SharedResponse {
+    /// Builds the shared response from the leader's parts, body and request headers.
+    pub(crate) fn new(
+        parts: Parts,
+        vary: &[HeaderName],
+        leader_request: &HeaderMap,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    ) -> Self {
+        let vary = vary
+            .iter()
+            .map(|name| {
+                let values = leader_request.get_all(name).iter().cloned().collect();
+                (name.clone(), values)
+            })
+            .collect();
+        SharedResponse {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers,
+            extensions: parts.extensions,
+            body,
+            trailers,
+            vary,
+        }
+    }
+
+    /// Whether a request with `headers` would have varied from the leader's on a header the
+    /// response's `Vary` names: same values, same order, or no match.
+    pub(crate) fn vary_matches(&self, headers: &HeaderMap) -> bool {
+        self.vary
+            .iter()
+            .all(|(name, leader)| headers.get_all(name).iter().eq(leader.iter()))
+    }
+
+    /// A fresh copy of the response for one waiter.
+    pub(crate) fn to_response<B: Body>(&self) -> Response<CoalesceBody<B>> {
+        let mut res = Response::new(CoalesceBody::full(self.body.clone(), self.trailers.clone()));
+        *res.status_mut() = self.status;
+        *res.version_mut() = self.version;
+        *res.headers_mut() = self.headers.clone();
+        *res.extensions_mut() = self.extensions.clone();
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(res: http::response::Builder) -> Parts {
+        res.body(()).unwrap().into_parts().0
+    }
+
+    fn ok() -> http::response::Builder {
+        Response::builder().status(200)
+    }
+
+    #[test]
+    fn plain_responses_of_any_status_are_shareable() {
+        for status in [200, 203, 301, 304, 404, 500, 503] {
+            assert_eq!(
+                shareable(&parts(Response::builder().status(status))),
+                Ok(vec![]),
+                "{status}"
+            );
+        }
+        let cc = ok().header("cache-control", "public, max-age=60");
+        assert!(shareable(&parts(cc)).is_ok());
+    }
+
+    #[test]
+    fn set_cookie_is_never_shared() {
+        let res = ok().header("set-cookie", "session=abc");
+        assert_eq!(shareable(&parts(res)), Err(Release::SetCookie));
+    }
+
+    #[test]
+    fn private_no_store_no_cache_are_never_shared() {
+        for cc in [
+            "private",
+            "no-store",
+            "no-cache",
+            "max-age=0, PRIVATE",
+            "no-cache=\"set-cookie\"",
+            "private=\"x\"",
+        ] {
+            let res = ok().header("cache-control", cc);
+            assert_eq!(shareable(&parts(res)), Err(Release::CacheControl), "{cc}");
+        }
+        // Split over several lines.
+        let res = ok()
+            .header("cache-control", "max-age=5")
+            .header("cache-control", "no-store");
+        assert_eq!(shareable(&parts(res)), Err(Release::CacheControl));
+        // Not visible ASCII: unreadable, so not shared.
+        let res = ok().header(
+            "cache-control",
+            HeaderValue::from_bytes(b"public, \xff").unwrap(),
+        );
+        assert_eq!(shareable(&parts(res)), Err(Release::CacheControl));
+    }
+
+    #[test]
+    fn vary_star_and_unreadable_vary_are_never_shared() {
+        for vary in ["*", "accept, *", "not a header"] {
+            let res = ok().header("vary", vary);
+            assert_eq!(shareable(&parts(res)), Err(Release::VaryAny), "{vary}");
+        }
+    }
+
+    #[test]
+    fn vary_names_are_collected() {
+        let res = ok()
+            .header("vary", "Accept-Encoding, X-Theme")
+            .header("vary", "accept-encoding");
+        let names = shareable(&parts(res)).unwrap();
+        assert_eq!(
+            names,
+            vec![
+                HeaderName::from_static("accept-encoding"),
+                HeaderName::from_static("x-theme")
+            ]
+        );
+    }
+
+    #[test]
+    fn event_streams_and_protocol_switches_are_not_shared() {
+        let res = ok().header("content-type", "Text/Event-Stream; charset=utf-8");
+        assert_eq!(shareable(&parts(res)), Err(Release::Stream));
+        assert_eq!(
+            shareable(&parts(Response::builder().status(101))),
+            Err(Release::Stream)
+        );
+    }
+
+    #[test]
+    fn vary_matches_compares_named_request_headers() {
+        let res = parts(ok().header("vary", "x-theme"));
+        let names = shareable(&res).unwrap();
+        let mut leader = HeaderMap::new();
+        leader.insert("x-theme", "dark".parse().unwrap());
+        leader.insert("x-other", "1".parse().unwrap());
+        let shared = SharedResponse::new(res, &names, &leader, Bytes::new(), None);
+
+        let mut follower = HeaderMap::new();
+        assert!(
+            !shared.vary_matches(&follower),
+            "absent differs from present"
+        );
+        follower.insert("x-theme", "light".parse().unwrap());
+        assert!(!shared.vary_matches(&follower));
+        follower.insert("x-theme", "dark".parse().unwrap());
+        assert!(
+            shared.vary_matches(&follower),
+            "headers outside Vary do not matter"
+        );
+        follower.append("x-theme", "dark".parse().unwrap());
+        assert!(!shared.vary_matches(&follower), "an extra value differs");
+
+        // A Vary-named header the leader did not send must be absent for the follower too.
+        let res = parts(ok().header("vary", "x-absent"));
+        let names = shareable(&res).unwrap();
+        let shared = SharedResponse::new(res, &names, &HeaderMap::new(), Bytes::new(), None);
+        assert!(shared.vary_matches(&HeaderMap::new()));
+        let mut with = HeaderMap::new();
+        with.insert("x-absent", "1".parse().unwrap());
+        assert!(!shared.vary_matches(&with));
+    }
+
+    #[test]
+    fn rebuilt_responses_copy_everything() {
+        #[derive(Clone, Debug, PartialEq)]
+        struct Tag(u8);
+        let mut res = parts(
+            ok().status(203)
+                .version(Version::HTTP_10)
+                .header("x-a", "1"),
+        );
+        res.extensions.insert(Tag(7));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-t", "2".parse().unwrap());
+        let shared = SharedResponse::new(
+            res,
+            &[],
+            &HeaderMap::new(),
+            Bytes::from_static(b"body"),
+            Some(trailers),
+        );
+        let copy = shared.to_response::<http_body_util::Empty<Bytes>>();
+        assert_eq!(copy.status(), 203);
+        assert_eq!(copy.version(), Version::HTTP_10);
+        assert_eq!(copy.headers()["x-a"], "1");
+        assert_eq!(copy.extensions().get::<Tag>(), Some(&Tag(7)));
+        assert!(copy.body().is_buffered());
+        assert_eq!(copy.body().size_hint().exact(), Some(4));
+    }
+}
