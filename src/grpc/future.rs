@@ -31,7 +31,7 @@ use super::layer::Shared;
 use super::status;
 use crate::flight::Run;
 use crate::http::body::{buffer, Buffered};
-use crate::http::CoalesceBody;
+use crate::http::{CoalesceBody, ServedBy};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -79,6 +79,7 @@ pin_project! {
         Calling {
             #[pin]
             call: Oneshot<S, InnerRequest<B>>,
+            served: ServedBy,
         },
         Done,
     }
@@ -159,7 +160,10 @@ where
 {
     pub(crate) fn bypass(call: Oneshot<S, InnerRequest<B>>) -> Self {
         ResponseFuture {
-            state: State::Calling { call },
+            state: State::Calling {
+                call,
+                served: ServedBy::Bypass,
+            },
         }
     }
 }
@@ -207,11 +211,13 @@ where
                                 Request::from_parts(parts, CoalesceBody::full(data, trailers));
                             State::Calling {
                                 call: inner.oneshot(request),
+                                served: ServedBy::Bypass,
                             }
                         }
                         // Over the limit (or failed): passed on with every byte, uncoalesced.
                         Buffered::Incomplete(body) => State::Calling {
                             call: inner.oneshot(Request::from_parts(parts, body)),
+                            served: ServedBy::Bypass,
                         },
                     }
                 }
@@ -227,11 +233,12 @@ where
                         // The caller that started the flight.
                         state.set(State::Done);
                         return match outcome {
-                            Ok(_) => Poll::Ready(
-                                reply
+                            Ok(_) => {
+                                let reply = reply
                                     .try_recv()
-                                    .expect("a flight replies to its leader before it completes"),
-                            ),
+                                    .expect("a flight replies to its leader before it completes");
+                                Poll::Ready(reply.map(|r| served(r, ServedBy::Leader)))
+                            }
                             // The inner service panicked on this caller's request: let the
                             // panic go on as it would without the layer.
                             Err(panicked) => resume_unwind(Box::new(panicked.message().to_owned())),
@@ -240,21 +247,25 @@ where
                     match outcome {
                         Ok(Outcome::Shared(response)) => {
                             state.set(State::Done);
-                            return Poll::Ready(Ok(response.rebuild()));
+                            return Poll::Ready(Ok(served(response.rebuild(), ServedBy::Follower)));
                         }
                         Ok(Outcome::Released) | Err(_) => {
                             let (inner, request) =
                                 own.take().expect("a follower keeps its own request");
                             State::Calling {
                                 call: inner.oneshot(request),
+                                served: ServedBy::Released,
                             }
                         }
                     }
                 }
-                StateProj::Calling { call } => {
+                StateProj::Calling { call, served: by } => {
+                    let by = *by;
                     let response = ready!(call.poll(cx));
                     state.set(State::Done);
-                    return Poll::Ready(response.map(|r| r.map(CoalesceBody::original)));
+                    return Poll::Ready(
+                        response.map(|r| served(r.map(CoalesceBody::original), by)),
+                    );
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             };
@@ -359,6 +370,11 @@ where
     };
     let _ = reply.send(Ok(Response::from_parts(parts, body)));
     outcome
+}
+
+fn served<B>(mut response: Response<B>, by: ServedBy) -> Response<B> {
+    response.extensions_mut().insert(by);
+    response
 }
 
 /// Counts a follower while it waits for its flight.

@@ -29,9 +29,12 @@
 //! ```
 //!
 //! The inner service sees each request with its body as a [`CoalesceBody`], and responses
-//! come back as `http::Response<CoalesceBody<_>>`.
+//! come back as `http::Response<CoalesceBody<_>>`, each with a [`ServedBy`] extension that
+//! says whether it was the caller's own call, a copy of another's, a call of its own after
+//! the flight could not be shared, or a bypass.
 //!
 //! [`CoalesceBody`]: crate::http::CoalesceBody
+//! [`ServedBy`]: crate::http::ServedBy
 
 mod future;
 mod key;

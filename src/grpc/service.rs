@@ -19,7 +19,9 @@ use crate::http::CoalesceBody;
 /// - The inner service gets every request with its body wrapped in a [`CoalesceBody`]: the
 ///   original body untouched for bypassed calls, or the buffered message, replayed whole.
 /// - Responses come back with their body wrapped in a [`CoalesceBody`] too: a follower's is a
-///   rebuilt copy of the shared response.
+///   rebuilt copy of the shared response. Each carries a [`ServedBy`] extension.
+///
+/// [`ServedBy`]: crate::http::ServedBy
 /// - The error type is the inner service's own: a follower of a failed call makes its own call
 ///   and gets its own result, so errors are never shared and need not be `Clone`.
 /// - `poll_ready` is always ready: each call drives a clone of the inner service through
