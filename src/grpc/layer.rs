@@ -251,3 +251,67 @@ impl fmt::Debug for CoalesceGrpcLayer {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_paths_are_validated() {
+        for bad in [
+            "GetItem",
+            "catalog.v1.Catalog/GetItem",
+            "/catalog.v1.Catalog",
+            "//GetItem",
+            "/a/b/c",
+            "/a/",
+        ] {
+            let result = std::panic::catch_unwind(|| CoalesceGrpcLayer::new().method(bad));
+            assert!(result.is_err(), "{bad:?} must be refused");
+        }
+        let layer = CoalesceGrpcLayer::new().methods(["/a.B/C", "/a.B/D", "/a.B/C"]);
+        assert_eq!(layer.shared.config.methods.len(), 2);
+    }
+
+    #[test]
+    fn metadata_keys_are_normalised_and_deduplicated() {
+        let layer = CoalesceGrpcLayer::new()
+            .metadata("X-Tenant")
+            .metadata("x-tenant");
+        assert_eq!(
+            layer.shared.config.metadata,
+            [HeaderName::from_static("x-tenant")]
+        );
+        assert!(std::panic::catch_unwind(|| CoalesceGrpcLayer::new().metadata("bad key")).is_err());
+    }
+
+    #[test]
+    fn clones_share_the_registry_and_builder_calls_do_not() {
+        let layer = CoalesceGrpcLayer::new().method("/a.B/C");
+        let clone = layer.clone();
+        assert!(Arc::ptr_eq(&layer.shared.waiting, &clone.shared.waiting));
+        let reconfigured = clone.response_limit(1);
+        assert!(!Arc::ptr_eq(
+            &layer.shared.waiting,
+            &reconfigured.shared.waiting
+        ));
+        assert_eq!(
+            layer.shared.config.response_limit,
+            Config::DEFAULT_RESPONSE_LIMIT
+        );
+        assert_eq!(reconfigured.shared.config.response_limit, 1);
+    }
+
+    #[test]
+    fn debug_shows_options_but_no_identity_internals() {
+        let layer = CoalesceGrpcLayer::new()
+            .method("/a.B/C")
+            .identity(|_: &Parts| Some("secret"));
+        let shown = format!("{layer:?}");
+        assert!(
+            shown.contains("/a.B/C") && shown.contains("identity: true"),
+            "{shown}"
+        );
+        assert!(!shown.contains("secret"));
+    }
+}
