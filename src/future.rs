@@ -80,7 +80,9 @@ where
                 let out = ready!(Pin::new(run).poll(cx));
                 Poll::Ready(out.unwrap_or_else(|panic| Err(CoalesceError::panicked(panic))))
             }
-            KindProj::Bypass { call } => Poll::Ready(ready!(call.poll(cx)).map_err(CoalesceError::inner)),
+            KindProj::Bypass { call } => {
+                Poll::Ready(ready!(call.poll(cx)).map_err(CoalesceError::inner))
+            }
         }
     }
 }

@@ -60,13 +60,15 @@ mod builder;
 mod error;
 mod flight;
 mod future;
-#[cfg(feature = "http")]
-#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
-pub mod http;
 #[cfg(feature = "grpc")]
 #[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
 pub mod grpc;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
 mod layer;
+#[cfg(all(test, loom))]
+mod loom_tests;
 mod service;
 mod sync;
 

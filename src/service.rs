@@ -99,7 +99,10 @@ where
             return ResponseFuture::bypass(self.inner.clone().oneshot(req));
         };
         let inner = &self.inner;
-        ResponseFuture::coalesced(self.group.run(key, || Call::new(inner.clone().oneshot(req))))
+        ResponseFuture::coalesced(
+            self.group
+                .run(key, || Call::new(inner.clone().oneshot(req))),
+        )
     }
 }
 

@@ -1,0 +1,148 @@
+//! `loom` models of the registry's races: join vs. complete, join vs. last-waiter drop, driver
+//! hand-over, panics. Run with `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_`.
+
+use std::future::Future;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+
+use loom::future::block_on;
+use loom::sync::atomic::AtomicUsize;
+use loom::thread;
+
+use crate::flight::Group;
+
+/// Counts inner futures made and dropped: every one made must be dropped by the end.
+#[derive(Clone)]
+struct Ledger {
+    made: Arc<AtomicUsize>,
+    dropped: Arc<AtomicUsize>,
+}
+
+struct Tracked(Arc<AtomicUsize>);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, SeqCst);
+    }
+}
+
+impl Ledger {
+    fn new() -> Self {
+        Ledger {
+            made: Arc::new(AtomicUsize::new(0)),
+            dropped: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// A `make` closure whose future resolves to `value` at its first poll.
+    fn make(
+        &self,
+        value: u32,
+    ) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = u32> + Send>> {
+        let ledger = self.clone();
+        move || {
+            ledger.made.fetch_add(1, SeqCst);
+            let guard = Tracked(ledger.dropped.clone());
+            Box::pin(async move {
+                let _guard = guard;
+                value
+            })
+        }
+    }
+
+    fn assert_balanced(&self) {
+        assert_eq!(
+            self.made.load(SeqCst),
+            self.dropped.load(SeqCst),
+            "an inner future leaked"
+        );
+    }
+}
+
+#[test]
+fn loom_join_races_complete() {
+    loom::model(|| {
+        let group: Group<u8> = Group::new();
+        let ledger = Ledger::new();
+        let (g, l) = (group.clone(), ledger.clone());
+        let other = thread::spawn(move || block_on(g.run(1, l.make(7))).unwrap());
+        let mine = block_on(group.run(1, ledger.make(7))).unwrap();
+        assert_eq!((mine, other.join().unwrap()), (7, 7));
+        let made = ledger.made.load(SeqCst);
+        assert!(
+            made == 1 || made == 2,
+            "each caller makes at most one flight"
+        );
+        assert_eq!(group.in_flight(), 0);
+        ledger.assert_balanced();
+    });
+}
+
+#[test]
+fn loom_last_waiter_drop_races_join() {
+    loom::model(|| {
+        let group: Group<u8> = Group::new();
+        let ledger = Ledger::new();
+        let (g, l) = (group.clone(), ledger.clone());
+        // Registers (or joins) and leaves without polling.
+        let quitter = thread::spawn(move || drop(g.run(1, l.make(5))));
+        let got = block_on(group.run(1, ledger.make(9))).unwrap();
+        quitter.join().unwrap();
+        // Joined the quitter's flight and took it over (5), or led its own (9).
+        assert!(got == 5 || got == 9, "got {got}");
+        assert_eq!(group.in_flight(), 0);
+        ledger.assert_balanced();
+    });
+}
+
+#[test]
+fn loom_driver_drop_hands_over_to_one_of_two() {
+    loom::model(|| {
+        let group: Group<u8> = Group::new();
+        let ledger = Ledger::new();
+        let leader = group.run(1, ledger.make(3));
+        let followers: Vec<_> = (0..2)
+            .map(|_| {
+                let fut = group.run(1, ledger.make(4));
+                thread::spawn(move || block_on(fut).unwrap())
+            })
+            .collect();
+        drop(leader);
+        for f in followers {
+            assert_eq!(f.join().unwrap(), 3, "followers share the leader's flight");
+        }
+        assert_eq!(ledger.made.load(SeqCst), 1);
+        assert_eq!(group.in_flight(), 0);
+        ledger.assert_balanced();
+    });
+}
+
+#[test]
+fn loom_follower_drop_races_complete() {
+    loom::model(|| {
+        let group: Group<u8> = Group::new();
+        let ledger = Ledger::new();
+        let leader = group.run(1, ledger.make(6));
+        let follower = group.run(1, ledger.make(0));
+        let quitter = thread::spawn(move || drop(follower));
+        assert_eq!(block_on(leader).unwrap(), 6);
+        quitter.join().unwrap();
+        assert_eq!(group.in_flight(), 0);
+        ledger.assert_balanced();
+    });
+}
+
+#[test]
+fn loom_panic_reaches_every_waiter_and_frees_the_key() {
+    loom::model(|| {
+        let group: Group<u8> = Group::new();
+        let leader = group.run(1, || async { panic!("boom") });
+        let follower = group.run(1, || async { 0u32 });
+        let t = thread::spawn(move || block_on(follower));
+        let mine: Result<u32, _> = block_on(leader);
+        assert_eq!(mine.unwrap_err().message(), "boom");
+        assert_eq!(t.join().unwrap().unwrap_err().message(), "boom");
+        assert_eq!(group.in_flight(), 0);
+        assert_eq!(block_on(group.run(1, || async { 1u32 })).unwrap(), 1);
+    });
+}
