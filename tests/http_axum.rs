@@ -715,3 +715,48 @@ async fn vary_differences_are_not_shared() {
     })
     .await
 }
+
+/// `route_layer`, and a `Router` called directly as a service (axum then applies the layer
+/// again for every request): one registry all the same, and no `HandleErrorLayer` needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_layer_on_a_router_called_as_a_service() {
+    use tower::ServiceExt;
+    bounded(async {
+        const N: usize = 100;
+        let (gate, gate_rx) = watch::channel(false);
+        let backend = Backend {
+            calls: Arc::new(AtomicUsize::new(0)),
+            gate: gate_rx,
+        };
+        let layer = CoalesceHttpLayer::new();
+        let router: Router = Router::new()
+            .route(
+                "/hot",
+                get(|State(b): State<Backend>| async move { format!("hot {}", b.enter().await) }),
+            )
+            .route_layer(layer.clone())
+            .with_state(backend.clone());
+        let tasks: Vec<_> = (0..N)
+            .map(|_| {
+                let req = Request::get("/hot").body(Body::empty()).unwrap();
+                tokio::spawn(router.clone().oneshot(req))
+            })
+            .collect();
+        // Wait (bounded) until every request has joined: one flight, N - 1 followers.
+        let mut polls = 0;
+        while (layer.in_flight(), layer.waiting()) != (1, N - 1) {
+            polls += 1;
+            assert!(polls < 1_000_000, "requests never joined");
+            tokio::task::yield_now().await;
+        }
+        gate.send_replace(true);
+        for task in tasks {
+            let res = task.await.unwrap().unwrap();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "hot 0");
+        }
+        assert_eq!(backend.calls(), 1);
+        assert_eq!((layer.in_flight(), layer.waiting()), (0, 0));
+    })
+    .await
+}

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
@@ -61,6 +62,7 @@ pin_project! {
         },
         Follower {
             run: Run<Key, Outcome>,
+            waiting: Option<WaitGuard>,
             own: Option<(S, Request<ReqBody>)>,
         },
         Released {
@@ -100,6 +102,7 @@ where
 
     pub(crate) fn follower(
         run: Run<Key, Outcome>,
+        waiting: WaitGuard,
         inner: S,
         req: Request<ReqBody>,
         cache_status: bool,
@@ -107,6 +110,7 @@ where
         ResponseFuture {
             state: State::Follower {
                 run,
+                waiting: Some(waiting),
                 own: Some((inner, req)),
             },
             cache_status,
@@ -168,8 +172,10 @@ where
                     let entry = || "tower-coalesce; fwd=miss".to_owned();
                     return Poll::Ready(Ok(mark(res, ServedBy::Leader, header, entry)));
                 }
-                StateProj::Follower { run, own } => {
-                    let reason = match ready!(Pin::new(run).poll(cx)) {
+                StateProj::Follower { run, waiting, own } => {
+                    let out = ready!(Pin::new(run).poll(cx));
+                    drop(waiting.take());
+                    let reason = match out {
                         Ok(Outcome::Shared(shared)) => {
                             let (_, req) = own.as_ref().expect("polled after completion");
                             if shared.vary_matches(req.headers()) {
@@ -200,6 +206,22 @@ where
                 reason,
             });
         }
+    }
+}
+
+/// Counts a follower in the layer's `waiting` gauge while it exists.
+pub(crate) struct WaitGuard(Arc<AtomicUsize>);
+
+impl WaitGuard {
+    pub(crate) fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        WaitGuard(Arc::clone(count))
+    }
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -1,6 +1,7 @@
 //! [`CoalesceHttpLayer`] and its options.
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -57,6 +58,7 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 pub struct CoalesceHttpLayer {
     config: Arc<Config>,
     group: Group<Key>,
+    waiting: Arc<AtomicUsize>,
 }
 
 impl CoalesceHttpLayer {
@@ -71,6 +73,7 @@ impl CoalesceHttpLayer {
                 cache_status: false,
             }),
             group: Group::new(),
+            waiting: Arc::default(),
         }
     }
 
@@ -80,6 +83,7 @@ impl CoalesceHttpLayer {
         CoalesceHttpLayer {
             config: Arc::new(config),
             group: Group::new(),
+            waiting: Arc::default(),
         }
     }
 
@@ -174,6 +178,12 @@ impl CoalesceHttpLayer {
     pub fn in_flight(&self) -> usize {
         self.group.in_flight()
     }
+
+    /// The number of requests currently waiting for another request's call (followers),
+    /// across every service this layer made.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
 }
 
 impl Default for CoalesceHttpLayer {
@@ -186,7 +196,12 @@ impl<S> Layer<S> for CoalesceHttpLayer {
     type Service = CoalesceHttpService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CoalesceHttpService::from_parts(inner, Arc::clone(&self.config), self.group.clone())
+        CoalesceHttpService::from_parts(
+            inner,
+            Arc::clone(&self.config),
+            self.group.clone(),
+            Arc::clone(&self.waiting),
+        )
     }
 }
 
@@ -195,6 +210,7 @@ impl fmt::Debug for CoalesceHttpLayer {
         f.debug_struct("CoalesceHttpLayer")
             .field("config", &self.config)
             .field("group", &self.group)
+            .field("waiting", &self.waiting())
             .finish()
     }
 }

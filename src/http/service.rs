@@ -1,6 +1,7 @@
 //! [`CoalesceHttpService`]: classify each request, then bypass, lead or follow.
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 
@@ -10,7 +11,7 @@ use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::body::{buffer, content_length, Buffered, CoalesceBody};
-use super::future::{LeaderSlot, ResponseFuture, Slot};
+use super::future::{LeaderSlot, ResponseFuture, Slot, WaitGuard};
 use super::key::Key;
 use super::layer::Config;
 use super::share::{shareable, Outcome, Release, SharedResponse};
@@ -30,14 +31,21 @@ pub struct CoalesceHttpService<S> {
     inner: S,
     config: Arc<Config>,
     group: Group<Key>,
+    waiting: Arc<AtomicUsize>,
 }
 
 impl<S> CoalesceHttpService<S> {
-    pub(crate) fn from_parts(inner: S, config: Arc<Config>, group: Group<Key>) -> Self {
+    pub(crate) fn from_parts(
+        inner: S,
+        config: Arc<Config>,
+        group: Group<Key>,
+        waiting: Arc<AtomicUsize>,
+    ) -> Self {
         CoalesceHttpService {
             inner,
             config,
             group,
+            waiting,
         }
     }
 
@@ -45,6 +53,12 @@ impl<S> CoalesceHttpService<S> {
     /// layer and its clones.
     pub fn in_flight(&self) -> usize {
         self.group.in_flight()
+    }
+
+    /// The number of requests currently waiting for another request's call (followers), in
+    /// the registry this service shares.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// The inner service.
@@ -109,7 +123,8 @@ where
         match own {
             None => ResponseFuture::leader(run, slot, config.cache_status),
             Some(req) => {
-                ResponseFuture::follower(run, self.inner.clone(), req, config.cache_status)
+                let waiting = WaitGuard::new(&self.waiting);
+                ResponseFuture::follower(run, waiting, self.inner.clone(), req, config.cache_status)
             }
         }
     }
@@ -188,6 +203,7 @@ impl<S: Clone> Clone for CoalesceHttpService<S> {
             inner: self.inner.clone(),
             config: Arc::clone(&self.config),
             group: self.group.clone(),
+            waiting: Arc::clone(&self.waiting),
         }
     }
 }
@@ -198,6 +214,7 @@ impl<S: fmt::Debug> fmt::Debug for CoalesceHttpService<S> {
             .field("inner", &self.inner)
             .field("config", &self.config)
             .field("group", &self.group)
+            .field("waiting", &self.waiting())
             .finish()
     }
 }

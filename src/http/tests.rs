@@ -90,7 +90,14 @@ async fn identical_requests_share_one_call() {
         let (inner, calls) = backend(|n, _| Ok(Response::new(text(format!("call {n}")))));
         let layer = CoalesceHttpLayer::new();
         let mut svc = layer.layer(inner);
-        let results = burst(&mut svc, (0..50).map(|_| get("/a")).collect()).await;
+        let mut futures: Vec<_> = (0..50).map(|_| svc.call(get("/a"))).collect();
+        assert_eq!((layer.in_flight(), layer.waiting()), (1, 49));
+        assert_eq!(futures[0].served_by(), ServedBy::Leader);
+        assert_eq!(futures[1].served_by(), ServedBy::Follower);
+        drop(futures.pop());
+        assert_eq!(layer.waiting(), 48, "a dropped follower stops waiting");
+        let results = join_all(futures).await;
+        assert_eq!(layer.waiting(), 0);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         let mut served = Vec::new();
         for res in results {
