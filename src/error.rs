@@ -3,6 +3,7 @@
 use std::error::Error;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::flight::Panicked;
 
@@ -44,6 +45,7 @@ pub struct CoalesceError {
 enum Kind {
     Inner(Arc<dyn Error + Send + Sync + 'static>),
     Panicked(Panicked),
+    TimedOut(Duration),
 }
 
 impl CoalesceError {
@@ -59,6 +61,19 @@ impl CoalesceError {
         }
     }
 
+    pub(crate) fn timed_out(after: Duration) -> Self {
+        CoalesceError {
+            kind: Kind::TimedOut(after),
+        }
+    }
+
+    /// Whether this follower gave up waiting at its wait limit
+    /// ([`CoalesceLayer::follower_timeout`](crate::CoalesceLayer::follower_timeout) with
+    /// [`OnTimeout::Error`](crate::OnTimeout::Error)).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self.kind, Kind::TimedOut(_))
+    }
+
     /// Whether the inner service panicked (in `call` or in its future).
     pub fn is_panic(&self) -> bool {
         matches!(self.kind, Kind::Panicked(_))
@@ -68,7 +83,7 @@ impl CoalesceError {
     pub fn panic_message(&self) -> Option<&str> {
         match &self.kind {
             Kind::Panicked(p) => Some(p.message()),
-            Kind::Inner(_) => None,
+            Kind::Inner(_) | Kind::TimedOut(_) => None,
         }
     }
 
@@ -76,7 +91,7 @@ impl CoalesceError {
     pub fn get_ref(&self) -> Option<&(dyn Error + Send + Sync + 'static)> {
         match &self.kind {
             Kind::Inner(e) => Some(&**e),
-            Kind::Panicked(_) => None,
+            Kind::Panicked(_) | Kind::TimedOut(_) => None,
         }
     }
 
@@ -91,6 +106,7 @@ impl fmt::Debug for CoalesceError {
         match &self.kind {
             Kind::Inner(e) => f.debug_tuple("CoalesceError::Inner").field(e).finish(),
             Kind::Panicked(p) => f.debug_tuple("CoalesceError::Panicked").field(p).finish(),
+            Kind::TimedOut(d) => f.debug_tuple("CoalesceError::TimedOut").field(d).finish(),
         }
     }
 }
@@ -100,6 +116,7 @@ impl fmt::Display for CoalesceError {
         match &self.kind {
             Kind::Inner(e) => write!(f, "inner service failed: {e}"),
             Kind::Panicked(p) => write!(f, "inner service panicked: {}", p.message()),
+            Kind::TimedOut(d) => write!(f, "gave up waiting for a coalesced call after {d:?}"),
         }
     }
 }
@@ -109,6 +126,7 @@ impl Error for CoalesceError {
         match &self.kind {
             Kind::Inner(e) => Some(&**e),
             Kind::Panicked(p) => Some(p),
+            Kind::TimedOut(_) => None,
         }
     }
 }

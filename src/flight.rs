@@ -3,27 +3,34 @@
 //! A [`Group`] maps keys to *flights*. [`Group::run`] either joins the key's flight or, when
 //! there is none, registers a new one and makes its future. Whoever holds that future (the
 //! *driver*, at first the caller that registered it) polls it; everybody else parks a waker and
-//! is woken once, when the result is ready. When the driver is dropped the future is handed to
+//! is woken once, when the output is ready. When the driver is dropped the future is handed to
 //! another waiter; when the last waiter is dropped the future is dropped and the key freed.
 //!
 //! Locks: each shard of the registry and each flight has a `std` mutex. The lock order is
 //! shard, then flight; nothing takes a shard lock while holding a flight lock. Neither is held
-//! across an `.await`, while the inner future is made, polled or dropped, or while a result is
-//! cloned. Only a key's `Hash`/`Eq` run inside a shard lock, as in any hash map.
+//! across an `.await`, while the inner future is made, polled or dropped, or while an output is
+//! cloned for a follower. Only a key's `Hash`/`Eq` run inside a shard lock, as in any hash map,
+//! and a lingering output is cloned under its own flight's lock (see [`GroupBuilder::linger`]).
 
 use std::any::{Any, TypeId};
+use std::borrow::Borrow;
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::mem;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use hashbrown::HashTable;
 use slab::Slab;
+use tokio::time::Instant;
 
+use crate::stats::{Counters, Stats};
 use crate::sync::Mutex;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -32,8 +39,8 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 ///
 /// At most one flight per key runs at a time. Callers that ask for a key while its flight runs
 /// wait for that flight and get a clone of its output; a caller that asks after the output was
-/// published starts a new flight. Flights of different output types never meet, even under
-/// equal keys.
+/// published starts a new flight (unless a [linger window](GroupBuilder::linger) is set).
+/// Flights of different output types never meet, even under equal keys.
 ///
 /// `Group` is a cheap handle: clones share one registry.
 ///
@@ -61,15 +68,123 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// assert_eq!(group.in_flight(), 0);
 /// # }
 /// ```
+///
+/// A follower that should not wait longer than some deadline can simply be wrapped in
+/// `tokio::time::timeout`: dropping a waiter leaves the flight undisturbed.
 pub struct Group<K> {
     registry: Arc<Registry<K>>,
+}
+
+/// Builds a [`Group`] with options. All are off by default.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_coalesce::{Group, GroupBuilder};
+///
+/// let group: Group<u64> = GroupBuilder::new()
+///     .linger(Duration::from_millis(100))
+///     .max_in_flight(10_000)
+///     .max_followers(1_000)
+///     .build();
+/// # let _ = group;
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct GroupBuilder {
+    config: Config,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Config {
+    pub(crate) detached: bool,
+    pub(crate) linger: Option<Duration>,
+    pub(crate) linger_errors: Option<Duration>,
+    pub(crate) max_in_flight: Option<usize>,
+    pub(crate) max_followers: Option<usize>,
+}
+
+impl Config {
+    fn lingers(&self) -> bool {
+        self.linger.is_some() || self.linger_errors.is_some()
+    }
+}
+
+impl GroupBuilder {
+    /// Options all off; the same as [`Group::builder`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs each flight on a spawned tokio task, so it completes even when every waiter has
+    /// gone (a cache fill, work that must not be wasted, a leader with a short deadline that
+    /// must not cancel followers with longer ones).
+    ///
+    /// Without it (the default) a flight is driven by its waiters and dropped when the last
+    /// one leaves. Outside a tokio runtime, flights are driven by their waiters regardless.
+    pub fn detached(mut self, detached: bool) -> Self {
+        self.config.detached = detached;
+        self
+    }
+
+    /// Keeps a flight's successful output for `window` after it finishes: callers in that
+    /// window get a clone at once, with no new call (a micro-cache). Off by default: without
+    /// it, a caller that comes after the output was published always starts a new flight.
+    ///
+    /// Memory stays bounded: expired outputs are dropped as the registry's shards are next
+    /// used, oldest first, never by a sweep over the whole map (and at once by
+    /// [`Group::purge_expired`]). The output is cloned for each caller under that flight's own
+    /// lock (it need not be `Sync`), never under a registry lock.
+    pub fn linger(mut self, window: Duration) -> Self {
+        self.config.linger = Some(window);
+        self
+    }
+
+    /// Keeps failed outputs too (panics, and `Err` from [`Group::run_result`] and the tower
+    /// layer) for `window`, usually shorter than [`linger`](Self::linger)'s.
+    pub fn linger_errors(mut self, window: Duration) -> Self {
+        self.config.linger_errors = Some(window);
+        self
+    }
+
+    /// At most `max` keys in flight at once. A caller that would start one more flight runs
+    /// its call alone instead, unregistered: it never waits and never fails for it.
+    pub fn max_in_flight(mut self, max: usize) -> Self {
+        self.config.max_in_flight = Some(max);
+        self
+    }
+
+    /// At most `max` followers per flight. The ones after that run their call alone.
+    pub fn max_followers(mut self, max: usize) -> Self {
+        self.config.max_followers = Some(max);
+        self
+    }
+
+    /// Creates the registry.
+    pub fn build<K: Hash + Eq + Send + 'static>(self) -> Group<K> {
+        Group::with_config(self.config)
+    }
 }
 
 struct Registry<K> {
     /// Randomly seeded per registry: keys come from the network, so a fixed seed would let a
     /// client aim collisions at one shard.
     hasher: foldhash::fast::RandomState,
-    shards: Box<[Mutex<HashTable<Entry<K>>>]>,
+    shards: Box<[Mutex<Shard<K>>]>,
+    config: Config,
+    /// Flights registered and not finished, over all shards; kept only under `max_in_flight`.
+    running: AtomicUsize,
+    /// Counters of events that happen outside any shard lock.
+    pub(crate) bypassed: AtomicU64,
+    pub(crate) timed_out: AtomicU64,
+    pub(crate) retried: AtomicU64,
+}
+
+/// Guarded by its mutex in `Registry::shards`.
+struct Shard<K> {
+    table: HashTable<Entry<K>>,
+    counters: Counters,
+    /// Lingering entries in expiry order, one queue per window so each stays sorted.
+    expiring_ok: VecDeque<Expiry>,
+    expiring_err: VecDeque<Expiry>,
 }
 
 struct Entry<K> {
@@ -78,35 +193,57 @@ struct Entry<K> {
     /// `TypeId` of the `Flight<T>` behind `flight`; part of the entry's identity.
     output: TypeId,
     flight: Arc<dyn Any + Send + Sync>,
+    /// Set when the flight finished and its output lingers until then.
+    lingers_until: Option<Instant>,
+}
+
+struct Expiry {
+    at: Instant,
+    hash: u64,
+    /// The flight's address: compared, never dereferenced.
+    flight: usize,
+}
+
+fn addr<T: ?Sized>(flight: &Arc<T>) -> usize {
+    Arc::as_ptr(flight).cast::<()>() as usize
 }
 
 /// One call of the inner future, shared by its waiters.
 struct Flight<T> {
     /// The key's hash, to find the entry again without the key.
     hash: u64,
+    /// False for a call run alone because of a capacity bound: it is in no registry.
+    registered: bool,
+    /// Which outputs count as failures (for stats and `linger_errors`).
+    is_err: fn(&T) -> bool,
     state: Mutex<State<T>>,
+    #[cfg(feature = "tracing")]
+    span: tracing::Span,
 }
 
 /// Guarded by `Flight::state`.
 struct State<T> {
     phase: Phase,
     /// Whether a waiter holds the inner future (or is about to: the registering caller between
-    /// registration and making the future). While true, the flight cannot be cancelled.
+    /// registration and making the future; a detached flight's task). While true, the flight
+    /// cannot be cancelled.
     driven: bool,
     /// The inner future while nobody drives it: put here by a dropped driver, taken by the next
     /// follower that is polled.
     orphan: Option<BoxFuture<T>>,
     /// One slot per follower, inserted when it joins, removed when it takes its output or
-    /// drops. The driver fills every slot (outside the lock it clones, inside it moves) before
-    /// it sets `phase` to `Done`.
+    /// drops. The driver fills every slot (it clones outside the lock, moves inside) before it
+    /// sets `phase` to `Done`.
     followers: Slab<Slot<T>>,
+    /// Written once before the entry starts lingering; read by callers that find it lingering.
+    lingering: Option<Result<T, Panicked>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Phase {
     /// Joinable.
     Running,
-    /// Output published and entry removed from the registry.
+    /// Output published; entry removed from the registry, or lingering.
     Done,
     /// Last waiter gone; the entry may still be in the registry until its remover runs, and a
     /// caller that finds it replaces it.
@@ -118,12 +255,30 @@ enum Slot<T> {
     Ready(Result<T, Panicked>),
 }
 
+/// How a flight ended, for the counters.
+#[derive(Clone, Copy)]
+enum End {
+    Ok,
+    Err,
+    Panicked,
+    Cancelled,
+}
+
 impl<K> Group<K>
 where
     K: Hash + Eq + Send + 'static,
 {
-    /// Creates an empty registry, sharded for this machine's parallelism.
+    /// Creates an empty registry with no options, sharded for this machine's parallelism.
     pub fn new() -> Self {
+        Self::with_config(Config::default())
+    }
+
+    /// Options: detached flights, a linger window, capacity bounds.
+    pub fn builder() -> GroupBuilder {
+        GroupBuilder::default()
+    }
+
+    pub(crate) fn with_config(config: Config) -> Self {
         let parallelism = std::thread::available_parallelism().map_or(4, |n| n.get());
         // Fewer shards under loom: each lock multiplies the states the model checker explores.
         let shards = if cfg!(loom) {
@@ -134,7 +289,21 @@ where
         Group {
             registry: Arc::new(Registry {
                 hasher: foldhash::fast::RandomState::default(),
-                shards: (0..shards).map(|_| Mutex::new(HashTable::new())).collect(),
+                shards: (0..shards)
+                    .map(|_| {
+                        Mutex::new(Shard {
+                            table: HashTable::new(),
+                            counters: Counters::default(),
+                            expiring_ok: VecDeque::new(),
+                            expiring_err: VecDeque::new(),
+                        })
+                    })
+                    .collect(),
+                config,
+                running: AtomicUsize::new(0),
+                bypassed: AtomicU64::new(0),
+                timed_out: AtomicU64::new(0),
+                retried: AtomicU64::new(0),
             }),
         }
     }
@@ -142,101 +311,405 @@ where
     /// Joins `key`'s flight, or registers a new one made by `make` and leads it.
     ///
     /// The registry is consulted when `run` is called, not when the future is first polled;
-    /// `make` is called only by the caller that registers a flight, after registration and
-    /// outside every lock. The returned future resolves to the flight's output, or to
-    /// [`Panicked`] if `make` or the inner future panicked.
+    /// `make` is called only by the caller that registers a flight (or runs alone past a
+    /// capacity bound), after registration and outside every lock. The returned future
+    /// resolves to the flight's output, or to [`Panicked`] if `make` or the inner future
+    /// panicked.
     ///
     /// Dropping the returned future leaves the flight to the other waiters; when the last one is
-    /// dropped, the inner future is dropped too and the key freed. The caller holding the inner
-    /// future (the leader, or whoever took over from it) polls it for everybody, so a waiter
-    /// should be polled or dropped, not parked unpolled: that would hold up the others.
+    /// dropped, the inner future is dropped too and the key freed (unless the group is
+    /// [detached](GroupBuilder::detached)). The caller holding the inner future (the leader, or
+    /// whoever took over from it) polls it for everybody, so a waiter should be polled or
+    /// dropped, not kept unpolled: that would hold up the others.
     pub fn run<T, M, F>(&self, key: K, make: M) -> Run<K, T>
     where
         T: Clone + Send + 'static,
         M: FnOnce() -> F,
         F: Future<Output = T> + Send + 'static,
     {
+        self.run_classified(key, make, |_| false)
+    }
+
+    /// [`run`](Self::run) for fallible calls: `Err` outputs count as errors in
+    /// [`stats`](Self::stats) and linger only for [`linger_errors`](GroupBuilder::linger_errors).
+    pub fn run_result<V, E, M, F>(&self, key: K, make: M) -> Run<K, Result<V, E>>
+    where
+        V: Clone + Send + 'static,
+        E: Clone + Send + 'static,
+        M: FnOnce() -> F,
+        F: Future<Output = Result<V, E>> + Send + 'static,
+    {
+        self.run_classified(key, make, Result::is_err)
+    }
+
+    pub(crate) fn run_classified<T, M, F>(
+        &self,
+        key: K,
+        make: M,
+        is_err: fn(&T) -> bool,
+    ) -> Run<K, T>
+    where
+        T: Clone + Send + 'static,
+        M: FnOnce() -> F,
+        F: Future<Output = T> + Send + 'static,
+    {
         let registry = &self.registry;
+        let config = &registry.config;
         let hash = registry.hasher.hash_one(&key);
         let output = TypeId::of::<Flight<T>>();
-        let mut shard = registry.shard(hash).lock();
+        let now = config.lingers().then(Instant::now);
+        let mut garbage = Vec::new();
+        let mut guard = registry.shard(hash).lock();
+        let shard = &mut *guard;
+        if let Some(now) = now {
+            shard.purge(now, &mut garbage);
+        }
         let mut stale = None;
-        if let Ok(found) = shard.find_entry(hash, |e| e.output == output && e.key == key) {
+        if let Ok(found) = shard
+            .table
+            .find_entry(hash, |e| e.output == output && e.key == key)
+        {
+            let lingering = found.get().lingers_until.is_some();
             let flight = Arc::clone(&found.get().flight)
                 .downcast::<Flight<T>>()
                 .unwrap_or_else(|_| unreachable!("entry output type checked above"));
+            if lingering {
+                shard.counters.lingered += 1;
+                drop(guard);
+                drop(garbage);
+                emit("tower_coalesce_lingered_total");
+                let state = flight.state.lock();
+                let out = state
+                    .lingering
+                    .clone()
+                    .expect("set before the entry lingers");
+                drop(state);
+                return Run::ready(registry, flight, out, false);
+            }
             let mut state = flight.state.lock();
             if state.phase == Phase::Running {
+                if config
+                    .max_followers
+                    .is_some_and(|max| state.followers.len() >= max)
+                {
+                    drop(state);
+                    shard.counters.over_capacity += 1;
+                    drop(guard);
+                    emit("tower_coalesce_over_capacity_total");
+                    return self.alone(hash, make, is_err);
+                }
                 let slot = state.followers.insert(Slot::Parked(None));
                 drop(state);
-                drop(shard);
+                shard.counters.followers += 1;
+                drop(guard);
+                emit("tower_coalesce_followers_total");
+                #[cfg(feature = "tracing")]
+                tracing::trace!(parent: &flight.span, "follower joined");
                 return Run {
                     registry: Arc::clone(registry),
                     flight,
                     role: Role::Follower(slot),
+                    leader: false,
+                    shared: true,
                 };
             }
             drop(state);
-            // Cancelled: its own remover will not find it (identity check) and do nothing.
+            // Cancelled: its own remover will not find it (identity check) and do nothing, so
+            // its place in the counts is given up here.
             stale = Some(found.remove().0);
+            shard.counters.running -= 1;
+            if config.max_in_flight.is_some() {
+                registry.running.fetch_sub(1, Relaxed);
+            }
         }
-        let flight = Arc::new(Flight {
-            hash,
-            state: Mutex::new(State {
-                phase: Phase::Running,
-                driven: true,
-                orphan: None,
-                followers: Slab::new(),
-            }),
-        });
+        if let Some(max) = config.max_in_flight {
+            if registry.running.fetch_add(1, Relaxed) >= max {
+                registry.running.fetch_sub(1, Relaxed);
+                shard.counters.over_capacity += 1;
+                drop(guard);
+                emit("tower_coalesce_over_capacity_total");
+                return self.alone(hash, make, is_err);
+            }
+        }
+        let flight = Arc::new(Flight::new(hash, true, is_err));
         let entry = Entry {
             key,
             hash,
             output,
             flight: Arc::clone(&flight) as Arc<dyn Any + Send + Sync>,
+            lingers_until: None,
         };
-        shard.insert_unique(hash, entry, |e| e.hash);
-        drop(shard);
+        shard.table.insert_unique(hash, entry, |e| e.hash);
+        shard.counters.leaders += 1;
+        shard.counters.running += 1;
+        drop(guard);
         drop(stale);
+        drop(garbage);
+        emit("tower_coalesce_leaders_total");
+        self.lead(flight, make)
+    }
 
+    /// Runs a call unregistered, because a capacity bound was reached.
+    fn alone<T, M, F>(&self, hash: u64, make: M, is_err: fn(&T) -> bool) -> Run<K, T>
+    where
+        T: Clone + Send + 'static,
+        M: FnOnce() -> F,
+        F: Future<Output = T> + Send + 'static,
+    {
+        self.lead(Arc::new(Flight::new(hash, false, is_err)), make)
+    }
+
+    fn lead<T, M, F>(&self, flight: Arc<Flight<T>>, make: M) -> Run<K, T>
+    where
+        T: Clone + Send + 'static,
+        M: FnOnce() -> F,
+        F: Future<Output = T> + Send + 'static,
+    {
         let mut run = Run {
-            registry: Arc::clone(registry),
+            registry: Arc::clone(&self.registry),
             flight,
             role: Role::Finished,
+            leader: true,
+            shared: false,
         };
-        run.role = match catch_unwind(AssertUnwindSafe(make)) {
-            Ok(fut) => Role::Driver(Box::pin(fut)),
-            Err(payload) => Role::Ready(Some(run.complete(Err(Panicked::new(payload))))),
+        let fut = match catch_unwind(AssertUnwindSafe(make)) {
+            Ok(fut) => Box::pin(fut),
+            Err(payload) => {
+                let out = run.complete(Err(Panicked::new(payload)));
+                run.role = Role::Ready(Some(out));
+                return run;
+            }
         };
+        let handle = match self.registry.config.detached && run.flight.registered {
+            true => tokio::runtime::Handle::try_current().ok(),
+            false => None,
+        };
+        let Some(handle) = handle else {
+            run.role = Role::Driver(fut);
+            return run;
+        };
+        // Detached: a task drives the flight; the caller waits as a follower of its own call.
+        let slot = run.flight.state.lock().followers.insert(Slot::Parked(None));
+        let driver = Run {
+            registry: Arc::clone(&self.registry),
+            flight: Arc::clone(&run.flight),
+            role: Role::Driver(fut),
+            leader: false,
+            shared: false,
+        };
+        handle.spawn(async move {
+            let _ = driver.await;
+        });
+        run.role = Role::Follower(slot);
         run
+    }
+
+    /// Removes `key`'s flight (of every output type) from the registry, so that the next call
+    /// for it starts a new flight, while the current waiters still get their output (Go's
+    /// `Forget`). Also drops a lingering output. Returns whether there was anything to remove.
+    ///
+    /// ```
+    /// use tower_coalesce::Group;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let group: Group<&str> = Group::new();
+    /// let old = group.run("config", || async { "old" });
+    /// assert!(group.forget("config"));
+    /// let new = group.run("config", || async { "new" });
+    /// assert_eq!((old.await.unwrap(), new.await.unwrap()), ("old", "new"));
+    /// # }
+    /// ```
+    pub fn forget<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let registry = &self.registry;
+        let hash = registry.hasher.hash_one(key);
+        let mut removed = Vec::new();
+        let mut shard = registry.shard(hash).lock();
+        while let Ok(found) = shard.table.find_entry(hash, |e| e.key.borrow() == key) {
+            removed.push(found.remove().0);
+        }
+        for entry in &removed {
+            if entry.lingers_until.is_none() {
+                shard.counters.running -= 1;
+                if registry.config.max_in_flight.is_some() {
+                    registry.running.fetch_sub(1, Relaxed);
+                }
+            }
+        }
+        shard.counters.forgotten += removed.len() as u64;
+        drop(shard);
+        !removed.is_empty()
     }
 }
 
 impl<K> Group<K> {
-    /// The number of keys with a registered flight.
+    /// The number of keys with a flight running (lingering outputs are not counted).
     pub fn in_flight(&self) -> usize {
-        self.registry.shards.iter().map(|s| s.lock().len()).sum()
+        self.registry
+            .shards
+            .iter()
+            .map(|s| s.lock().counters.running)
+            .sum()
+    }
+
+    /// The number of entries in the registry: running flights plus lingering outputs, expired
+    /// ones included until they are purged.
+    pub fn len(&self) -> usize {
+        self.registry
+            .shards
+            .iter()
+            .map(|s| s.lock().table.len())
+            .sum()
+    }
+
+    /// Whether the registry holds no entry at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops every expired lingering output now.
+    pub fn purge_expired(&self) {
+        let now = Instant::now();
+        for shard in self.registry.shards.iter() {
+            let mut garbage = Vec::new();
+            shard.lock().purge(now, &mut garbage);
+            drop(garbage);
+        }
+    }
+
+    /// A snapshot of the registry's counters.
+    ///
+    /// ```
+    /// use tower_coalesce::Group;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let group: Group<u8> = Group::new();
+    /// let (a, b) = tokio::join!(group.run(1, || async { 10 }), group.run(1, || async { 20 }));
+    /// assert_eq!((a.unwrap(), b.unwrap()), (10, 10));
+    /// let stats = group.stats();
+    /// assert_eq!((stats.leaders, stats.followers, stats.in_flight), (1, 1, 0));
+    /// # }
+    /// ```
+    pub fn stats(&self) -> Stats {
+        let mut sum = Counters::default();
+        for shard in self.registry.shards.iter() {
+            sum.add(&shard.lock().counters);
+        }
+        let r = &self.registry;
+        sum.into_stats(
+            r.bypassed.load(Relaxed),
+            r.timed_out.load(Relaxed),
+            r.retried.load(Relaxed),
+        )
+    }
+
+    pub(crate) fn note_bypass(&self) {
+        self.registry.bypassed.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!("tower_coalesce_bypassed_total").increment(1);
+    }
+
+    pub(crate) fn note_retry(&self) {
+        self.registry.retried.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!("tower_coalesce_retried_total").increment(1);
+    }
+}
+
+impl<K> Shard<K> {
+    /// Moves expired lingering entries into `garbage`, to be dropped once the lock is released.
+    fn purge(&mut self, now: Instant, garbage: &mut Vec<Entry<K>>) {
+        for queue in [&mut self.expiring_ok, &mut self.expiring_err] {
+            while queue.front().is_some_and(|e| e.at <= now) {
+                let Some(expiry) = queue.pop_front() else {
+                    break;
+                };
+                let found = self
+                    .table
+                    .find_entry(expiry.hash, |e| addr(&e.flight) == expiry.flight);
+                if let Ok(found) = found {
+                    garbage.push(found.remove().0);
+                }
+            }
+        }
     }
 }
 
 impl<K> Registry<K> {
-    fn shard(&self, hash: u64) -> &Mutex<HashTable<Entry<K>>> {
+    fn shard(&self, hash: u64) -> &Mutex<Shard<K>> {
         // The table uses the low bits for buckets and the top 7 for tags; pick shards from the
         // middle so neither loses entropy within a shard.
         &self.shards[(hash >> 32) as usize & (self.shards.len() - 1)]
     }
 
-    /// Removes `flight`'s entry if it is still the one registered for its key.
-    fn remove<T>(&self, flight: &Arc<Flight<T>>) {
-        let me = Arc::as_ptr(flight).cast::<()>();
-        let mut shard = self.shard(flight.hash).lock();
-        let removed = shard
-            .find_entry(flight.hash, |e| Arc::as_ptr(&e.flight).cast::<()>() == me)
-            .ok()
-            .map(|found| found.remove().0);
-        drop(shard);
+    /// Unregisters `flight` if it is still the entry registered for its key (not forgotten,
+    /// not replaced), or marks it lingering until `linger_until`; counts how it ended.
+    fn finish<T>(&self, flight: &Arc<Flight<T>>, end: End, linger: Option<(Instant, bool)>) {
+        if !flight.registered {
+            return;
+        }
+        let me = addr(flight);
+        let mut guard = self.shard(flight.hash).lock();
+        let shard = &mut *guard;
+        shard.counters.count(end);
+        let mut removed = None;
+        if let Ok(mut found) = shard
+            .table
+            .find_entry(flight.hash, |e| addr(&e.flight) == me)
+        {
+            shard.counters.running -= 1;
+            if self.config.max_in_flight.is_some() {
+                self.running.fetch_sub(1, Relaxed);
+            }
+            match linger {
+                Some((at, failed)) => {
+                    found.get_mut().lingers_until = Some(at);
+                    let queue = match failed {
+                        true => &mut shard.expiring_err,
+                        false => &mut shard.expiring_ok,
+                    };
+                    queue.push_back(Expiry {
+                        at,
+                        hash: flight.hash,
+                        flight: me,
+                    });
+                }
+                None => removed = Some(found.remove().0),
+            }
+        }
+        drop(guard);
         // The key's destructor is user code: run it unlocked.
         drop(removed);
+    }
+}
+
+impl<T> Flight<T> {
+    fn new(hash: u64, registered: bool, is_err: fn(&T) -> bool) -> Self {
+        Flight {
+            hash,
+            registered,
+            is_err,
+            state: Mutex::new(State {
+                phase: Phase::Running,
+                driven: true,
+                orphan: None,
+                followers: Slab::new(),
+                lingering: None,
+            }),
+            #[cfg(feature = "tracing")]
+            span: tracing::debug_span!(
+                "coalesce.flight",
+                key_hash = hash,
+                registered,
+                waiters = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+            ),
+        }
     }
 }
 
@@ -258,6 +731,7 @@ impl<K> fmt::Debug for Group<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Group")
             .field("shards", &self.registry.shards.len())
+            .field("config", &self.registry.config)
             .field("in_flight", &self.in_flight())
             .finish()
     }
@@ -272,6 +746,10 @@ pub struct Run<K, T> {
     registry: Arc<Registry<K>>,
     flight: Arc<Flight<T>>,
     role: Role<T>,
+    /// Whether this caller's `make` made the flight's future.
+    leader: bool,
+    /// Whether the output was (or will be) handed to more than one caller.
+    shared: bool,
 }
 
 // No field is structurally pinned: the inner future is boxed, outputs are moved out whole.
@@ -282,41 +760,98 @@ enum Role<T> {
     Driver(BoxFuture<T>),
     /// Parked in `followers` under this slot key.
     Follower(usize),
-    /// `make` panicked; the output was published at registration.
+    /// Output known when the run was made (lingering, or `make` panicked).
     Ready(Option<Result<T, Panicked>>),
     /// Returned its output, or is being constructed.
     Finished,
 }
 
 impl<K, T> Run<K, T> {
-    /// Whether this waiter started the flight (or took over polling it), rather than joining.
-    ///
-    /// A waiter that is not the leader received a clone of another caller's output: Go's
-    /// `shared` flag, as seen from a follower.
+    fn ready(
+        registry: &Arc<Registry<K>>,
+        flight: Arc<Flight<T>>,
+        out: Result<T, Panicked>,
+        leader: bool,
+    ) -> Self {
+        Run {
+            registry: Arc::clone(registry),
+            flight,
+            role: Role::Ready(Some(out)),
+            leader,
+            shared: !leader,
+        }
+    }
+
+    pub(crate) fn note_timeout(&self) {
+        self.registry.timed_out.fetch_add(1, Relaxed);
+        emit("tower_coalesce_timed_out_total");
+    }
+
+    /// Whether this caller started the flight: its `make` made the future whose output every
+    /// waiter gets. A follower's output is a clone of a leader's.
     pub fn is_leader(&self) -> bool {
-        matches!(self.role, Role::Driver(_) | Role::Ready(_))
+        self.leader
+    }
+
+    /// Whether the output was handed to more than one caller (Go's `shared`): always for a
+    /// follower or a lingering hit; for the leader, once the output is ready, whether anybody
+    /// else got it.
+    ///
+    /// ```
+    /// use tower_coalesce::Group;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let group: Group<u8> = Group::new();
+    /// let mut alone = group.run(1, || async { 1 });
+    /// assert_eq!((&mut alone).await.unwrap(), 1);
+    /// assert!(!alone.is_shared());
+    /// # }
+    /// ```
+    pub fn is_shared(&self) -> bool {
+        self.shared
     }
 }
 
 impl<K, T: Clone + Send + 'static> Run<K, T> {
-    /// Publishes the driver's output: unregisters the flight first, so that a caller who comes
-    /// after this point starts a new flight instead of joining a finished one; then hands a
-    /// clone to each follower and wakes them all in one pass.
+    /// Publishes the driver's output: unregisters the flight first (or makes it linger), so
+    /// that a caller who comes after this point starts a new flight instead of joining a
+    /// finished one; then hands a clone to each follower and wakes them all in one pass.
     fn complete(&mut self, out: Result<T, Panicked>) -> Result<T, Panicked> {
-        self.registry.remove(&self.flight);
+        let flight = &self.flight;
+        let end = match &out {
+            Err(_) => End::Panicked,
+            Ok(v) if (flight.is_err)(v) => End::Err,
+            Ok(_) => End::Ok,
+        };
+        let config = &self.registry.config;
+        let window = match end {
+            End::Ok => config.linger,
+            _ => config.linger_errors,
+        };
+        let linger = window.filter(|_| flight.registered).map(|window| {
+            // Stored before the entry is marked lingering, where callers look for it.
+            let keep = out.clone();
+            flight.state.lock().lingering = Some(keep);
+            (Instant::now() + window, !matches!(end, End::Ok))
+        });
+        self.registry.finish(flight, end, linger);
         // No follower can join from here on, and `driven` keeps the ones that leave from
         // cancelling the flight, so counting now and filling later is sound.
-        let mut state = self.flight.state.lock();
+        let mut state = flight.state.lock();
         let wanted = state.followers.len();
         if wanted == 0 {
             state.phase = Phase::Done;
             state.driven = false;
+            drop(state);
+            self.trace_end(end, 1);
             return out;
         }
+        self.shared = true;
         drop(state);
         let mut copies: Vec<_> = (0..wanted).map(|_| out.clone()).collect();
         let mut wakers = Vec::with_capacity(wanted);
-        let mut state = self.flight.state.lock();
+        let mut state = flight.state.lock();
         for (_, slot) in state.followers.iter_mut() {
             let Some(copy) = copies.pop() else { break };
             if let Slot::Parked(waker) = mem::replace(slot, Slot::Ready(copy)) {
@@ -327,10 +862,24 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         state.driven = false;
         drop(state);
         drop(copies);
+        self.trace_end(end, wanted + 1);
         for waker in wakers {
             waker.wake();
         }
         out
+    }
+
+    #[allow(unused_variables)]
+    fn trace_end(&self, end: End, waiters: usize) {
+        #[cfg(feature = "tracing")]
+        {
+            let span = &self.flight.span;
+            span.record("waiters", waiters);
+            span.record("outcome", end.name());
+            tracing::debug!(parent: span, outcome = end.name(), waiters, "flight finished");
+        }
+        #[cfg(feature = "metrics")]
+        metrics::counter!("tower_coalesce_flights_total", "outcome" => end.name()).increment(1);
     }
 }
 
@@ -342,7 +891,12 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
         loop {
             match &mut this.role {
                 Role::Driver(fut) => {
-                    let out = match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+                    let polled = {
+                        #[cfg(feature = "tracing")]
+                        let _entered = this.flight.span.enter();
+                        catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)))
+                    };
+                    let out = match polled {
                         Ok(Poll::Pending) => return Poll::Pending,
                         Ok(Poll::Ready(value)) => Ok(value),
                         Err(payload) => Err(Panicked::new(payload)),
@@ -397,52 +951,59 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
 
 impl<K, T> Drop for Run<K, T> {
     fn drop(&mut self) {
-        let cancelled = match mem::replace(&mut self.role, Role::Finished) {
+        let orphan = match mem::replace(&mut self.role, Role::Finished) {
             Role::Finished | Role::Ready(_) => return,
             Role::Driver(fut) => {
                 let mut state = self.flight.state.lock();
                 state.driven = false;
-                if state.followers.is_empty() {
-                    state.phase = Phase::Cancelled;
-                    Some(fut)
-                } else {
+                if !state.followers.is_empty() {
                     state.orphan = Some(fut);
                     let waker = wake_one(&mut state.followers);
                     drop(state);
-                    waker.map(Waker::wake);
-                    None
+                    if let Some(waker) = waker {
+                        waker.wake();
+                    }
+                    return;
                 }
+                state.phase = Phase::Cancelled;
+                Some(fut)
             }
             Role::Follower(key) => {
                 let mut state = self.flight.state.lock();
-                if state.phase != Phase::Running {
-                    // Done: the output waiting in this slot is dropped here, unlocked.
-                    let slot = state.followers.try_remove(key);
+                let slot = state.followers.try_remove(key);
+                if state.phase != Phase::Running || state.driven || !state.followers.is_empty() {
+                    // This follower may have been the one woken to take over an orphan.
+                    let waker = match state.orphan.is_some() {
+                        true => wake_one(&mut state.followers),
+                        false => None,
+                    };
                     drop(state);
+                    // An output waiting in the slot is dropped here, unlocked.
                     drop(slot);
+                    if let Some(waker) = waker {
+                        waker.wake();
+                    }
                     return;
                 }
-                state.followers.remove(key);
-                if !state.driven && state.followers.is_empty() {
-                    state.phase = Phase::Cancelled;
-                    state.orphan.take()
-                } else {
-                    // This follower may have been the one woken to take over an orphan.
-                    let waker = state
-                        .orphan
-                        .is_some()
-                        .then(|| wake_one(&mut state.followers))
-                        .flatten();
-                    drop(state);
-                    waker.map(Waker::wake);
-                    None
-                }
+                state.phase = Phase::Cancelled;
+                state.orphan.take()
             }
         };
         // Last waiter gone: cancel the call (drop the inner future), then free the key.
-        drop(cancelled);
-        self.registry.remove(&self.flight);
+        drop(orphan);
+        self.registry.finish(&self.flight, End::Cancelled, None);
+        #[cfg(feature = "tracing")]
+        tracing::debug!(parent: &self.flight.span, outcome = "cancelled", "flight finished");
+        #[cfg(feature = "metrics")]
+        metrics::counter!("tower_coalesce_flights_total", "outcome" => "cancelled").increment(1);
     }
+}
+
+/// Bumps a `metrics` counter; never called under a lock (the recorder is user code).
+#[inline]
+fn emit(_name: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!(_name).increment(1);
 }
 
 fn wake_one<T>(followers: &mut Slab<Slot<T>>) -> Option<Waker> {
@@ -450,6 +1011,29 @@ fn wake_one<T>(followers: &mut Slab<Slot<T>>) -> Option<Waker> {
         Slot::Parked(waker) => waker.take(),
         Slot::Ready(_) => None,
     })
+}
+
+impl End {
+    #[allow(dead_code)]
+    fn name(self) -> &'static str {
+        match self {
+            End::Ok => "ok",
+            End::Err => "error",
+            End::Panicked => "panicked",
+            End::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl Counters {
+    fn count(&mut self, end: End) {
+        match end {
+            End::Ok => {}
+            End::Err => self.errors += 1,
+            End::Panicked => self.panics += 1,
+            End::Cancelled => self.cancelled += 1,
+        }
+    }
 }
 
 impl<K, T> fmt::Debug for Run<K, T> {
@@ -460,7 +1044,11 @@ impl<K, T> fmt::Debug for Run<K, T> {
             Role::Ready(_) => "ready",
             Role::Finished => "finished",
         };
-        f.debug_struct("Run").field("role", &role).finish()
+        f.debug_struct("Run")
+            .field("role", &role)
+            .field("leader", &self.leader)
+            .field("shared", &self.shared)
+            .finish()
     }
 }
 
@@ -510,108 +1098,4 @@ impl fmt::Display for Panicked {
 impl std::error::Error for Panicked {}
 
 #[cfg(all(test, not(loom)))]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
-
-    struct CountWaker(AtomicUsize);
-    impl Wake for CountWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn poll<F: Future + Unpin>(f: &mut F, w: &Arc<CountWaker>) -> Poll<F::Output> {
-        let waker = Waker::from(w.clone());
-        Pin::new(f).poll(&mut Context::from_waker(&waker))
-    }
-
-    #[test]
-    fn follower_is_woken_once_and_gets_a_clone() {
-        let group: Group<u8> = Group::new();
-        let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
-        let mut leader = group.run(1, || async move { rx.await.unwrap() });
-        let mut follower = group.run(1, std::future::pending::<u32>);
-        assert!(leader.is_leader() && !follower.is_leader());
-        let (wl, wf) = (
-            Arc::new(CountWaker(0.into())),
-            Arc::new(CountWaker(0.into())),
-        );
-        assert!(poll(&mut follower, &wf).is_pending());
-        assert!(poll(&mut follower, &wf).is_pending());
-        assert!(poll(&mut leader, &wl).is_pending());
-        tx.send(7).unwrap();
-        assert_eq!(
-            wf.0.load(Ordering::SeqCst),
-            0,
-            "follower not woken by the inner future"
-        );
-        assert!(matches!(poll(&mut leader, &wl), Poll::Ready(Ok(7))));
-        assert_eq!(wf.0.load(Ordering::SeqCst), 1);
-        assert!(matches!(poll(&mut follower, &wf), Poll::Ready(Ok(7))));
-        assert_eq!(group.in_flight(), 0);
-    }
-
-    #[test]
-    fn dropped_driver_hands_the_future_over() {
-        let group: Group<u8> = Group::new();
-        let polled = Arc::new(AtomicUsize::new(0));
-        let p = polled.clone();
-        let mut leader = group.run(1, move || {
-            std::future::poll_fn(move |_| {
-                if p.fetch_add(1, Ordering::SeqCst) == 0 {
-                    Poll::Pending
-                } else {
-                    Poll::Ready(5u32)
-                }
-            })
-        });
-        let mut follower = group.run(1, std::future::pending::<u32>);
-        let w = Arc::new(CountWaker(0.into()));
-        assert!(poll(&mut leader, &w).is_pending());
-        assert!(poll(&mut follower, &w).is_pending());
-        drop(leader);
-        assert_eq!(
-            w.0.load(Ordering::SeqCst),
-            1,
-            "the follower is woken to take over"
-        );
-        assert!(matches!(poll(&mut follower, &w), Poll::Ready(Ok(5))));
-        assert_eq!(
-            polled.load(Ordering::SeqCst),
-            2,
-            "the same inner future went on"
-        );
-        assert_eq!(group.in_flight(), 0);
-    }
-
-    #[test]
-    fn cancelled_entry_is_replaced_not_joined() {
-        let group: Group<u8> = Group::new();
-        let first = group.run(1, || std::future::pending::<u32>());
-        // Simulate the window between "last waiter gone" and "entry removed".
-        first.flight.state.lock().phase = Phase::Cancelled;
-        let second = group.run(1, || async { 2u32 });
-        assert!(second.is_leader());
-        assert_eq!(group.in_flight(), 1);
-        first.flight.state.lock().phase = Phase::Running;
-        drop(first);
-        assert_eq!(
-            group.in_flight(),
-            1,
-            "the old flight must not remove the new entry"
-        );
-        drop(second);
-        assert_eq!(group.in_flight(), 0);
-    }
-
-    #[test]
-    fn equal_keys_of_different_output_types_do_not_meet() {
-        let group: Group<u8> = Group::new();
-        let a = group.run(1, || std::future::pending::<u32>());
-        let b = group.run(1, || std::future::pending::<String>());
-        assert!(a.is_leader() && b.is_leader());
-        assert_eq!(group.in_flight(), 2);
-    }
-}
+mod tests;

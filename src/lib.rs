@@ -70,11 +70,13 @@ mod layer;
 #[cfg(all(test, loom))]
 mod loom_tests;
 mod service;
+mod stats;
 mod sync;
 
 pub use builder::ServiceBuilderExt;
 pub use error::CoalesceError;
-pub use flight::{Group, Panicked, Run};
+pub use flight::{Group, GroupBuilder, Panicked, Run};
 pub use future::ResponseFuture;
 pub use layer::CoalesceLayer;
-pub use service::CoalesceService;
+pub use service::{CoalesceService, OnTimeout};
+pub use stats::Stats;

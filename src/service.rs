@@ -1,20 +1,24 @@
 //! [`CoalesceService`]: key each request, then join or start its key's flight.
 
+use std::borrow::Borrow;
 use std::fmt;
 use std::hash::Hash;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tower::util::ServiceExt;
 use tower::BoxError;
 use tower_service::Service;
 
 use crate::error::CoalesceError;
-use crate::flight::Group;
-use crate::future::{Call, ResponseFuture};
+use crate::flight::{Group, Run};
+use crate::future::{Call, Fallback, ResponseFuture};
+use crate::stats::Stats;
 
 /// Coalesces concurrent requests with equal keys into one call of the inner service.
 ///
-/// Made by [`CoalesceLayer`](crate::CoalesceLayer); see there for the registry's scope.
+/// Made by [`CoalesceLayer`](crate::CoalesceLayer); see there for the registry's scope and the
+/// options.
 ///
 /// - `poll_ready` is always ready: a follower never waits for the inner service. Each flight
 ///   drives a clone of the inner service through `poll_ready` and `call` itself, so a
@@ -26,33 +30,79 @@ pub struct CoalesceService<S, F, K> {
     inner: S,
     extractor: F,
     group: Group<K>,
+    options: Options,
+}
+
+/// Service-level options, set through [`CoalesceLayer`](crate::CoalesceLayer).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Options {
+    pub(crate) follower_timeout: Option<Duration>,
+    pub(crate) on_timeout: OnTimeout,
+    pub(crate) retries: u32,
+}
+
+impl Options {
+    /// Whether a follower must keep its request: to call on its own or to retry.
+    fn keeps_request(&self) -> bool {
+        self.retries > 0
+            || (self.follower_timeout.is_some() && self.on_timeout == OnTimeout::CallInner)
+    }
+}
+
+/// What a follower does when it has waited for its wait limit
+/// ([`CoalesceLayer::follower_timeout`](crate::CoalesceLayer::follower_timeout)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnTimeout {
+    /// Stop waiting and call the inner service itself (nginx's `proxy_cache_lock_timeout`).
+    #[default]
+    CallInner,
+    /// Stop waiting and fail with a [`CoalesceError`] whose
+    /// [`is_timeout`](CoalesceError::is_timeout) is true.
+    Error,
 }
 
 impl<S, F, K> CoalesceService<S, F, K>
 where
     K: Hash + Eq + Send + 'static,
 {
-    /// Wraps `inner` with a registry of its own.
+    /// Wraps `inner` with a registry of its own and no options.
     pub fn new<Req>(inner: S, extractor: F) -> Self
     where
         F: Fn(&Req) -> Option<K>,
     {
-        Self::from_parts(inner, extractor, Group::new())
+        Self::from_parts(inner, extractor, Group::new(), Options::default())
+    }
+
+    /// Removes `key`'s flight from the registry so the next request for it starts a new one;
+    /// the current waiters still get their response. See [`Group::forget`].
+    pub fn forget<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.group.forget(key)
     }
 }
 
 impl<S, F, K> CoalesceService<S, F, K> {
-    pub(crate) fn from_parts(inner: S, extractor: F, group: Group<K>) -> Self {
+    pub(crate) fn from_parts(inner: S, extractor: F, group: Group<K>, options: Options) -> Self {
         CoalesceService {
             inner,
             extractor,
             group,
+            options,
         }
     }
 
     /// The number of keys with a call in flight, in the registry this service shares.
     pub fn in_flight(&self) -> usize {
         self.group.in_flight()
+    }
+
+    /// A snapshot of the shared registry's counters.
+    pub fn stats(&self) -> Stats {
+        self.group.stats()
     }
 
     /// The registry this service shares with its clones and its layer.
@@ -84,7 +134,7 @@ where
     S::Error: Into<BoxError>,
     Req: Send + 'static,
     F: Fn(&Req) -> Option<K>,
-    K: Hash + Eq + Send + 'static,
+    K: Hash + Eq + Clone + Send + 'static,
 {
     type Response = S::Response;
     type Error = CoalesceError;
@@ -96,14 +146,55 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let Some(key) = (self.extractor)(&req) else {
+            self.group.note_bypass();
             return ResponseFuture::bypass(self.inner.clone().oneshot(req));
         };
-        let inner = &self.inner;
-        ResponseFuture::coalesced(
-            self.group
-                .run(key, || Call::new(inner.clone().oneshot(req))),
-        )
+        if !self.options.keeps_request() {
+            let inner = &self.inner;
+            let run = self.group.run_classified(
+                key,
+                || Call::new(inner.clone().oneshot(req)),
+                Result::is_err,
+            );
+            return ResponseFuture::coalesced(run, self.options.follower_timeout, None);
+        }
+        // Only the retry option reads the kept key; the clone is its whole cost.
+        let (run, req) = join(&self.group, &self.inner, key.clone(), req);
+        let options = self.options;
+        let fallback = req.map(|req| {
+            let (inner, group) = (self.inner.clone(), self.group.clone());
+            Fallback::new(inner, group, options, key, req, options.retries)
+        });
+        ResponseFuture::coalesced(run, options.follower_timeout, fallback)
     }
+}
+
+/// Joins or leads `key`'s flight; a follower gets its request back.
+#[allow(clippy::type_complexity)]
+pub(crate) fn join<S, K, Req>(
+    group: &Group<K>,
+    inner: &S,
+    key: K,
+    req: Req,
+) -> (Run<K, Result<S::Response, CoalesceError>>, Option<Req>)
+where
+    S: Service<Req> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    Req: Send + 'static,
+    K: Hash + Eq + Send + 'static,
+{
+    let mut req = Some(req);
+    let run = group.run_classified(
+        key,
+        || {
+            let req = req.take().expect("make runs once, before run returns");
+            Call::new(inner.clone().oneshot(req))
+        },
+        Result::is_err,
+    );
+    (run, req)
 }
 
 impl<S: Clone, F: Clone, K> Clone for CoalesceService<S, F, K> {
@@ -112,6 +203,7 @@ impl<S: Clone, F: Clone, K> Clone for CoalesceService<S, F, K> {
             inner: self.inner.clone(),
             extractor: self.extractor.clone(),
             group: self.group.clone(),
+            options: self.options,
         }
     }
 }
@@ -121,6 +213,7 @@ impl<S: fmt::Debug, F, K> fmt::Debug for CoalesceService<S, F, K> {
         f.debug_struct("CoalesceService")
             .field("inner", &self.inner)
             .field("group", &self.group)
+            .field("options", &self.options)
             .finish_non_exhaustive()
     }
 }

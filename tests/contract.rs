@@ -612,7 +612,6 @@ async fn boxed_inner_error_stays_reachable() {
 // 4. Cancellation is local
 // ---------------------------------------------------------------------------------------------
 
-#[ignore = "BUG in src/flight.rs: `Drop for Run` unregisters a flight that is still running when a waiter leaves early (handover or follower drop); un-ignore once fixed"]
 #[tokio::test(start_paused = true)]
 async fn dropping_a_follower_does_not_disturb_the_others() {
     let backend = Backend::gated();
@@ -636,7 +635,6 @@ async fn dropping_a_follower_does_not_disturb_the_others() {
 
 /// The leader goes away mid-call: the call goes on (same backend call, not cancelled, not
 /// repeated) and the followers get its result.
-#[ignore = "BUG in src/flight.rs: `Drop for Run` unregisters a flight that is still running when a waiter leaves early (handover or follower drop); un-ignore once fixed"]
 #[tokio::test(start_paused = true)]
 async fn leader_dropped_mid_flight_followers_still_get_the_result() {
     let backend = Backend::gated();

@@ -1,0 +1,103 @@
+use super::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Wake;
+
+struct CountWaker(AtomicUsize);
+impl Wake for CountWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn poll<F: Future + Unpin>(f: &mut F, w: &Arc<CountWaker>) -> Poll<F::Output> {
+    let waker = Waker::from(w.clone());
+    Pin::new(f).poll(&mut Context::from_waker(&waker))
+}
+
+#[test]
+fn follower_is_woken_once_and_gets_a_clone() {
+    let group: Group<u8> = Group::new();
+    let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+    let mut leader = group.run(1, || async move { rx.await.unwrap() });
+    let mut follower = group.run(1, std::future::pending::<u32>);
+    assert!(leader.is_leader() && !follower.is_leader());
+    let (wl, wf) = (
+        Arc::new(CountWaker(0.into())),
+        Arc::new(CountWaker(0.into())),
+    );
+    assert!(poll(&mut follower, &wf).is_pending());
+    assert!(poll(&mut follower, &wf).is_pending());
+    assert!(poll(&mut leader, &wl).is_pending());
+    tx.send(7).unwrap();
+    assert_eq!(
+        wf.0.load(Ordering::SeqCst),
+        0,
+        "follower not woken by the inner future"
+    );
+    assert!(matches!(poll(&mut leader, &wl), Poll::Ready(Ok(7))));
+    assert_eq!(wf.0.load(Ordering::SeqCst), 1);
+    assert!(matches!(poll(&mut follower, &wf), Poll::Ready(Ok(7))));
+    assert_eq!(group.in_flight(), 0);
+}
+
+#[test]
+fn dropped_driver_hands_the_future_over() {
+    let group: Group<u8> = Group::new();
+    let polled = Arc::new(AtomicUsize::new(0));
+    let p = polled.clone();
+    let mut leader = group.run(1, move || {
+        std::future::poll_fn(move |_| {
+            if p.fetch_add(1, Ordering::SeqCst) == 0 {
+                Poll::Pending
+            } else {
+                Poll::Ready(5u32)
+            }
+        })
+    });
+    let mut follower = group.run(1, std::future::pending::<u32>);
+    let w = Arc::new(CountWaker(0.into()));
+    assert!(poll(&mut leader, &w).is_pending());
+    assert!(poll(&mut follower, &w).is_pending());
+    drop(leader);
+    assert_eq!(
+        w.0.load(Ordering::SeqCst),
+        1,
+        "the follower is woken to take over"
+    );
+    assert!(matches!(poll(&mut follower, &w), Poll::Ready(Ok(5))));
+    assert_eq!(
+        polled.load(Ordering::SeqCst),
+        2,
+        "the same inner future went on"
+    );
+    assert_eq!(group.in_flight(), 0);
+}
+
+#[test]
+fn cancelled_entry_is_replaced_not_joined() {
+    let group: Group<u8> = Group::new();
+    let first = group.run(1, std::future::pending::<u32>);
+    // Simulate the window between "last waiter gone" and "entry removed".
+    first.flight.state.lock().phase = Phase::Cancelled;
+    let second = group.run(1, || async { 2u32 });
+    assert!(second.is_leader());
+    assert_eq!(group.in_flight(), 1);
+    first.flight.state.lock().phase = Phase::Running;
+    drop(first);
+    assert_eq!(
+        group.in_flight(),
+        1,
+        "the old flight must not remove the new entry"
+    );
+    drop(second);
+    assert_eq!(group.in_flight(), 0);
+}
+
+#[test]
+fn equal_keys_of_different_output_types_do_not_meet() {
+    let group: Group<u8> = Group::new();
+    let a = group.run(1, std::future::pending::<u32>);
+    let b = group.run(1, std::future::pending::<String>);
+    assert!(a.is_leader() && b.is_leader());
+    assert_eq!(group.in_flight(), 2);
+}

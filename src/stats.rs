@@ -1,0 +1,83 @@
+//! Counters of what a registry did, and their public snapshot.
+
+/// A snapshot of a registry's counters, from [`Group::stats`](crate::Group::stats) or
+/// [`CoalesceService::stats`](crate::CoalesceService::stats).
+///
+/// Counters only grow (except `in_flight`), from the registry's creation on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Flights started.
+    pub leaders: u64,
+    /// Requests that joined a running flight.
+    pub followers: u64,
+    /// Requests served a lingering output with no call.
+    pub lingered: u64,
+    /// Requests the key extractor returned no key for.
+    pub bypassed: u64,
+    /// Requests that made their own call after all: `over_capacity + timed_out`.
+    pub fell_through: u64,
+    /// Requests run alone because of `max_in_flight` or `max_followers`.
+    pub over_capacity: u64,
+    /// Followers that stopped waiting at their wait limit.
+    pub timed_out: u64,
+    /// Followers that retried as a new flight after a failed one.
+    pub retried: u64,
+    /// Flights whose output was an error.
+    pub errors: u64,
+    /// Flights whose inner service panicked.
+    pub panics: u64,
+    /// Flights dropped because every waiter left.
+    pub cancelled: u64,
+    /// Entries removed by `forget`.
+    pub forgotten: u64,
+    /// Flights running now.
+    pub in_flight: usize,
+}
+
+/// Per-shard counters, guarded by the shard's lock (so counting costs no atomic operation).
+#[derive(Clone, Default, Debug)]
+pub(crate) struct Counters {
+    pub(crate) leaders: u64,
+    pub(crate) followers: u64,
+    pub(crate) lingered: u64,
+    pub(crate) over_capacity: u64,
+    pub(crate) errors: u64,
+    pub(crate) panics: u64,
+    pub(crate) cancelled: u64,
+    pub(crate) forgotten: u64,
+    /// Registered flights not yet finished.
+    pub(crate) running: usize,
+}
+
+impl Counters {
+    pub(crate) fn add(&mut self, other: &Counters) {
+        self.leaders += other.leaders;
+        self.followers += other.followers;
+        self.lingered += other.lingered;
+        self.over_capacity += other.over_capacity;
+        self.errors += other.errors;
+        self.panics += other.panics;
+        self.cancelled += other.cancelled;
+        self.forgotten += other.forgotten;
+        self.running += other.running;
+    }
+
+    pub(crate) fn into_stats(self, bypassed: u64, timed_out: u64, retried: u64) -> Stats {
+        Stats {
+            leaders: self.leaders,
+            followers: self.followers,
+            lingered: self.lingered,
+            bypassed,
+            fell_through: self.over_capacity + timed_out,
+            over_capacity: self.over_capacity,
+            timed_out,
+            retried,
+            errors: self.errors,
+            panics: self.panics,
+            cancelled: self.cancelled,
+            forgotten: self.forgotten,
+            in_flight: self.running,
+        }
+    }
+}
