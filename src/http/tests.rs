@@ -584,3 +584,41 @@ async fn poll_ready_never_waits_for_the_inner_service() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn cache_status_is_appended_after_the_inner_entries_and_off_by_default() {
+    bounded(async {
+        let (inner, _) = backend(|_, _| {
+            Ok(Response::builder()
+                .header("cache-status", "origin-cache; hit")
+                .body(text("x".into()))
+                .unwrap())
+        });
+        let mut on = CoalesceHttpLayer::new()
+            .cache_status_header(true)
+            .layer(inner.clone());
+        let res = on.call(get("/a")).await.unwrap();
+        let entries: Vec<_> = res.headers().get_all("cache-status").iter().collect();
+        assert_eq!(entries, ["origin-cache; hit", "tower-coalesce; fwd=miss"]);
+
+        let mut off = CoalesceHttpLayer::new().layer(inner);
+        let res = off.call(get("/a")).await.unwrap();
+        let entries: Vec<_> = res.headers().get_all("cache-status").iter().collect();
+        assert_eq!(entries, ["origin-cache; hit"]);
+        assert_eq!(res.extensions().get::<ServedBy>(), Some(&ServedBy::Leader));
+    })
+    .await
+    .unwrap();
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<CoalesceHttpLayer>();
+    send_sync::<CoalesceHttpService<axum::routing::Route>>();
+    send::<CoalesceBody<axum::body::Body>>();
+    send_sync::<CoalesceBody<Full<Bytes>>>();
+    send_sync::<ServedBy>();
+    send::<ResponseFuture<axum::routing::Route, axum::body::Body, axum::body::Body>>();
+}
