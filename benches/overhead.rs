@@ -1,1 +1,291 @@
-fn main(){}
+//! Time and backend calls of tower-coalesce against the bare service and every peer, side by
+//! side in one run, on a 2-worker multi-thread tokio runtime.
+//!
+//! Workloads (see `docs/performance.md` for the results):
+//! - `solo`: one task, sequential calls, distinct keys, backend answers at once;
+//! - `unique`: 100k concurrent requests, distinct keys, backend yields once;
+//! - `hot`: 10k concurrent requests on one key, backend latency 5 ms;
+//! - `zipf`: 100k concurrent requests over 1,000 keys drawn from Zipf(1.0), latency 1 ms;
+//! - `waiters/N`: time from the flight's answer to the last of N followers getting it;
+//! - `fanout/N`: the same on one thread without a runtime (no-op waker, followers polled in
+//!   turn): the coalescer's own cost per follower, without tokio's scheduling of N tasks.
+//!
+//! `cargo bench --bench overhead` (filters work: `cargo bench --bench overhead -- hot`), then
+//! `cargo run --release --example bench_report`. Backend calls per wave go to
+//! `target/criterion/tower-coalesce-calls.json`, the machine to `tower-coalesce-meta.json`.
+
+#[allow(dead_code)]
+mod support;
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode};
+use tokio::runtime::Runtime;
+
+use support::{
+    fanout, for_each, waiters_wave, wave, zipf_keys, Backend, CallLog, Client, Gate, Gated,
+    Immediate, Kind, Latency, Visit, YieldOnce,
+};
+
+const UNIQUE_REQUESTS: usize = 100_000;
+const HOT_REQUESTS: usize = 10_000;
+const HOT_LATENCY: Duration = Duration::from_millis(5);
+const ZIPF_REQUESTS: usize = 100_000;
+const ZIPF_KEYS: usize = 1_000;
+const ZIPF_S: f64 = 1.0;
+const ZIPF_LATENCY: Duration = Duration::from_millis(1);
+const WAITERS: [usize; 5] = [10, 100, 1_000, 10_000, 100_000];
+
+struct Ctx<'a> {
+    rt: &'a Runtime,
+    log: &'static CallLog,
+}
+
+/// Runs `requests` sequentially from one task; criterion's iteration is one call.
+struct Solo<'a, 'g> {
+    ctx: &'a Ctx<'a>,
+    group: &'a mut BenchmarkGroup<'g, WallTime>,
+}
+
+impl<K: Kind> Visit<K> for Solo<'_, '_> {
+    fn visit<C: Client>(&mut self, name: &'static str, client: C, backend: Backend<K>) {
+        let Ctx { rt, log } = *self.ctx;
+        self.group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let client = client.clone();
+                let before = backend.calls();
+                let elapsed = rt.block_on(async move {
+                    tokio::spawn(async move {
+                        let start = Instant::now();
+                        for key in 0..iters {
+                            black_box(client.clone().call(key).await);
+                        }
+                        start.elapsed()
+                    })
+                    .await
+                    .expect("solo task")
+                });
+                // Each call is a "wave" of one request.
+                log.record("solo", name, 1, iters, backend.calls() - before);
+                elapsed
+            })
+        });
+    }
+}
+
+/// Runs waves of concurrent requests over `keys`; criterion's iteration is one wave.
+struct Waves<'a, 'g> {
+    ctx: &'a Ctx<'a>,
+    group: &'a mut BenchmarkGroup<'g, WallTime>,
+    workload: &'static str,
+    keys: Arc<[u64]>,
+}
+
+impl<K: Kind> Visit<K> for Waves<'_, '_> {
+    fn visit<C: Client>(&mut self, name: &'static str, client: C, backend: Backend<K>) {
+        let Ctx { rt, log } = *self.ctx;
+        let workload = self.workload;
+        let keys = &self.keys;
+        self.group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let client = client.clone();
+                let keys = keys.clone();
+                rt.block_on(async move {
+                    tokio::spawn(async move {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            let before = backend.calls();
+                            total += wave(&client, &keys).await;
+                            log.record(
+                                workload,
+                                name,
+                                keys.len() as u64,
+                                1,
+                                backend.calls() - before,
+                            );
+                        }
+                        total
+                    })
+                    .await
+                    .expect("wave driver")
+                })
+            })
+        });
+    }
+}
+
+/// Waiters: time from the backend's answer to the last of `followers` followers woken.
+struct Waiters<'a, 'g> {
+    ctx: &'a Ctx<'a>,
+    group: &'a mut BenchmarkGroup<'g, WallTime>,
+    gate: &'static Gate,
+    followers: usize,
+}
+
+impl Visit<Gated> for Waiters<'_, '_> {
+    fn visit<C: Client>(&mut self, name: &'static str, client: C, backend: Backend<Gated>) {
+        let Ctx { rt, log } = *self.ctx;
+        let (gate, followers) = (self.gate, self.followers);
+        let workload = format!("waiters/{followers}");
+        self.group
+            .bench_function(BenchmarkId::new(name, followers), |b| {
+                b.iter_custom(|iters| {
+                    let client = client.clone();
+                    let workload = workload.clone();
+                    rt.block_on(async move {
+                        tokio::spawn(async move {
+                            let mut total = Duration::ZERO;
+                            for _ in 0..iters {
+                                let before = backend.calls();
+                                total += waiters_wave(&client, gate, followers).await;
+                                log.record(
+                                    &workload,
+                                    name,
+                                    followers as u64 + 1,
+                                    1,
+                                    backend.calls() - before,
+                                );
+                            }
+                            total
+                        })
+                        .await
+                        .expect("waiters driver")
+                    })
+                })
+            });
+    }
+}
+
+/// Fan-out on one thread, without a runtime: the coalescer's own cost per follower.
+struct Fanout<'a, 'g> {
+    group: &'a mut BenchmarkGroup<'g, WallTime>,
+    gate: &'static Gate,
+    followers: usize,
+}
+
+impl Visit<Gated> for Fanout<'_, '_> {
+    fn visit<C: Client>(&mut self, name: &'static str, client: C, _: Backend<Gated>) {
+        let (gate, followers) = (self.gate, self.followers);
+        self.group
+            .bench_function(BenchmarkId::new(name, followers), |b| {
+                b.iter_custom(|iters| (0..iters).map(|_| fanout(&client, gate, followers)).sum())
+            });
+    }
+}
+
+fn heavy(group: &mut BenchmarkGroup<'_, WallTime>, measurement: Duration) {
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(measurement);
+}
+
+fn run_waves<K: Kind>(
+    c: &mut Criterion,
+    ctx: &Ctx<'_>,
+    workload: &'static str,
+    keys: Arc<[u64]>,
+    kind: K,
+) {
+    let mut group = c.benchmark_group(workload);
+    heavy(&mut group, Duration::from_secs(1));
+    for_each(
+        kind,
+        true,
+        &mut Waves {
+            ctx,
+            group: &mut group,
+            workload,
+            keys,
+        },
+    );
+    group.finish();
+}
+
+fn main() {
+    let rt = support::runtime();
+    let log: &'static CallLog = Box::leak(Box::default());
+    let ctx = Ctx { rt: &rt, log };
+    let mut c = Criterion::default().configure_from_args();
+
+    {
+        let mut group = c.benchmark_group("solo");
+        group
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(2));
+        for_each(
+            Immediate,
+            true,
+            &mut Solo {
+                ctx: &ctx,
+                group: &mut group,
+            },
+        );
+        group.finish();
+    }
+
+    let unique: Arc<[u64]> = (0..UNIQUE_REQUESTS as u64).collect();
+    let hot: Arc<[u64]> = vec![support::WAITERS_KEY; HOT_REQUESTS].into();
+    let zipf = zipf_keys(ZIPF_REQUESTS, ZIPF_KEYS, ZIPF_S, 0x5eed);
+    run_waves(&mut c, &ctx, "unique", unique, YieldOnce);
+    run_waves(&mut c, &ctx, "hot", hot, Latency(HOT_LATENCY));
+    run_waves(&mut c, &ctx, "zipf", zipf, Latency(ZIPF_LATENCY));
+
+    {
+        let gate = Gate::leak();
+        let mut group = c.benchmark_group("waiters");
+        for followers in WAITERS {
+            // Criterion sizes samples from the measured time (the fan-out), not from the wall
+            // time of a wave (spawning and joining N tasks): keep the target short.
+            heavy(&mut group, Duration::from_millis(2));
+            group.warm_up_time(Duration::from_millis(1));
+            for_each(
+                Gated(gate),
+                false,
+                &mut Waiters {
+                    ctx: &ctx,
+                    group: &mut group,
+                    gate,
+                    followers,
+                },
+            );
+        }
+        group.finish();
+    }
+
+    {
+        let gate = Gate::leak();
+        let mut group = c.benchmark_group("fanout");
+        for followers in WAITERS {
+            heavy(&mut group, Duration::from_millis(2));
+            group.warm_up_time(Duration::from_millis(1));
+            for_each(
+                Gated(gate),
+                false,
+                &mut Fanout {
+                    group: &mut group,
+                    gate,
+                    followers,
+                },
+            );
+        }
+        group.finish();
+    }
+
+    c.final_summary();
+    log.print();
+    if support::bench_mode() {
+        log.write("tower-coalesce-calls.json");
+        let mut meta = BTreeMap::new();
+        meta.insert(
+            "machine".to_string(),
+            BTreeMap::from([("overhead".to_string(), support::machine())]),
+        );
+        support::merge_json("tower-coalesce-meta.json", &meta);
+    }
+}

@@ -1,0 +1,489 @@
+//! Turns a bench run into `docs/performance.md` (tables) and `docs/performance.svg` (chart).
+//!
+//! ```text
+//! cargo bench --bench overhead && cargo bench --bench memory
+//! cargo run --release --example bench_report
+//! ```
+//!
+//! Reads criterion's `estimates.json` files (median of the samples) and the JSON files the
+//! benches write next to them in `target/criterion`: backend calls per wave
+//! (`tower-coalesce-calls.json`), heap per request (`tower-coalesce-memory.json`) and the
+//! machine (`tower-coalesce-meta.json`). A missing result shows as "–".
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use serde_json::Value;
+
+/// Bench ids and how the report names them; the first is the baseline, then ours, then peers.
+const CONTENDERS: [(&str, &str); 7] = [
+    ("bare", "bare service"),
+    ("tower-coalesce", "tower-coalesce (layer)"),
+    ("tower-coalesce-group", "tower-coalesce (Group::run)"),
+    (
+        "tower-resilience-coalesce",
+        "tower-resilience-coalesce 0.14",
+    ),
+    ("singleflight-async", "singleflight-async 0.2"),
+    ("async_singleflight", "async_singleflight 0.6"),
+    ("blog-mutex-shared", "blog post (Mutex<HashMap<Shared>>)"),
+];
+const OURS: [&str; 2] = ["tower-coalesce", "tower-coalesce-group"];
+const PEERS: [&str; 4] = [
+    "tower-resilience-coalesce",
+    "singleflight-async",
+    "async_singleflight",
+    "blog-mutex-shared",
+];
+
+/// Timed workloads with a bare baseline: id, description, requests per iteration.
+const WORKLOADS: [(&str, &str, u64); 4] = [
+    (
+        "solo",
+        "solo: 1 task, sequential, distinct keys, instant backend (per call)",
+        1,
+    ),
+    (
+        "unique",
+        "unique: 100k concurrent, distinct keys, backend yields once (per wave)",
+        100_000,
+    ),
+    (
+        "hot",
+        "hot: 10k concurrent, 1 key, 5 ms backend (per wave)",
+        10_000,
+    ),
+    (
+        "zipf",
+        "zipf: 100k concurrent, 1,000 keys Zipf(1.0), 1 ms backend (per wave)",
+        100_000,
+    ),
+];
+const WAITERS: [u64; 5] = [10, 100, 1_000, 10_000, 100_000];
+
+const COLORS: [RGBColor; 7] = [
+    RGBColor(120, 120, 120),
+    RGBColor(214, 39, 40),
+    RGBColor(255, 127, 14),
+    RGBColor(31, 119, 180),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+fn criterion_dir() -> PathBuf {
+    if let Some(home) = std::env::var_os("CRITERION_HOME") {
+        return home.into();
+    }
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("criterion")
+}
+
+fn read_json(path: &Path) -> Value {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(Value::Null)
+}
+
+struct Results {
+    dir: PathBuf,
+    calls: Value,
+    memory: Value,
+    meta: Value,
+}
+
+impl Results {
+    fn load() -> Self {
+        let dir = criterion_dir();
+        Results {
+            calls: read_json(&dir.join("tower-coalesce-calls.json")),
+            memory: read_json(&dir.join("tower-coalesce-memory.json")),
+            meta: read_json(&dir.join("tower-coalesce-meta.json")),
+            dir,
+        }
+    }
+
+    /// Median time of one iteration, in nanoseconds.
+    fn time(&self, group: &str, id: &str) -> Option<f64> {
+        let path = self.dir.join(group).join(id).join("new/estimates.json");
+        read_json(&path)["median"]["point_estimate"].as_f64()
+    }
+
+    fn waiters(&self, id: &str, n: u64) -> Option<f64> {
+        self.time("waiters", &format!("{id}/{n}"))
+    }
+
+    fn calls(&self, workload: &str, id: &str) -> Option<(f64, u64, u64)> {
+        let row = &self.calls[workload][id];
+        Some((
+            row["calls_per_wave_mean"].as_f64()?,
+            row["calls_per_wave_min"].as_u64()?,
+            row["calls_per_wave_max"].as_u64()?,
+        ))
+    }
+
+    fn memory(&self, id: &str, field: &str) -> Option<f64> {
+        self.memory["memory"][id][field].as_f64()
+    }
+
+    fn machine(&self, field: &str) -> String {
+        match &self.meta["machine"]["overhead"][field] {
+            Value::String(s) => s.clone(),
+            Value::Null => "?".into(),
+            v => v.to_string(),
+        }
+    }
+}
+
+fn fmt_ns(ns: f64) -> String {
+    if ns < 1e3 {
+        format!("{ns:.0} ns")
+    } else if ns < 1e6 {
+        format!("{:.2} µs", ns / 1e3)
+    } else if ns < 1e9 {
+        format!("{:.2} ms", ns / 1e6)
+    } else {
+        format!("{:.2} s", ns / 1e9)
+    }
+}
+
+fn name(id: &str) -> &'static str {
+    CONTENDERS
+        .iter()
+        .find(|(i, _)| *i == id)
+        .map_or("?", |(_, n)| n)
+}
+
+/// The fastest peer on a measure, with its value.
+fn best_peer(value: impl Fn(&str) -> Option<f64>) -> Option<(&'static str, f64)> {
+    PEERS
+        .iter()
+        .filter_map(|&id| value(id).map(|v| (id, v)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+}
+
+fn markdown(r: &Results) -> String {
+    let mut md = String::new();
+    let w = &mut md;
+    let _ = writeln!(w, "# Performance\n");
+    let _ = writeln!(
+        w,
+        "Generated by `cargo run --release --example bench_report` from \
+         `cargo bench --bench overhead` and `cargo bench --bench memory`.\n"
+    );
+    let _ = writeln!(
+        w,
+        "Machine: {} ({} CPUs as seen by `nproc`), Linux {}, {}; {}. Run {} at commit {}; \
+         load average when the run started: {} (the machine was shared with other builds, so \
+         read small differences as noise).\n",
+        r.machine("cpu"),
+        r.machine("nproc"),
+        r.machine("kernel"),
+        r.machine("rustc"),
+        r.machine("runtime"),
+        r.machine("date_utc"),
+        r.machine("commit"),
+        r.machine("loadavg_at_start"),
+    );
+    let _ = writeln!(
+        w,
+        "Every contender serves the same `u64 → u64` request through the same simulated \
+         backend; a request is a tokio task, as in a server. Times are criterion medians. \
+         \"blog post\" is the approach in `shared/reference/` re-implemented as written \
+         (`benches/support/blog.rs`).\n"
+    );
+
+    // Time and ratio to bare.
+    let _ = writeln!(
+        w,
+        "## Time, and ratio to the bare service (lower is better)\n"
+    );
+    let _ = write!(w, "| workload |");
+    for (_, n) in CONTENDERS {
+        let _ = write!(w, " {n} |");
+    }
+    let _ = writeln!(w, "\n|---|{}", "---:|".repeat(CONTENDERS.len()));
+    for (id, desc, _) in WORKLOADS {
+        let bare = r.time(id, "bare");
+        let _ = write!(w, "| {desc} |");
+        for (c, _) in CONTENDERS {
+            match (r.time(id, c), bare) {
+                (Some(t), Some(b)) => {
+                    let _ = write!(w, " {} ({:.2}×) |", fmt_ns(t), t / b);
+                }
+                (Some(t), None) => {
+                    let _ = write!(w, " {} |", fmt_ns(t));
+                }
+                _ => {
+                    let _ = write!(w, " – |");
+                }
+            }
+        }
+        let _ = writeln!(w);
+    }
+
+    // Backend calls.
+    let _ = writeln!(
+        w,
+        "\n## Backend calls per wave (mean, [min–max] over the measured waves; lower is better)\n"
+    );
+    let _ = write!(w, "| workload | requests/wave |");
+    for (_, n) in CONTENDERS {
+        let _ = write!(w, " {n} |");
+    }
+    let _ = writeln!(w, "\n|---|---:|{}", "---:|".repeat(CONTENDERS.len()));
+    let call_rows = WORKLOADS
+        .iter()
+        .map(|(id, _, n)| (id.to_string(), *n))
+        .chain(WAITERS.iter().map(|n| (format!("waiters/{n}"), n + 1)));
+    for (id, requests) in call_rows {
+        let _ = write!(w, "| {id} | {requests} |");
+        for (c, _) in CONTENDERS {
+            match r.calls(&id, c) {
+                Some((mean, min, max)) if min == max => {
+                    let _ = write!(w, " {mean:.0} |");
+                }
+                Some((mean, min, max)) => {
+                    let _ = write!(w, " {mean:.1} [{min}–{max}] |");
+                }
+                None => {
+                    let _ = write!(w, " – |");
+                }
+            }
+        }
+        let _ = writeln!(w);
+    }
+
+    // Waiters.
+    let _ = writeln!(
+        w,
+        "\n## Waiters: from the backend's answer to the last of N followers getting it\n"
+    );
+    let _ = write!(w, "| N |");
+    for (_, n) in &CONTENDERS[1..] {
+        let _ = write!(w, " {n} |");
+    }
+    let _ = writeln!(w, "\n|---:|{}", "---:|".repeat(CONTENDERS.len() - 1));
+    for n in WAITERS {
+        let _ = write!(w, "| {n} |");
+        for (c, _) in &CONTENDERS[1..] {
+            match r.waiters(c, n) {
+                Some(t) => {
+                    let _ = write!(w, " {} ({}/follower) |", fmt_ns(t), fmt_ns(t / n as f64));
+                }
+                None => {
+                    let _ = write!(w, " – |");
+                }
+            }
+        }
+        let _ = writeln!(w);
+    }
+
+    // Memory.
+    let _ = writeln!(
+        w,
+        "\n## Memory (heap per request while it waits, counted by an instrumented allocator)\n\n\
+         Each request's future is boxed and counted with everything it holds (the bare row is \
+         the baseline: just the backend call). \"Kept after cancel\" is what stays allocated \
+         per key once every caller dropped its request: table capacity, reused later; \
+         \"leaked\" is what a second round on other keys added again (entries never removed).\n"
+    );
+    let _ = writeln!(
+        w,
+        "| contender | bytes per in-flight key | allocations per key | bytes per follower | \
+         allocations per follower | kept after cancel (B/key) | leaked (B/key) |\n\
+         |---|---:|---:|---:|---:|---:|---:|"
+    );
+    for (c, n) in CONTENDERS {
+        let f = |field: &str, prec: usize| {
+            r.memory(c, field)
+                .map_or("–".to_string(), |v| format!("{v:.prec$}"))
+        };
+        let _ = writeln!(
+            w,
+            "| {n} | {} | {} | {} | {} | {} | {} |",
+            f("bytes_per_inflight_key", 0),
+            f("allocs_per_inflight_key", 1),
+            f("bytes_per_follower", 0),
+            f("allocs_per_follower", 1),
+            f("bytes_retained_per_cancelled_key", 0),
+            f("bytes_leaked_per_cancelled_key", 0),
+        );
+    }
+
+    // Ours against the rest.
+    let _ = writeln!(
+        w,
+        "\n## tower-coalesce against the bare service and the best peer\n"
+    );
+    let _ = writeln!(
+        w,
+        "| workload | layer / bare | Group::run / bare | best peer | layer / best peer | \
+         Group::run / best peer |\n|---|---:|---:|---|---:|---:|"
+    );
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}×", a / b),
+        _ => "–".into(),
+    };
+    for (id, _, _) in WORKLOADS {
+        let bare = r.time(id, "bare");
+        let (layer, group) = (r.time(id, OURS[0]), r.time(id, OURS[1]));
+        let best = best_peer(|c| r.time(id, c));
+        let _ = writeln!(
+            w,
+            "| {id} | {} | {} | {} | {} | {} |",
+            ratio(layer, bare),
+            ratio(group, bare),
+            best.map_or("–".into(), |(c, t)| format!(
+                "{} ({})",
+                name(c),
+                fmt_ns(t)
+            )),
+            ratio(layer, best.map(|b| b.1)),
+            ratio(group, best.map(|b| b.1)),
+        );
+    }
+    for n in WAITERS {
+        let (layer, group) = (r.waiters(OURS[0], n), r.waiters(OURS[1], n));
+        let best = best_peer(|c| r.waiters(c, n));
+        let _ = writeln!(
+            w,
+            "| waiters/{n} | – | – | {} | {} | {} |",
+            best.map_or("–".into(), |(c, t)| format!(
+                "{} ({})",
+                name(c),
+                fmt_ns(t)
+            )),
+            ratio(layer, best.map(|b| b.1)),
+            ratio(group, best.map(|b| b.1)),
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\n![ratios to the bare service, and waiters](performance.svg)"
+    );
+    md
+}
+
+fn chart(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (1280, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(700);
+
+    // Left: ratio to bare per workload, one bar per contender, log scale.
+    let mut ratios = Vec::new();
+    for (wi, (id, _, _)) in WORKLOADS.iter().enumerate() {
+        let Some(bare) = r.time(id, "bare") else {
+            continue;
+        };
+        for (ci, (c, _)) in CONTENDERS.iter().enumerate() {
+            if let Some(t) = r.time(id, c) {
+                ratios.push((wi, ci, t / bare));
+            }
+        }
+    }
+    let hi = ratios.iter().map(|x| x.2).fold(2.0f64, f64::max) * 1.5;
+    let lo = ratios.iter().map(|x| x.2).fold(1.0f64, f64::min) / 1.5;
+    let mut bars = ChartBuilder::on(&left)
+        .caption(
+            "time / bare service (log scale, lower is better)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0f64..WORKLOADS.len() as f64, (lo..hi).log_scale())?;
+    bars.configure_mesh()
+        .disable_x_mesh()
+        .x_labels(WORKLOADS.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - x.floor() - 0.5).abs() < 1e-6 && i < WORKLOADS.len() {
+                WORKLOADS[i].0.to_string()
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|y| format!("{y:.1}×"))
+        .draw()?;
+    let width = 0.8 / CONTENDERS.len() as f64;
+    for (ci, (_, n)) in CONTENDERS.iter().enumerate() {
+        let color = COLORS[ci];
+        bars.draw_series(ratios.iter().filter(|x| x.1 == ci).map(|&(wi, _, ratio)| {
+            let x0 = wi as f64 + 0.1 + ci as f64 * width;
+            Rectangle::new([(x0, lo), (x0 + width * 0.9, ratio)], color.filled())
+        }))?
+        .label(*n)
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    bars.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()?;
+
+    // Right: waiters, time from the answer to the last follower, log-log.
+    let points: Vec<(usize, Vec<(f64, f64)>)> = (1..CONTENDERS.len())
+        .map(|ci| {
+            let pts = WAITERS
+                .iter()
+                .filter_map(|&n| r.waiters(CONTENDERS[ci].0, n).map(|t| (n as f64, t / 1e3)))
+                .collect();
+            (ci, pts)
+        })
+        .collect();
+    let all = points.iter().flat_map(|(_, p)| p.iter().map(|x| x.1));
+    let (ylo, yhi) = all.fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
+    let (ylo, yhi) = if ylo <= yhi {
+        (ylo / 2.0, yhi * 2.0)
+    } else {
+        (1.0, 10.0)
+    };
+    let mut lines = ChartBuilder::on(&right)
+        .caption("waiters: answer → last of N woken (µs)", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d((5f64..200_000f64).log_scale(), (ylo..yhi).log_scale())?;
+    lines
+        .configure_mesh()
+        .x_desc("N followers")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()?;
+    for (ci, pts) in points {
+        let color = COLORS[ci];
+        lines.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?;
+        lines.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let results = Results::load();
+    if results.meta.is_null() {
+        return Err(format!(
+            "no bench results in {}: run `cargo bench --bench overhead` and \
+             `cargo bench --bench memory` first",
+            results.dir.display()
+        )
+        .into());
+    }
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    std::fs::create_dir_all(&docs)?;
+    let md = markdown(&results);
+    std::fs::write(docs.join("performance.md"), &md)?;
+    chart(&results, &docs.join("performance.svg"))?;
+    println!("{md}");
+    println!(
+        "wrote {} and performance.svg",
+        docs.join("performance.md").display()
+    );
+    Ok(())
+}
