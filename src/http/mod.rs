@@ -45,6 +45,12 @@
 //! follower whose request headers differ from the leader's on a header named by the response's
 //! `Vary` does not get it.
 //!
+//! Buffering has a cost: a shared response reaches its waiters (the leader included) only once
+//! its whole body has arrived, so the body's transfer time is added to the time to first
+//! byte, and up to `max_body_bytes` per flight are held in memory. Endpoints that stream
+//! (large downloads, long polls) are better left out: route the layer around them, or lower
+//! the limit.
+//!
 //! When the response is not shared, the leader gets its own response, untouched (a body over
 //! the limit arrives whole: the bytes already read, then the rest of the stream), and every
 //! follower is released at once to make its own call to the inner service. The same happens
@@ -66,12 +72,17 @@
 //!
 //! # Where to put the layer
 //!
-//! Inside authentication (so an identity can come from verified credentials), outside
-//! nothing that changes the response per request. Keep tracing, timeouts and compression
-//! *outside* (added after it in `Router::layer`, or before it in a `ServiceBuilder`): a
-//! timeout inside would cut the shared call for everybody, tracing inside would record one
-//! span for many requests, and compression inside would tie the body to one
-//! `Accept-Encoding` (it is in the key by default, so that is merely wasteful).
+//! Everything below the layer runs once for all the waiters of a call, so:
+//!
+//! - put it *inside* authentication, so only allowed requests reach it and an identity can
+//!   come from verified credentials;
+//! - keep per-request layers *outside* (request ids, CORS answering the request's `Origin`),
+//!   or add the header they read to the key;
+//! - keep tracing, timeouts and compression *outside* (added after it with `Router::layer`,
+//!   before it in a `ServiceBuilder`): a timeout inside would cut the shared call short for
+//!   everybody, tracing inside would record one span for many requests, and compression
+//!   inside would compress for the leader's `Accept-Encoding` only (which is in the key by
+//!   default, so that merely wastes sharing).
 
 // `pub(crate)`: the gRPC adapter buffers and replays bodies with it too.
 pub(crate) mod body;
