@@ -465,4 +465,36 @@ mod tests {
         h.insert("content-length", "x".parse().unwrap());
         assert_eq!(content_length(&h), None);
     }
+
+    proptest::proptest! {
+        /// Whatever the chunking and the limit: a body within the limit is buffered whole and
+        /// exactly; any other comes back byte for byte, trailers included.
+        #[test]
+        fn buffering_never_loses_or_truncates(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..40), 0..12),
+            limit in 0usize..300,
+            with_trailers in proptest::bool::ANY,
+        ) {
+            let expected: Vec<u8> = chunks.concat();
+            let mut frames: Vec<Result<Frame<Bytes>, &'static str>> =
+                chunks.iter().map(|c| Ok(Frame::data(Bytes::from(c.clone())))).collect();
+            if with_trailers {
+                frames.push(Ok(Frame::trailers(trailers("x-t", "v"))));
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let (bytes, tr, complete) = rt.block_on(async {
+                match buffer(stream(frames), limit).await {
+                    Buffered::Complete { data, trailers } => (data.to_vec(), trailers, true),
+                    Buffered::Incomplete(body) => {
+                        let (bytes, tr, err) = drain(body).await;
+                        assert!(err.is_none());
+                        (bytes, tr, false)
+                    }
+                }
+            });
+            proptest::prop_assert_eq!(&bytes, &expected);
+            proptest::prop_assert_eq!(complete, expected.len() <= limit);
+            proptest::prop_assert_eq!(tr.is_some(), with_trailers);
+        }
+    }
 }

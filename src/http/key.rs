@@ -467,4 +467,79 @@ mod tests {
         >());
         assert_eq!(rules.classify(&p(get("/a")), &stream), Err(Bypass::Body));
     }
+
+    /// A request made of a few parts, each drawn from a small alphabet so that equal and
+    /// unequal pairs both come up often.
+    #[derive(Clone, Debug)]
+    struct Sample {
+        method: u8,
+        path: u8,
+        /// (header index into `NAMES`, value index) in order.
+        headers: Vec<(usize, u8)>,
+    }
+
+    const NAMES: [&str; 6] = [
+        "accept",
+        "accept-language",
+        "if-none-match",
+        "host",
+        "user-agent",
+        "x-trace",
+    ];
+    const KEYED: [bool; 6] = [true, true, true, true, false, false];
+
+    fn sample() -> impl proptest::strategy::Strategy<Value = Sample> {
+        use proptest::prelude::*;
+        (
+            0u8..2,
+            0u8..3,
+            proptest::collection::vec((0usize..NAMES.len(), 0u8..2), 0..4),
+        )
+            .prop_map(|(method, path, headers)| Sample {
+                method,
+                path,
+                headers,
+            })
+    }
+
+    fn build(s: &Sample) -> Parts {
+        let mut req = http::Request::builder()
+            .method(if s.method == 0 {
+                Method::GET
+            } else {
+                Method::HEAD
+            })
+            .uri(format!("/p{}", s.path));
+        for (name, value) in &s.headers {
+            req = req.header(NAMES[*name], format!("v{value}"));
+        }
+        parts(req)
+    }
+
+    /// What the key must capture: method, path, and per keyed header its values in order.
+    fn projection(s: &Sample) -> (u8, u8, Vec<Vec<u8>>) {
+        let per_header = (0..NAMES.len())
+            .filter(|i| KEYED[*i])
+            .map(|i| {
+                s.headers
+                    .iter()
+                    .filter(|(n, _)| *n == i)
+                    .map(|(_, v)| *v)
+                    .collect()
+            })
+            .collect();
+        (s.method, s.path, per_header)
+    }
+
+    proptest::proptest! {
+        /// Two requests share a key exactly when everything the key covers is equal.
+        #[test]
+        fn keys_are_equal_iff_keyed_parts_are(a in sample(), b in sample()) {
+            let rules = KeyRules::default();
+            let body = Empty::<Bytes>::new();
+            let ka = rules.classify(&build(&a), &body).unwrap();
+            let kb = rules.classify(&build(&b), &body).unwrap();
+            proptest::prop_assert_eq!(ka == kb, projection(&a) == projection(&b));
+        }
+    }
 }
