@@ -340,6 +340,12 @@ mod tests {
         StreamBody::new(futures::stream::iter(frames))
     }
 
+    async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(std::time::Duration::from_secs(10), f)
+            .await
+            .expect("test timed out")
+    }
+
     fn data(s: &'static str) -> Result<Frame<Bytes>, &'static str> {
         Ok(Frame::data(Bytes::from_static(s.as_bytes())))
     }
@@ -370,88 +376,108 @@ mod tests {
 
     #[tokio::test]
     async fn small_body_is_buffered_whole_with_trailers() {
-        let body = stream(vec![
-            data("hello "),
-            data("world"),
-            Ok(Frame::trailers(trailers("x-t", "1"))),
-        ]);
-        match buffer(body, 11).await {
-            Buffered::Complete { data, trailers } => {
-                assert_eq!(data, "hello world");
-                assert_eq!(trailers.unwrap()["x-t"], "1");
+        bounded(async {
+            let body = stream(vec![
+                data("hello "),
+                data("world"),
+                Ok(Frame::trailers(trailers("x-t", "1"))),
+            ]);
+            match buffer(body, 11).await {
+                Buffered::Complete { data, trailers } => {
+                    assert_eq!(data, "hello world");
+                    assert_eq!(trailers.unwrap()["x-t"], "1");
+                }
+                other => panic!("expected complete, got {other:?}"),
             }
-            other => panic!("expected complete, got {other:?}"),
-        }
+        })
+        .await
     }
 
     #[tokio::test]
     async fn body_over_the_limit_is_replayed_whole() {
-        let body = stream(vec![
-            data("hello "),
-            data("world"),
-            data("!"),
-            Ok(Frame::trailers(trailers("x-t", "2"))),
-        ]);
-        let Buffered::Incomplete(body) = buffer(body, 8).await else {
-            panic!("11 bytes over an 8 byte limit must not be buffered");
-        };
-        assert!(!body.is_buffered());
-        let (bytes, tr, err) = drain(body).await;
-        assert_eq!(bytes, b"hello world!");
-        assert_eq!(tr.unwrap()["x-t"], "2");
-        assert!(err.is_none());
+        bounded(async {
+            let body = stream(vec![
+                data("hello "),
+                data("world"),
+                data("!"),
+                Ok(Frame::trailers(trailers("x-t", "2"))),
+            ]);
+            let Buffered::Incomplete(body) = buffer(body, 8).await else {
+                panic!("11 bytes over an 8 byte limit must not be buffered");
+            };
+            assert!(!body.is_buffered());
+            let (bytes, tr, err) = drain(body).await;
+            assert_eq!(bytes, b"hello world!");
+            assert_eq!(tr.unwrap()["x-t"], "2");
+            assert!(err.is_none());
+        })
+        .await
     }
 
     #[tokio::test]
     async fn size_hint_over_the_limit_reads_nothing() {
-        let body = Full::new(Bytes::from_static(b"0123456789"));
-        let Buffered::Incomplete(body) = buffer(body, 9).await else {
-            panic!("exact size hint over the limit");
-        };
-        assert!(matches!(body.kind, Kind::Original { .. }));
-        assert_eq!(body.size_hint().exact(), Some(10));
-        let (bytes, _, err): (_, _, Option<Infallible>) = drain(body).await;
-        assert_eq!(bytes, b"0123456789");
-        assert!(err.is_none());
+        bounded(async {
+            let body = Full::new(Bytes::from_static(b"0123456789"));
+            let Buffered::Incomplete(body) = buffer(body, 9).await else {
+                panic!("exact size hint over the limit");
+            };
+            assert!(matches!(body.kind, Kind::Original { .. }));
+            assert_eq!(body.size_hint().exact(), Some(10));
+            let (bytes, _, err): (_, _, Option<Infallible>) = drain(body).await;
+            assert_eq!(bytes, b"0123456789");
+            assert!(err.is_none());
+        })
+        .await
     }
 
     #[tokio::test]
     async fn exactly_the_limit_is_buffered() {
-        let body = Full::new(Bytes::from_static(b"0123456789"));
-        assert!(
-            matches!(buffer(body, 10).await, Buffered::Complete { ref data, .. } if data == "0123456789")
-        );
+        bounded(async {
+            let body = Full::new(Bytes::from_static(b"0123456789"));
+            assert!(
+                matches!(buffer(body, 10).await, Buffered::Complete { ref data, .. } if data == "0123456789")
+            );
+        })
+        .await
     }
 
     #[tokio::test]
     async fn failing_body_replays_prefix_then_its_error() {
-        let body = stream(vec![data("abc"), Err("boom"), data("never")]);
-        let Buffered::Incomplete(body) = buffer(body, 100).await else {
-            panic!("a failed body is not complete");
-        };
-        let (bytes, _, err) = drain(body).await;
-        assert_eq!(bytes, b"abc");
-        assert_eq!(err, Some("boom"));
+        bounded(async {
+            let body = stream(vec![data("abc"), Err("boom"), data("never")]);
+            let Buffered::Incomplete(body) = buffer(body, 100).await else {
+                panic!("a failed body is not complete");
+            };
+            let (bytes, _, err) = drain(body).await;
+            assert_eq!(bytes, b"abc");
+            assert_eq!(err, Some("boom"));
+        })
+        .await
     }
 
     #[tokio::test]
     async fn empty_body_is_complete_and_full_body_replays_frames() {
-        let body = Full::new(Bytes::new());
-        let Buffered::Complete { data, trailers: tr } = buffer(body, 0).await else {
-            panic!("empty body fits any limit");
-        };
-        assert!(data.is_empty() && tr.is_none());
+        bounded(async {
+            let body = Full::new(Bytes::new());
+            let Buffered::Complete { data, trailers: tr } = buffer(body, 0).await else {
+                panic!("empty body fits any limit");
+            };
+            assert!(data.is_empty() && tr.is_none());
 
-        let full =
-            CoalesceBody::<Full<Bytes>>::full(Bytes::from_static(b"xyz"), Some(trailers("a", "b")));
-        assert!(full.is_buffered());
-        assert_eq!(full.size_hint().exact(), Some(3));
-        let (bytes, tr, _) = drain(full).await;
-        assert_eq!(bytes, b"xyz");
-        assert_eq!(tr.unwrap()["a"], "b");
+            let full = CoalesceBody::<Full<Bytes>>::full(
+                Bytes::from_static(b"xyz"),
+                Some(trailers("a", "b")),
+            );
+            assert!(full.is_buffered());
+            assert_eq!(full.size_hint().exact(), Some(3));
+            let (bytes, tr, _) = drain(full).await;
+            assert_eq!(bytes, b"xyz");
+            assert_eq!(tr.unwrap()["a"], "b");
 
-        let empty = CoalesceBody::<Full<Bytes>>::full(Bytes::new(), None);
-        assert!(empty.is_end_stream());
+            let empty = CoalesceBody::<Full<Bytes>>::full(Bytes::new(), None);
+            assert!(empty.is_end_stream());
+        })
+        .await
     }
 
     #[test]
