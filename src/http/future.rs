@@ -158,7 +158,11 @@ where
                 }
                 StateProj::Leader { run, slot } => {
                     let res = match ready!(Pin::new(run).poll(cx)) {
-                        Ok(Outcome::Shared(shared)) => shared.to_response(),
+                        // Without followers the leader holds the only reference.
+                        Ok(Outcome::Shared(shared)) => match Arc::try_unwrap(shared) {
+                            Ok(only) => only.into_response(),
+                            Err(shared) => shared.to_response(),
+                        },
                         Ok(Outcome::Released(_)) => slot
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)

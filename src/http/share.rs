@@ -160,6 +160,16 @@ impl SharedResponse {
             .all(|(name, leader)| headers.get_all(name).iter().eq(leader.iter()))
     }
 
+    /// The response itself, for the last holder (a leader without followers): no copies.
+    pub(crate) fn into_response<B: Body>(self) -> Response<CoalesceBody<B>> {
+        let mut res = Response::new(CoalesceBody::full(self.body, self.trailers));
+        *res.status_mut() = self.status;
+        *res.version_mut() = self.version;
+        *res.headers_mut() = self.headers;
+        *res.extensions_mut() = self.extensions;
+        res
+    }
+
     /// A fresh copy of the response for one waiter.
     pub(crate) fn to_response<B: Body>(&self) -> Response<CoalesceBody<B>> {
         let mut res = Response::new(CoalesceBody::full(self.body.clone(), self.trailers.clone()));
@@ -321,5 +331,10 @@ mod tests {
         assert_eq!(copy.extensions().get::<Tag>(), Some(&Tag(7)));
         assert!(copy.body().is_buffered());
         assert_eq!(copy.body().size_hint().exact(), Some(4));
+        let last = shared.into_response::<http_body_util::Empty<Bytes>>();
+        assert_eq!(last.status(), copy.status());
+        assert_eq!(last.headers(), copy.headers());
+        assert_eq!(last.extensions().get::<Tag>(), Some(&Tag(7)));
+        assert_eq!(last.body().size_hint().exact(), Some(4));
     }
 }
