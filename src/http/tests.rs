@@ -622,3 +622,51 @@ fn public_types_are_send_and_sync() {
     send_sync::<ServedBy>();
     send::<ResponseFuture<axum::routing::Route, axum::body::Body, axum::body::Body>>();
 }
+
+#[tokio::test]
+async fn released_followers_call_all_at_once() {
+    bounded(async {
+        const FOLLOWERS: usize = 8;
+        // Every follower's own call waits until all of them are in the backend together: if
+        // followers were released one by one, this would never complete.
+        let together = Arc::new(tokio::sync::Barrier::new(FOLLOWERS));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (b, c) = (together.clone(), calls.clone());
+        let inner = service_fn(move |_req: Req| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            let together = b.clone();
+            async move {
+                if n > 0 {
+                    together.wait().await;
+                }
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header("set-cookie", format!("id={n}"))
+                        .body(text(format!("call {n}")))
+                        .unwrap(),
+                )
+            }
+        });
+        let mut svc = CoalesceHttpLayer::new().layer(inner);
+        let results = burst(&mut svc, (0..=FOLLOWERS).map(|_| get("/a")).collect()).await;
+        assert_eq!(calls.load(Ordering::SeqCst), FOLLOWERS + 1);
+        for (i, res) in results.into_iter().enumerate() {
+            let res = res.unwrap();
+            let cookie = res.headers()["set-cookie"].to_str().unwrap().to_owned();
+            let (by, body, _) = read(res).await;
+            assert_eq!(
+                body,
+                format!("call {}", &cookie[3..]),
+                "cookie and body from one call"
+            );
+            let expected = if i == 0 {
+                ServedBy::Leader
+            } else {
+                ServedBy::Released
+            };
+            assert_eq!(by, expected);
+        }
+    })
+    .await
+    .unwrap();
+}
