@@ -195,6 +195,9 @@ struct Entry<K> {
     flight: Arc<dyn Any + Send + Sync>,
     /// Set when the flight finished and its output lingers until then.
     lingers_until: Option<Instant>,
+    /// Followers that joined through this entry. Zero at the end means the driver can
+    /// publish without taking the flight's lock: nobody else ever saw the flight.
+    joined: usize,
 }
 
 struct Expiry {
@@ -369,6 +372,7 @@ where
             .table
             .find_entry(hash, |e| e.output == output && e.key == key)
         {
+            let mut found = found;
             let lingering = found.get().lingers_until.is_some();
             let flight = Arc::clone(&found.get().flight)
                 .downcast::<Flight<T>>()
@@ -400,6 +404,7 @@ where
                 }
                 let slot = state.followers.insert(Slot::Parked(None));
                 drop(state);
+                found.get_mut().joined += 1;
                 shard.counters.followers += 1;
                 drop(guard);
                 emit("tower_coalesce_followers_total");
@@ -438,6 +443,7 @@ where
             output,
             flight: Arc::clone(&flight) as Arc<dyn Any + Send + Sync>,
             lingers_until: None,
+            joined: 0,
         };
         shard.table.insert_unique(hash, entry, |e| e.hash);
         shard.counters.leaders += 1;
@@ -649,15 +655,23 @@ impl<K> Registry<K> {
 
     /// Unregisters `flight` if it is still the entry registered for its key (not forgotten,
     /// not replaced), or marks it lingering until `linger_until`; counts how it ended.
-    fn finish<T>(&self, flight: &Arc<Flight<T>>, end: End, linger: Option<(Instant, bool)>) {
+    ///
+    /// Returns how many followers joined through the entry, if it was still registered.
+    fn finish<T>(
+        &self,
+        flight: &Arc<Flight<T>>,
+        end: End,
+        linger: Option<(Instant, bool)>,
+    ) -> Option<usize> {
         if !flight.registered {
-            return;
+            return Some(0);
         }
         let me = addr(flight);
         let mut guard = self.shard(flight.hash).lock();
         let shard = &mut *guard;
         shard.counters.count(end);
         let mut removed = None;
+        let mut joined = None;
         if let Ok(mut found) = shard
             .table
             .find_entry(flight.hash, |e| addr(&e.flight) == me)
@@ -666,6 +680,7 @@ impl<K> Registry<K> {
             if self.config.max_in_flight.is_some() {
                 self.running.fetch_sub(1, Relaxed);
             }
+            joined = Some(found.get().joined);
             match linger {
                 Some((at, failed)) => {
                     found.get_mut().lingers_until = Some(at);
@@ -685,6 +700,7 @@ impl<K> Registry<K> {
         drop(guard);
         // The key's destructor is user code: run it unlocked.
         drop(removed);
+        joined
     }
 }
 
@@ -835,7 +851,12 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             flight.state.lock().lingering = Some(keep);
             (Instant::now() + window, !matches!(end, End::Ok))
         });
-        self.registry.finish(flight, end, linger);
+        let joined = self.registry.finish(flight, end, linger);
+        // A detached flight's caller follows it without going through the entry.
+        if joined == Some(0) && !config.detached {
+            self.trace_end(end, 1);
+            return out;
+        }
         // No follower can join from here on, and `driven` keeps the ones that leave from
         // cancelling the flight, so counting now and filling later is sound.
         let mut state = flight.state.lock();
@@ -991,7 +1012,7 @@ impl<K, T> Drop for Run<K, T> {
         };
         // Last waiter gone: cancel the call (drop the inner future), then free the key.
         drop(orphan);
-        self.registry.finish(&self.flight, End::Cancelled, None);
+        let _ = self.registry.finish(&self.flight, End::Cancelled, None);
         #[cfg(feature = "tracing")]
         tracing::debug!(parent: &self.flight.span, outcome = "cancelled", "flight finished");
         #[cfg(feature = "metrics")]
