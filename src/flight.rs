@@ -383,10 +383,11 @@ where
                 drop(garbage);
                 emit("tower_coalesce_lingered_total");
                 let state = flight.state.lock();
-                let out = state
+                let kept = state
                     .lingering
-                    .clone()
+                    .as_ref()
                     .expect("set before the entry lingers");
+                let out = clone_n(kept, 1).pop().expect("one clone");
                 drop(state);
                 return Run::ready(registry, flight, out, false);
             }
@@ -845,11 +846,12 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             End::Ok => config.linger,
             _ => config.linger_errors,
         };
-        let linger = window.filter(|_| flight.registered).map(|window| {
-            // Stored before the entry is marked lingering, where callers look for it.
-            let keep = out.clone();
+        let linger = window.filter(|_| flight.registered).and_then(|window| {
+            // Stored before the entry is marked lingering, where callers look for it. A
+            // response whose clone panics is not kept.
+            let keep = catch_unwind(AssertUnwindSafe(|| out.clone())).ok()?;
             flight.state.lock().lingering = Some(keep);
-            (Instant::now() + window, !matches!(end, End::Ok))
+            Some((Instant::now() + window, !matches!(end, End::Ok)))
         });
         let joined = self.registry.finish(flight, end, linger);
         // A detached flight's caller follows it without going through the entry.
@@ -870,7 +872,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         }
         self.shared = true;
         drop(state);
-        let mut copies: Vec<_> = (0..wanted).map(|_| out.clone()).collect();
+        let mut copies = clone_n(&out, wanted);
         let mut wakers = Vec::with_capacity(wanted);
         let mut state = flight.state.lock();
         for (_, slot) in state.followers.iter_mut() {
@@ -1018,6 +1020,17 @@ impl<K, T> Drop for Run<K, T> {
         #[cfg(feature = "metrics")]
         metrics::counter!("tower_coalesce_flights_total", "outcome" => "cancelled").increment(1);
     }
+}
+
+/// `n` clones of `out`. The response's `Clone` is user code: if it panics, every copy becomes
+/// that panic, so the waiters still get an answer.
+fn clone_n<T: Clone>(out: &Result<T, Panicked>, n: usize) -> Vec<Result<T, Panicked>> {
+    catch_unwind(AssertUnwindSafe(|| (0..n).map(|_| out.clone()).collect())).unwrap_or_else(
+        |payload| {
+            let panic = Panicked::new(payload);
+            (0..n).map(|_| Err(panic.clone())).collect()
+        },
+    )
 }
 
 /// Bumps a `metrics` counter; never called under a lock (the recorder is user code).
