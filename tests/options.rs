@@ -1,0 +1,1768 @@
+//! The options of issue 4, pinned down through the public API: detached flights, the follower
+//! wait limit, the linger window, retry of failed flights, capacity bounds, forget, stats and
+//! the shared flag, and (behind their features) tracing spans and metrics counters.
+//!
+//! Every test is deterministic: time is paused (`start_paused`) and only moved on purpose;
+//! backend calls are reported to the test through a channel and answered by the test (a gate
+//! per call), so the test decides when and how each call ends; progress is observed through
+//! counters. Every async test is bounded by a timeout, so a hang fails instead of stalling.
+
+use std::error::Error;
+use std::fmt;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tower::{service_fn, Service};
+use tower_coalesce::{
+    CoalesceError, CoalesceLayer, CoalesceService, Group, GroupBuilder, OnTimeout, ResponseFuture,
+};
+use tower_layer::Layer;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Virtual time under `start_paused`: far beyond any window the tests use.
+const LIMIT: Duration = Duration::from_secs(24 * 3600);
+
+async fn bounded<F: Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("hung: {what}"))
+}
+
+/// Lets spawned tasks run until `cond` holds; a bounded number of scheduler turns, no clock.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if cond() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("never happened: {what}");
+}
+
+/// Lets spawned tasks run for a while (no clock involved), to show that something does *not*
+/// happen.
+async fn settle() {
+    for _ in 0..200 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Moves paused time on by `d`, letting every timer due on the way fire.
+async fn wait(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Boom(&'static str);
+
+impl fmt::Display for Boom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "boom: {}", self.0)
+    }
+}
+
+impl Error for Boom {}
+
+/// How the test answers one backend call.
+enum Reply {
+    Ok(String),
+    Err(&'static str),
+    Panic(&'static str),
+}
+
+/// One backend call, waiting for the test's answer.
+struct Pending {
+    /// 1 for the backend's first call, and so on.
+    n: usize,
+    key: u32,
+    reply: oneshot::Sender<Reply>,
+}
+
+impl Pending {
+    fn ok(self, v: &str) {
+        let _ = self.reply.send(Reply::Ok(v.to_string()));
+    }
+    fn err(self, e: &'static str) {
+        let _ = self.reply.send(Reply::Err(e));
+    }
+    fn panic(self, m: &'static str) {
+        let _ = self.reply.send(Reply::Panic(m));
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    /// Calls of `Service::call` on the backend.
+    calls: AtomicUsize,
+    /// Backend futures alive now.
+    live: AtomicUsize,
+    /// Backend futures dropped before they got their answer: cancelled calls.
+    cancelled: AtomicUsize,
+    /// Backend futures that got their answer.
+    completed: AtomicUsize,
+}
+
+/// A backend whose every call is reported to the test (through [`Ctl`]) and waits for the
+/// test's answer. A guard inside each call's future tells cancelled calls from completed ones.
+#[derive(Clone)]
+struct Backend {
+    counts: Arc<Counts>,
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+struct Ctl {
+    counts: Arc<Counts>,
+    rx: mpsc::UnboundedReceiver<Pending>,
+}
+
+fn backend() -> (Backend, Ctl) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let counts = Arc::new(Counts::default());
+    (
+        Backend {
+            counts: counts.clone(),
+            tx,
+        },
+        Ctl { counts, rx },
+    )
+}
+
+impl Ctl {
+    /// The next backend call, in the order they were made.
+    async fn next(&mut self) -> Pending {
+        bounded("a backend call", self.rx.recv())
+            .await
+            .expect("backend dropped")
+    }
+
+    /// Fails if a backend call was made that the test did not expect.
+    fn no_more(&mut self) {
+        if let Ok(p) = self.rx.try_recv() {
+            panic!("unexpected backend call #{} for key {}", p.n, p.key);
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.counts.calls.load(SeqCst)
+    }
+    fn live(&self) -> usize {
+        self.counts.live.load(SeqCst)
+    }
+    fn cancelled(&self) -> usize {
+        self.counts.cancelled.load(SeqCst)
+    }
+    fn completed(&self) -> usize {
+        self.counts.completed.load(SeqCst)
+    }
+}
+
+struct LiveGuard {
+    counts: Arc<Counts>,
+    answered: bool,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.counts.live.fetch_sub(1, SeqCst);
+        if !self.answered {
+            self.counts.cancelled.fetch_add(1, SeqCst);
+        }
+    }
+}
+
+impl Service<u32> for Backend {
+    type Response = String;
+    type Error = Boom;
+    type Future = BoxFuture<'static, Result<String, Boom>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Boom>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, key: u32) -> Self::Future {
+        let n = self.counts.calls.fetch_add(1, SeqCst) + 1;
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Pending { n, key, reply });
+        self.counts.live.fetch_add(1, SeqCst);
+        // Made here, not in the async block: a future dropped before its first poll counts.
+        let guard = LiveGuard {
+            counts: self.counts.clone(),
+            answered: false,
+        };
+        Box::pin(async move {
+            let mut guard = guard;
+            let reply = rx.await;
+            guard.answered = true;
+            guard.counts.completed.fetch_add(1, SeqCst);
+            match reply {
+                Ok(Reply::Ok(v)) => Ok(v),
+                Ok(Reply::Err(e)) => Err(Boom(e)),
+                Ok(Reply::Panic(m)) => panic!("{m}"),
+                Err(_) => Err(Boom("the test dropped the call")),
+            }
+        })
+    }
+}
+
+/// Key 0 bypasses; every other request is its own key.
+fn key_of(k: &u32) -> Option<u32> {
+    (*k != 0).then_some(*k)
+}
+
+type KeyOf = fn(&u32) -> Option<u32>;
+type Svc = CoalesceService<Backend, KeyOf, u32>;
+type Fut = ResponseFuture<Backend, u32, u32>;
+type Out = Result<String, CoalesceError>;
+
+fn layer() -> CoalesceLayer<KeyOf, u32> {
+    CoalesceLayer::new(key_of as KeyOf)
+}
+
+/// Calls `svc` synchronously, so the request joins or registers its flight right now, in the
+/// order the test says (`oneshot` would wait for the first poll).
+fn start(svc: &mut Svc, req: u32) -> Fut {
+    let mut cx = Context::from_waker(Waker::noop());
+    match svc.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => svc.call(req),
+        other => panic!("the coalescing service must always be ready, got {other:?}"),
+    }
+}
+
+fn spawn(fut: Fut) -> JoinHandle<Out> {
+    tokio::spawn(fut)
+}
+
+async fn done(what: &str, h: JoinHandle<Out>) -> Out {
+    bounded(what, h).await.expect("request task panicked")
+}
+
+fn ok(out: Out) -> String {
+    out.unwrap_or_else(|e| panic!("expected a response, got {e:?}"))
+}
+
+fn boom(out: Out) -> Boom {
+    let err = out.expect_err("expected an error");
+    err.downcast_ref::<Boom>()
+        .unwrap_or_else(|| panic!("expected the inner Boom, got {err:?}"))
+        .clone()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Detached flights
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn detached_call_completes_after_every_waiter_left_and_frees_the_key() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().detached(true).layer(backend);
+        let leader = start(&mut svc, 1);
+        let follower = start(&mut svc, 1);
+        assert!(leader.is_leader() && follower.is_follower());
+        // Never polled, both gone: nobody waits any more.
+        drop(follower);
+        drop(leader);
+        let call = ctl.next().await;
+        assert_eq!((call.n, call.key), (1, 1));
+        assert_eq!(ctl.live(), 1, "the detached call runs with no waiter");
+        assert_eq!(
+            svc.in_flight(),
+            1,
+            "the key stays registered while the call runs"
+        );
+        call.ok("filled");
+        until("the detached call completed", || ctl.completed() == 1).await;
+        until("the key is freed", || svc.in_flight() == 0).await;
+        until("the entry is removed", || svc.group().is_empty()).await;
+        assert_eq!(ctl.cancelled(), 0, "the call was not cancelled");
+        assert_eq!(svc.stats().cancelled, 0);
+        assert_eq!(svc.stats().leaders, 1);
+
+        // The key is free: the next request makes a new call (no stale join, no lingering).
+        let next = spawn(start(&mut svc, 1));
+        let call = ctl.next().await;
+        assert_eq!(call.n, 2);
+        call.ok("second");
+        assert_eq!(ok(done("next", next).await), "second");
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn default_last_waiter_gone_cancels_the_call_promptly() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().layer(backend);
+        let mut leader = Box::pin(start(&mut svc, 1));
+        let follower = start(&mut svc, 1);
+        assert!(futures::poll!(leader.as_mut()).is_pending());
+        let call = ctl.next().await;
+        assert_eq!(ctl.live(), 1);
+        drop(follower);
+        assert_eq!(ctl.live(), 1, "a waiter is left: the call goes on");
+        drop(leader);
+        // Synchronously: no task had to run for the cancellation to happen.
+        assert_eq!(ctl.live(), 0, "the backend future was dropped");
+        assert_eq!(ctl.cancelled(), 1);
+        assert_eq!(svc.in_flight(), 0, "the key is freed");
+        assert!(svc.group().is_empty());
+        assert_eq!(svc.stats().cancelled, 1);
+        assert!(
+            call.reply.is_closed(),
+            "nobody listens to the call's answer"
+        );
+
+        let next = spawn(start(&mut svc, 1));
+        let call = ctl.next().await;
+        assert_eq!(call.n, 2, "a new request makes a new call");
+        call.ok("fresh");
+        assert_eq!(ok(done("next", next).await), "fresh");
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn detached_short_deadline_leader_does_not_cancel_longer_followers() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().detached(true).layer(backend);
+        let leader = tokio::spawn(tokio::time::timeout(
+            Duration::from_secs(1),
+            start(&mut svc, 1),
+        ));
+        let follower = tokio::spawn(tokio::time::timeout(
+            Duration::from_secs(10),
+            start(&mut svc, 1),
+        ));
+        let call = ctl.next().await;
+        wait(Duration::from_secs(2)).await;
+        assert!(
+            bounded("leader", leader).await.unwrap().is_err(),
+            "the leader gave up at its deadline"
+        );
+        assert_eq!(ctl.live(), 1, "the call goes on");
+        assert_eq!(ctl.cancelled(), 0);
+        call.ok("late");
+        let out = bounded("follower", follower).await.unwrap();
+        assert_eq!(
+            ok(out.expect("the follower is within its deadline")),
+            "late"
+        );
+        assert_eq!(ctl.calls(), 1);
+        assert_eq!(svc.stats().cancelled, 0);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn core_detached_group_completes_with_no_waiter() {
+    bounded("test", async {
+        let group: Group<&str> = GroupBuilder::new().detached(true).build();
+        let (done_tx, done_rx) = oneshot::channel();
+        let run = group.run("fill", move || async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let _ = done_tx.send("filled");
+            1u8
+        });
+        assert!(run.is_leader());
+        drop(run);
+        assert_eq!(group.in_flight(), 1);
+        assert_eq!(bounded("fill", done_rx).await.unwrap(), "filled");
+        until("the key is freed", || group.is_empty()).await;
+        assert_eq!(group.in_flight(), 0);
+        assert_eq!(group.stats().cancelled, 0);
+
+        // Not detached: the same drop cancels the call, so its side effect never happens.
+        let group: Group<&str> = Group::new();
+        let (done_tx, mut done_rx) = oneshot::channel::<&str>();
+        let run = group.run("fill", move || async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let _ = done_tx.send("filled");
+            1u8
+        });
+        drop(run);
+        assert_eq!(group.in_flight(), 0);
+        assert_eq!(group.stats().cancelled, 1);
+        assert!(done_rx.try_recv().is_err(), "dropped, never completed");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Follower wait limit
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn follower_past_its_limit_calls_inner_itself_flight_undisturbed() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer()
+            .follower_timeout(Duration::from_secs(1))
+            .on_follower_timeout(OnTimeout::CallInner)
+            .layer(backend);
+        let leader = spawn(start(&mut svc, 1));
+        let early = start(&mut svc, 1);
+        assert!(early.is_follower());
+        let early = spawn(early);
+        let first = ctl.next().await;
+        wait(Duration::from_millis(500)).await;
+        // Joins at 0.5 s: its own limit runs until 1.5 s.
+        let late = start(&mut svc, 1);
+        assert!(late.is_follower());
+        let late = spawn(late);
+        wait(Duration::from_millis(600)).await;
+
+        // 1.1 s: the early follower gave up waiting and made its own call.
+        let own = ctl.next().await;
+        assert_eq!((own.n, own.key), (2, 1));
+        assert_eq!(svc.stats().timed_out, 1);
+        assert_eq!(svc.stats().fell_through, 1);
+        own.ok("own");
+        assert_eq!(ok(done("early follower", early).await), "own");
+        assert_eq!(ctl.live(), 1, "the first call still runs");
+        assert_eq!(ctl.cancelled(), 0);
+        assert_eq!(svc.in_flight(), 1);
+
+        first.ok("first");
+        assert_eq!(ok(done("leader", leader).await), "first");
+        assert_eq!(ok(done("late follower", late).await), "first");
+        assert_eq!(ctl.calls(), 2);
+        assert_eq!(ctl.cancelled(), 0);
+        assert_eq!(svc.stats().timed_out, 1, "the late follower was in time");
+        assert_eq!(svc.in_flight(), 0);
+        ctl.no_more();
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn follower_timeout_defaults_to_calling_inner() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer()
+            .follower_timeout(Duration::from_secs(1))
+            .layer(backend);
+        let leader = spawn(start(&mut svc, 1));
+        let follower = spawn(start(&mut svc, 1));
+        let first = ctl.next().await;
+        wait(Duration::from_secs(2)).await;
+        let own = ctl.next().await;
+        assert_eq!(own.n, 2);
+        own.ok("own");
+        assert_eq!(ok(done("follower", follower).await), "own");
+        first.ok("first");
+        assert_eq!(ok(done("leader", leader).await), "first");
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn follower_past_its_limit_errors_with_timeout_flight_undisturbed() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer()
+            .follower_timeout(Duration::from_secs(1))
+            .on_follower_timeout(OnTimeout::Error)
+            .layer(backend);
+        let leader = spawn(start(&mut svc, 1));
+        let impatient = spawn(start(&mut svc, 1));
+        let first = ctl.next().await;
+        wait(Duration::from_millis(500)).await;
+        let patient = spawn(start(&mut svc, 1));
+        wait(Duration::from_millis(600)).await;
+
+        let err = done("impatient follower", impatient)
+            .await
+            .expect_err("timed out");
+        assert!(err.is_timeout(), "{err:?}");
+        assert!(!err.is_panic());
+        assert!(err.get_ref().is_none());
+        assert_eq!(svc.stats().timed_out, 1);
+        settle().await;
+        ctl.no_more();
+        assert_eq!(ctl.calls(), 1, "no call of its own");
+        assert_eq!(ctl.live(), 1, "the flight is undisturbed");
+
+        first.ok("first");
+        assert_eq!(ok(done("leader", leader).await), "first");
+        assert_eq!(ok(done("patient follower", patient).await), "first");
+        assert_eq!(ctl.cancelled(), 0);
+        assert_eq!(svc.stats().timed_out, 1);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn follower_served_before_its_limit_is_unaffected_and_leader_has_no_limit() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer()
+            .follower_timeout(Duration::from_secs(1))
+            .layer(backend.clone());
+        let leader = spawn(start(&mut svc, 1));
+        let follower = spawn(start(&mut svc, 1));
+        let first = ctl.next().await;
+        wait(Duration::from_millis(900)).await;
+        first.ok("first");
+        assert_eq!(ok(done("follower", follower).await), "first");
+        assert_eq!(ok(done("leader", leader).await), "first");
+        wait(Duration::from_secs(5)).await;
+        ctl.no_more();
+        assert_eq!(svc.stats().timed_out, 0);
+        assert_eq!(svc.stats().fell_through, 0);
+
+        // A leader alone waits as long as its call takes.
+        let leader = spawn(start(&mut svc, 2));
+        let call = ctl.next().await;
+        wait(Duration::from_secs(60)).await;
+        call.ok("slow");
+        assert_eq!(ok(done("leader", leader).await), "slow");
+        assert_eq!(svc.stats().timed_out, 0);
+        assert_eq!(ctl.calls(), 2);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Linger window
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn linger_serves_the_result_within_the_window_only() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().linger(Duration::from_secs(1)).layer(backend);
+        let first = spawn(start(&mut svc, 1));
+        ctl.next().await.ok("v1");
+        assert_eq!(ok(done("first", first).await), "v1");
+        assert_eq!(svc.in_flight(), 0, "a lingering result is not in flight");
+        assert_eq!(svc.group().len(), 1, "it is in the registry");
+
+        wait(Duration::from_millis(500)).await;
+        let hit = start(&mut svc, 1);
+        assert!(!hit.is_leader());
+        assert!(hit.is_shared());
+        assert_eq!(ok(bounded("hit", hit).await), "v1");
+        ctl.no_more();
+        assert_eq!(ctl.calls(), 1);
+        assert_eq!(svc.stats().lingered, 1);
+        assert_eq!(svc.stats().leaders, 1);
+
+        // Another key is not served the lingering result.
+        let other = spawn(start(&mut svc, 2));
+        ctl.next().await.ok("other");
+        assert_eq!(ok(done("other", other).await), "other");
+
+        wait(Duration::from_millis(500)).await;
+        // 1.0 s after the call ended: the window is over.
+        let after = start(&mut svc, 1);
+        assert!(after.is_leader(), "a new flight after the window");
+        let after = spawn(after);
+        let call = ctl.next().await;
+        assert_eq!((call.n, call.key), (3, 1));
+        call.ok("v2");
+        assert_eq!(ok(done("after", after).await), "v2");
+        assert_eq!(svc.stats().lingered, 1);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_do_not_linger_by_default() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().linger(Duration::from_secs(10)).layer(backend);
+        let first = spawn(start(&mut svc, 1));
+        ctl.next().await.err("down");
+        assert_eq!(boom(done("first", first).await), Boom("down"));
+        assert!(svc.group().is_empty(), "the error is not kept");
+
+        let second = start(&mut svc, 1);
+        assert!(second.is_leader());
+        let second = spawn(second);
+        let call = ctl.next().await;
+        assert_eq!(call.n, 2);
+        call.ok("up");
+        assert_eq!(ok(done("second", second).await), "up");
+        assert_eq!(svc.stats().lingered, 0);
+
+        // Panics neither.
+        let third = spawn(start(&mut svc, 2));
+        ctl.next().await.panic("kaboom");
+        assert!(done("third", third).await.unwrap_err().is_panic());
+        assert!(start(&mut svc, 2).is_leader());
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn linger_errors_keeps_errors_for_their_own_window() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer()
+            .linger(Duration::from_secs(10))
+            .linger_errors(Duration::from_secs(1))
+            .layer(backend);
+        let first = spawn(start(&mut svc, 1));
+        ctl.next().await.err("down");
+        assert_eq!(boom(done("first", first).await), Boom("down"));
+
+        wait(Duration::from_millis(500)).await;
+        let hit = start(&mut svc, 1);
+        assert!(!hit.is_leader());
+        assert_eq!(boom(bounded("hit", hit).await), Boom("down"));
+        ctl.no_more();
+        assert_eq!(svc.stats().lingered, 1);
+
+        wait(Duration::from_millis(500)).await;
+        // 1 s after the error: its window is over although the success window is 10 s.
+        let retry = start(&mut svc, 1);
+        assert!(retry.is_leader());
+        let retry = spawn(retry);
+        let call = ctl.next().await;
+        assert_eq!(call.n, 2);
+        call.ok("up");
+        assert_eq!(ok(done("retry", retry).await), "up");
+
+        // The success lingers for its own, longer window.
+        wait(Duration::from_secs(9)).await;
+        assert_eq!(ok(bounded("hit", start(&mut svc, 1)).await), "up");
+        assert_eq!(svc.stats().lingered, 2);
+        wait(Duration::from_secs(1)).await;
+        assert!(start(&mut svc, 1).is_leader());
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn linger_errors_alone_keeps_errors_not_successes() {
+    bounded("test", async {
+        let group: Group<u32> = GroupBuilder::new()
+            .linger_errors(Duration::from_secs(1))
+            .build();
+        let out = group
+            .run_result(1, || async { Err::<u8, _>("down") })
+            .await
+            .unwrap();
+        assert_eq!(out, Err("down"));
+        let hit = group.run_result(1, || async { Ok::<u8, &str>(1) });
+        assert!(!hit.is_leader(), "the error lingers");
+        assert_eq!(hit.await.unwrap(), Err("down"));
+
+        let out = group
+            .run_result(2, || async { Ok::<u8, &str>(2) })
+            .await
+            .unwrap();
+        assert_eq!(out, Ok(2));
+        assert!(
+            group
+                .run_result(2, || async { Ok::<u8, &str>(3) })
+                .is_leader(),
+            "successes do not linger without `linger`"
+        );
+        assert_eq!(group.stats().lingered, 1);
+    })
+    .await;
+}
+
+/// Fills the registry with `n` lingering results for keys `base..base + n`.
+async fn fill(group: &Group<u32>, base: u32, n: u32) {
+    for k in base..base + n {
+        let out = bounded("fill", group.run(k, || async move { k })).await;
+        assert_eq!(out.unwrap(), k);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_results_are_removed_lazily_by_later_traffic() {
+    bounded("test", async {
+        let group: Group<u32> = GroupBuilder::new().linger(Duration::from_secs(1)).build();
+        fill(&group, 0, 1000).await;
+        assert_eq!(group.len(), 1000);
+        assert_eq!(group.in_flight(), 0, "lingering results are not in flight");
+
+        wait(Duration::from_secs(2)).await;
+        // One request cleans up its own shard only: no sweep over the whole map.
+        drop(group.run(5000, std::future::pending::<u32>));
+        let after_one = group.len();
+        assert!(after_one < 1000, "expired entries removed: {after_one}");
+        assert!(after_one > 0, "not a full sweep on one call: {after_one}");
+
+        // More traffic, over other keys (each call is cancelled at once: it leaves nothing).
+        for k in 10_000..11_000 {
+            drop(group.run(k, std::future::pending::<u32>));
+        }
+        assert_eq!(group.len(), 0, "every expired result was removed");
+        assert!(group.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_results_are_removed_by_purge_expired_not_before() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().linger(Duration::from_secs(1)).layer(backend);
+        let mut calls = Vec::new();
+        for k in 1..=100 {
+            calls.push(spawn(start(&mut svc, k)));
+        }
+        for _ in 1..=100 {
+            let call = ctl.next().await;
+            let v = call.key.to_string();
+            call.ok(&v);
+        }
+        for c in calls {
+            ok(done("fill", c).await);
+        }
+        assert_eq!(svc.group().len(), 100);
+        assert_eq!(svc.in_flight(), 0);
+
+        wait(Duration::from_millis(999)).await;
+        svc.group().purge_expired();
+        assert_eq!(svc.group().len(), 100, "nothing expired yet");
+        wait(Duration::from_millis(1)).await;
+        svc.group().purge_expired();
+        assert_eq!(svc.group().len(), 0);
+        assert!(start(&mut svc, 7).is_leader());
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn forget_drops_a_lingering_result() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().linger(Duration::from_secs(60)).layer(backend);
+        let first = spawn(start(&mut svc, 1));
+        ctl.next().await.ok("old");
+        assert_eq!(ok(done("first", first).await), "old");
+        assert_eq!(svc.group().len(), 1);
+        assert!(svc.forget(&1));
+        assert!(svc.group().is_empty());
+        assert_eq!(svc.stats().forgotten, 1);
+        assert_eq!(svc.in_flight(), 0);
+
+        let next = start(&mut svc, 1);
+        assert!(next.is_leader());
+        let next = spawn(next);
+        let call = ctl.next().await;
+        assert_eq!(call.n, 2);
+        call.ok("new");
+        assert_eq!(ok(done("next", next).await), "new");
+        assert_eq!(svc.stats().lingered, 0);
+        assert!(!svc.forget(&2), "unknown key");
+    })
+    .await;
+}
+
+/// A lingering entry's expiry record survives `forget`; it must not take a later flight of the
+/// same key with it when it comes due.
+#[tokio::test(start_paused = true)]
+#[ignore = "BUG: Group::forget (src/flight.rs:529) leaves the forgotten entry's Expiry record \
+            queued, and Shard::purge (src/flight.rs:640) matches entries by the flight's address \
+            alone; the next flight of the key is allocated at the freed address, so the stale \
+            expiry removes that running flight: a second leader starts and in_flight never \
+            returns to 0"]
+async fn forgotten_lingering_expiry_does_not_remove_a_newer_flight() {
+    bounded("test", async {
+        let group: Group<u32> = GroupBuilder::new().linger(Duration::from_secs(1)).build();
+        // Several rounds: the bug needs the new flight at the old one's address.
+        for key in 0..20u32 {
+            assert_eq!(group.run(key, || async { 1u32 }).await.unwrap(), 1);
+            assert!(group.forget(&key));
+            let (tx, rx) = oneshot::channel::<u32>();
+            let mut running = group.run(key, move || async move { rx.await.unwrap_or(0) });
+            assert!(running.is_leader());
+            assert!(futures::poll!(&mut running).is_pending());
+            wait(Duration::from_secs(2)).await;
+            let joiner = group.run(key, || async { 3u32 });
+            assert!(
+                !joiner.is_leader(),
+                "round {key}: the running flight was removed by the forgotten entry's expiry"
+            );
+            assert_eq!(group.in_flight(), 1);
+            tx.send(2).unwrap();
+            let (a, b) = tokio::join!(running, joiner);
+            assert_eq!((a.unwrap(), b.unwrap()), (2, 2));
+            assert_eq!(group.in_flight(), 0, "round {key}");
+            group.purge_expired();
+            wait(Duration::from_secs(2)).await;
+            group.purge_expired();
+            assert!(group.is_empty());
+        }
+    })
+    .await;
+}
+
+/// The control for the test above: the same steps while a lingering hit keeps the forgotten
+/// flight alive (so the new flight cannot reuse its address) pass.
+#[tokio::test(start_paused = true)]
+async fn forgotten_lingering_expiry_with_the_old_flight_still_held() {
+    bounded("test", async {
+        let group: Group<u32> = GroupBuilder::new().linger(Duration::from_secs(1)).build();
+        assert_eq!(group.run(1, || async { 1u32 }).await.unwrap(), 1);
+        let hit = group.run(1, || async { 9u32 });
+        assert!(!hit.is_leader(), "a lingering hit holds the old flight");
+        assert!(group.forget(&1));
+        let (tx, rx) = oneshot::channel::<u32>();
+        let mut running = group.run(1, move || async move { rx.await.unwrap_or(0) });
+        assert!(running.is_leader());
+        assert!(futures::poll!(&mut running).is_pending());
+        wait(Duration::from_secs(2)).await;
+        let joiner = group.run(1, || async { 3u32 });
+        assert!(!joiner.is_leader(), "joins the running flight");
+        assert_eq!(group.in_flight(), 1);
+        tx.send(2).unwrap();
+        let (a, b) = tokio::join!(running, joiner);
+        assert_eq!((a.unwrap(), b.unwrap()), (2, 2));
+        assert_eq!(hit.await.unwrap(), 1);
+        assert_eq!(group.in_flight(), 0);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Retry of failed flights
+// ---------------------------------------------------------------------------------------------
+
+const FOLLOWERS: usize = 4;
+
+/// Starts a leader and [`FOLLOWERS`] followers of key 1 and fails the first call with `fail`;
+/// then checks that the followers retry as one flight, gated at its backend call.
+async fn followers_retry_as_one_flight(fail: impl FnOnce(Pending)) {
+    let (backend, mut ctl) = backend();
+    let mut svc = layer().retry_failed(1).layer(backend);
+    let leader = spawn(start(&mut svc, 1));
+    let followers: Vec<_> = (0..FOLLOWERS)
+        .map(|_| {
+            let f = start(&mut svc, 1);
+            assert!(f.is_follower());
+            spawn(f)
+        })
+        .collect();
+    let first = ctl.next().await;
+    fail(first);
+    let second = ctl.next().await;
+    assert_eq!((second.n, second.key), (2, 1));
+    // While the second call is held, every follower waits on it: one new leader, the others
+    // its followers. Nobody else calls the backend.
+    until("all followers joined the retry", || {
+        let s = svc.stats();
+        s.leaders == 2 && s.followers == FOLLOWERS as u64 && s.retried == 1
+    })
+    .await;
+    settle().await;
+    ctl.no_more();
+    assert_eq!(ctl.calls(), 2);
+    assert_eq!(svc.in_flight(), 1, "the retry is the only flight");
+    assert_eq!(ctl.live(), 1);
+    assert_eq!(svc.stats().retried, 1, "one retry, made by one follower");
+    let leader = done("leader", leader).await;
+
+    second.ok("second");
+    for f in followers {
+        assert_eq!(ok(done("follower", f).await), "second");
+    }
+    assert_eq!(ctl.calls(), 2, "not one call per follower");
+    assert_eq!(svc.in_flight(), 0);
+    let _ = leader.expect_err("the leader gets its own error");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_failed_followers_retry_an_error_as_one_new_flight() {
+    bounded("test", async {
+        followers_retry_as_one_flight(|first| first.err("flaky")).await;
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_failed_followers_retry_a_panic_as_one_new_flight() {
+    bounded("test", async {
+        followers_retry_as_one_flight(|first| first.panic("flaky panic")).await;
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_failed_leader_keeps_its_own_error() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().retry_failed(3).layer(backend);
+        let leader = spawn(start(&mut svc, 1));
+        let follower = spawn(start(&mut svc, 1));
+        ctl.next().await.err("first");
+        ctl.next().await.ok("second");
+        assert_eq!(boom(done("leader", leader).await), Boom("first"));
+        assert_eq!(ok(done("follower", follower).await), "second");
+        assert_eq!(svc.stats().retried, 1);
+        assert_eq!(svc.stats().errors, 1);
+
+        // A panicking first call: the leader gets the panic, the follower the retry's response.
+        let leader = spawn(start(&mut svc, 2));
+        let follower = spawn(start(&mut svc, 2));
+        ctl.next().await.panic("first");
+        ctl.next().await.ok("second");
+        let err = done("leader", leader).await.unwrap_err();
+        assert!(err.is_panic());
+        assert_eq!(err.panic_message(), Some("first"));
+        assert_eq!(ok(done("follower", follower).await), "second");
+        assert_eq!(svc.stats().panics, 1);
+        settle().await;
+        ctl.no_more();
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_failed_is_bounded() {
+    bounded("test", async {
+        const RETRIES: usize = 2;
+        const N: usize = 5;
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().retry_failed(RETRIES as u32).layer(backend);
+        let mut all = vec![spawn(start(&mut svc, 1))];
+        all.extend((0..N).map(|_| spawn(start(&mut svc, 1))));
+        for n in 1..=1 + RETRIES {
+            let call = ctl.next().await;
+            assert_eq!(call.n, n);
+            call.err("always");
+        }
+        for w in all {
+            assert_eq!(boom(done("waiter", w).await), Boom("always"));
+        }
+        settle().await;
+        ctl.no_more();
+        assert_eq!(ctl.calls(), 1 + RETRIES, "one call, then one per retry");
+        // One retry call per failed call, as long as retries were left.
+        assert_eq!(svc.stats().retried, RETRIES as u64);
+        assert_eq!(svc.stats().errors, 1 + RETRIES as u64);
+        assert_eq!(svc.in_flight(), 0);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn by_default_followers_share_the_leaders_error() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().layer(backend);
+        let leader = spawn(start(&mut svc, 1));
+        let follower = spawn(start(&mut svc, 1));
+        ctl.next().await.err("shared");
+        let a = done("leader", leader).await.unwrap_err();
+        let b = done("follower", follower).await.unwrap_err();
+        assert_eq!(a.downcast_ref::<Boom>(), Some(&Boom("shared")));
+        // One inner error, shared through an `Arc`, not two equal ones.
+        let (pa, pb) = (
+            a.get_ref().unwrap() as *const _ as *const (),
+            b.get_ref().unwrap() as *const _ as *const (),
+        );
+        assert_eq!(pa, pb, "the same inner error");
+        settle().await;
+        ctl.no_more();
+        assert_eq!(ctl.calls(), 1);
+        assert_eq!(svc.stats().retried, 0);
+    })
+    .await;
+}
+
+/// A backend whose first call waits for a gate and fails, and whose later calls answer at
+/// once, as a cache or a circuit breaker does. The followers of the failed flight must still
+/// retry as one flight: two calls in all.
+#[tokio::test(start_paused = true)]
+#[ignore = "BUG: the retry (src/future.rs:193-215) is made by whichever follower is polled \
+            first, after the failed flight was unregistered; when the backend answers within \
+            that first poll, the retry flight is over before the next follower is polled, so \
+            each follower makes its own call, one at a time: 1 + N calls instead of 2"]
+async fn retry_with_a_backend_that_answers_at_once_still_makes_one_flight() {
+    bounded("test", async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (gate_tx, gate_rx) = oneshot::channel::<()>();
+        let gate = Arc::new(std::sync::Mutex::new(Some(gate_rx)));
+        let c = calls.clone();
+        let backend = service_fn(move |_k: u32| {
+            let n = c.fetch_add(1, SeqCst) + 1;
+            let gate = gate.lock().unwrap().take();
+            async move {
+                match gate {
+                    Some(gate) if n == 1 => {
+                        let _ = gate.await;
+                        Err(Boom("first"))
+                    }
+                    _ => Ok(format!("call {n}")),
+                }
+            }
+        });
+        let svc = CoalesceLayer::new(|k: &u32| Some(*k))
+            .retry_failed(1)
+            .layer(backend);
+        let mut svc = svc;
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(svc.poll_ready(&mut cx).is_ready());
+        let waiters: Vec<_> = (0..=FOLLOWERS).map(|_| tokio::spawn(svc.call(1))).collect();
+        until("the first call", || calls.load(SeqCst) == 1).await;
+        gate_tx.send(()).unwrap();
+        let mut outs = Vec::new();
+        for w in waiters {
+            outs.push(bounded("waiter", w).await.unwrap());
+        }
+        assert!(outs[0].is_err());
+        assert_eq!(
+            calls.load(SeqCst),
+            2,
+            "followers retried one at a time, one call each"
+        );
+        for out in &outs[1..] {
+            assert_eq!(out.as_deref().unwrap(), "call 2");
+        }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Capacity bounds
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn max_in_flight_runs_new_keys_alone_never_waiting() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().max_in_flight(2).layer(backend);
+        let a = spawn(start(&mut svc, 1));
+        let b = spawn(start(&mut svc, 2));
+        let call_a = ctl.next().await;
+        let call_b = ctl.next().await;
+        assert_eq!(svc.in_flight(), 2);
+
+        let c1 = start(&mut svc, 3);
+        let c2 = start(&mut svc, 3);
+        assert!(
+            !c1.is_follower() && !c2.is_follower(),
+            "calls alone are not joinable"
+        );
+        let (c1, c2) = (spawn(c1), spawn(c2));
+        let own1 = ctl.next().await;
+        let own2 = ctl.next().await;
+        assert_eq!((own1.key, own2.key), (3, 3));
+        assert_eq!(svc.in_flight(), 2, "calls alone are not registered");
+        own1.ok("c1");
+        own2.ok("c2");
+        assert_eq!(ok(done("c1", c1).await), "c1", "it did not wait for a or b");
+        assert_eq!(ok(done("c2", c2).await), "c2");
+        let s = svc.stats();
+        assert_eq!((s.over_capacity, s.fell_through), (2, 2));
+        assert_eq!(s.leaders, 2);
+
+        // A key already in flight is still joined over capacity.
+        let join_a = start(&mut svc, 1);
+        assert!(join_a.is_follower());
+        let join_a = spawn(join_a);
+        settle().await;
+        ctl.no_more();
+        call_a.ok("a");
+        call_b.ok("b");
+        assert_eq!(ok(done("a", a).await), "a");
+        assert_eq!(ok(done("join a", join_a).await), "a");
+        assert_eq!(ok(done("b", b).await), "b");
+        assert_eq!(svc.in_flight(), 0);
+
+        // Room again: key 3 is coalesced as usual.
+        let c = start(&mut svc, 3);
+        assert!(c.is_leader());
+        assert!(start(&mut svc, 3).is_follower());
+        assert_eq!(svc.in_flight(), 1);
+        drop(c);
+        assert_eq!(svc.stats().over_capacity, 2);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_followers_extra_followers_make_their_own_call() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().max_followers(2).layer(backend);
+        let leader = spawn(start(&mut svc, 1));
+        let f1 = start(&mut svc, 1);
+        let f2 = start(&mut svc, 1);
+        let extra = start(&mut svc, 1);
+        assert!(f1.is_follower() && f2.is_follower());
+        assert!(!extra.is_follower(), "the third follower runs alone");
+        let (f1, f2, extra) = (spawn(f1), spawn(f2), spawn(extra));
+        let first = ctl.next().await;
+        let own = ctl.next().await;
+        settle().await;
+        ctl.no_more();
+        assert_eq!(ctl.calls(), 2);
+        assert_eq!(svc.in_flight(), 1);
+        let s = svc.stats();
+        assert_eq!((s.leaders, s.followers), (1, 2));
+        assert_eq!((s.over_capacity, s.fell_through), (1, 1));
+        own.ok("own");
+        assert_eq!(ok(done("extra", extra).await), "own");
+        first.ok("first");
+        for w in [leader, f1, f2] {
+            assert_eq!(ok(done("waiter", w).await), "first");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn core_capacity_bounds() {
+    bounded("test", async {
+        let group: Group<u32> = GroupBuilder::new()
+            .max_in_flight(1)
+            .max_followers(1)
+            .build();
+        let a = group.run(1, std::future::pending::<u8>);
+        assert!(a.is_leader());
+        let joined = group.run(1, std::future::pending::<u8>);
+        assert!(!joined.is_leader());
+        let extra = group.run(1, || async { 5u8 });
+        assert!(extra.is_leader(), "over max_followers: alone");
+        let other = group.run(2, || async { 6u8 });
+        assert!(other.is_leader(), "over max_in_flight: alone");
+        assert_eq!(group.in_flight(), 1);
+        assert_eq!((extra.await.unwrap(), other.await.unwrap()), (5, 6));
+        assert_eq!(group.stats().over_capacity, 2);
+        drop((a, joined));
+        assert_eq!(group.in_flight(), 0);
+        assert!(group.run(2, std::future::pending::<u8>).is_leader());
+        assert_eq!(group.stats().over_capacity, 2, "room again");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Forget
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn forget_starts_a_new_flight_while_current_waiters_keep_the_first() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().layer(backend);
+        let old_leader = spawn(start(&mut svc, 1));
+        let old_follower = spawn(start(&mut svc, 1));
+        let first = ctl.next().await;
+        assert!(svc.forget(&1));
+        assert_eq!(svc.in_flight(), 0);
+        assert_eq!(svc.stats().forgotten, 1);
+
+        let new_leader = start(&mut svc, 1);
+        assert!(new_leader.is_leader(), "a new flight after forget");
+        let new_leader = spawn(new_leader);
+        let second = ctl.next().await;
+        assert_eq!(second.n, 2);
+        let new_follower = start(&mut svc, 1);
+        assert!(new_follower.is_follower());
+        let new_follower = spawn(new_follower);
+        assert_eq!(svc.in_flight(), 1);
+
+        first.ok("first");
+        assert_eq!(ok(done("old leader", old_leader).await), "first");
+        assert_eq!(ok(done("old follower", old_follower).await), "first");
+        assert_eq!(
+            svc.in_flight(),
+            1,
+            "the forgotten flight's end does not remove the new one"
+        );
+        let late = start(&mut svc, 1);
+        assert!(late.is_follower(), "joins the new flight");
+        let late = spawn(late);
+
+        second.ok("second");
+        for w in [new_leader, new_follower, late] {
+            assert_eq!(ok(done("new waiter", w).await), "second");
+        }
+        assert_eq!(svc.in_flight(), 0);
+        assert!(svc.group().is_empty());
+        assert_eq!(ctl.calls(), 2);
+        assert!(!svc.forget(&1), "nothing left to forget");
+        assert!(!svc.forget(&42), "unknown key");
+        assert_eq!(svc.stats().forgotten, 1);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn forget_with_a_tower_test_mock() {
+    bounded("test", async {
+        let (mock, mut handle) = tower_test::mock::pair::<u32, String>();
+        let mut svc = CoalesceLayer::new(|k: &u32| Some(*k)).layer(mock);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(svc.poll_ready(&mut cx).is_ready());
+        let old = tokio::spawn(svc.call(1));
+        let (req, old_reply) = bounded("request", handle.next_request()).await.unwrap();
+        assert_eq!(req, 1);
+        assert!(svc.forget(&1));
+        let new = tokio::spawn(svc.call(1));
+        let (_, new_reply) = bounded("request", handle.next_request()).await.unwrap();
+        old_reply.send_response("old".to_string());
+        assert_eq!(bounded("old", old).await.unwrap().unwrap(), "old");
+        assert_eq!(svc.in_flight(), 1);
+        new_reply.send_response("new".to_string());
+        assert_eq!(bounded("new", new).await.unwrap().unwrap(), "new");
+        assert_eq!(svc.in_flight(), 0);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn core_forget_by_borrowed_key() {
+    bounded("test", async {
+        let group: Group<String> = Group::new();
+        let (tx, rx) = oneshot::channel::<&str>();
+        let mut old = group.run(
+            "config".to_string(),
+            move || async move { rx.await.unwrap() },
+        );
+        assert!(futures::poll!(&mut old).is_pending());
+        assert!(group.forget("config"));
+        assert!(!group.forget("config"));
+        assert!(!group.forget("other"));
+        let new = group.run("config".to_string(), || async { "new" });
+        assert!(new.is_leader());
+        assert_eq!(group.in_flight(), 1);
+        tx.send("old").unwrap();
+        assert_eq!(old.await.unwrap(), "old");
+        assert_eq!(group.in_flight(), 1);
+        assert_eq!(new.await.unwrap(), "new");
+        assert_eq!(group.in_flight(), 0);
+        assert_eq!(group.stats().forgotten, 1);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Stats and the shared flag
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn stats_are_exact_after_a_scripted_scenario() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().layer(backend);
+        assert_eq!(svc.stats(), Default::default());
+
+        // A bypass (key 0).
+        let bypass = start(&mut svc, 0);
+        assert!(bypass.is_bypass());
+        let bypass = spawn(bypass);
+        ctl.next().await.ok("bypass");
+        ok(done("bypass", bypass).await);
+
+        // Key 1: a leader and two followers, Ok.
+        let w: Vec<_> = (0..3).map(|_| spawn(start(&mut svc, 1))).collect();
+        ctl.next().await.ok("one");
+        for w in w {
+            ok(done("key 1", w).await);
+        }
+        // Key 2: a leader alone, Err.
+        let w = spawn(start(&mut svc, 2));
+        ctl.next().await.err("two");
+        boom(done("key 2", w).await);
+        // Key 3: a leader and a follower, panic.
+        let w: Vec<_> = (0..2).map(|_| spawn(start(&mut svc, 3))).collect();
+        ctl.next().await.panic("three");
+        for w in w {
+            assert!(done("key 3", w).await.unwrap_err().is_panic());
+        }
+        // Key 4: a leader and a follower, both dropped while the call runs.
+        let mut leader = Box::pin(start(&mut svc, 4));
+        let follower = start(&mut svc, 4);
+        assert!(futures::poll!(leader.as_mut()).is_pending());
+        let _call = ctl.next().await;
+        drop((leader, follower));
+        // Key 5: still running at the end.
+        let running = spawn(start(&mut svc, 5));
+        let call5 = ctl.next().await;
+
+        let s = svc.stats();
+        assert_eq!(s.leaders, 5);
+        assert_eq!(s.followers, 4);
+        assert_eq!(s.bypassed, 1);
+        assert_eq!(s.errors, 1);
+        assert_eq!(s.panics, 1);
+        assert_eq!(s.cancelled, 1);
+        assert_eq!(s.in_flight, 1);
+        assert_eq!(s.in_flight, svc.in_flight());
+        assert_eq!(s.lingered, 0);
+        assert_eq!(s.fell_through, 0);
+        assert_eq!(s.over_capacity, 0);
+        assert_eq!(s.timed_out, 0);
+        assert_eq!(s.retried, 0);
+        assert_eq!(s.forgotten, 0);
+        assert_eq!(ctl.calls(), 6);
+
+        call5.ok("five");
+        ok(done("key 5", running).await);
+        let s = svc.stats();
+        assert_eq!((s.in_flight, s.leaders, s.errors), (0, 5, 1));
+        // A clone of the service, and the layer's group, see the same registry.
+        assert_eq!(svc.clone().stats(), s);
+        assert_eq!(svc.group().stats(), s);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shared_flag_on_the_response_future() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().layer(backend);
+
+        // A leader alone: not shared.
+        let mut alone = pin!(start(&mut svc, 1));
+        assert!(!alone.is_shared());
+        let (out, call) = tokio::join!(alone.as_mut(), async {
+            ctl.next().await.ok("alone");
+        });
+        let () = call;
+        ok(out);
+        assert!(!alone.is_shared());
+
+        // A leader with a follower: shared once the response is out, the follower at once.
+        let mut leader = pin!(start(&mut svc, 2));
+        let follower = start(&mut svc, 2);
+        assert!(follower.is_shared() && follower.is_follower());
+        assert!(!leader.is_shared(), "not known before completion");
+        let follower = spawn(follower);
+        let (out, ()) = tokio::join!(leader.as_mut(), async {
+            ctl.next().await.ok("two");
+        });
+        assert_eq!(ok(out), "two");
+        assert!(leader.is_shared());
+        ok(done("follower", follower).await);
+
+        // A leader whose only follower left before the response: not shared.
+        let mut leader = pin!(start(&mut svc, 3));
+        let follower = start(&mut svc, 3);
+        assert!(futures::poll!(leader.as_mut()).is_pending());
+        drop(follower);
+        let (out, ()) = tokio::join!(leader.as_mut(), async {
+            ctl.next().await.ok("three");
+        });
+        ok(out);
+        assert!(!leader.is_shared());
+
+        // A bypass is never shared.
+        let mut bypass = pin!(start(&mut svc, 0));
+        let (out, ()) = tokio::join!(bypass.as_mut(), async {
+            ctl.next().await.ok("bypass");
+        });
+        ok(out);
+        assert!(!bypass.is_shared() && !bypass.is_leader() && !bypass.is_follower());
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+#[ignore = "BUG: a detached leader's Run is made with shared: false (src/flight.rs:479) and \
+            waits as a follower of the spawned driver; complete() sets shared = true on the \
+            driver's Run (src/flight.rs:871), never on the caller's, so is_shared() stays false"]
+async fn shared_flag_of_a_detached_leader() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().detached(true).layer(backend);
+        let mut leader = pin!(start(&mut svc, 1));
+        let follower = spawn(start(&mut svc, 1));
+        assert!(leader.is_leader());
+        let (out, ()) = tokio::join!(leader.as_mut(), async {
+            ctl.next().await.ok("v");
+        });
+        assert_eq!(ok(out), "v");
+        assert_eq!(ok(done("follower", follower).await), "v");
+        assert!(
+            leader.is_shared(),
+            "the detached leader's response went to the follower too"
+        );
+
+        let mut alone = pin!(start(&mut svc, 2));
+        let (out, ()) = tokio::join!(alone.as_mut(), async {
+            ctl.next().await.ok("w");
+        });
+        ok(out);
+        assert!(!alone.is_shared());
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn core_run_roles_and_shared_flag() {
+    bounded("test", async {
+        let group: Group<u8> = Group::new();
+        let (tx, rx) = oneshot::channel::<u32>();
+        let mut leader = group.run(1, move || async move { rx.await.unwrap() });
+        let mut follower = group.run(1, || async { 99u32 });
+        assert!(leader.is_leader() && !follower.is_leader());
+        assert!(follower.is_shared());
+        assert!(!leader.is_shared());
+        assert!(futures::poll!(&mut leader).is_pending());
+        tx.send(7).unwrap();
+        let (a, b) = tokio::join!(&mut leader, &mut follower);
+        assert_eq!(
+            (a.unwrap(), b.unwrap()),
+            (7, 7),
+            "the follower's own future never ran"
+        );
+        assert!(leader.is_shared() && follower.is_shared());
+
+        let mut alone = group.run(2, || async { 1u32 });
+        assert!(alone.is_leader());
+        assert_eq!((&mut alone).await.unwrap(), 1);
+        assert!(!alone.is_shared());
+
+        // A lingering hit is shared and not a leader.
+        let group: Group<u8> = GroupBuilder::new().linger(Duration::from_secs(1)).build();
+        assert_eq!(group.run(1, || async { 1u32 }).await.unwrap(), 1);
+        let hit = group.run(1, || async { 2u32 });
+        assert!(!hit.is_leader() && hit.is_shared());
+        assert_eq!(hit.await.unwrap(), 1);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Tracing and metrics
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(feature = "tracing")]
+mod tracing_spans {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::Subscriber;
+    use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
+    use tracing_subscriber::registry::LookupSpan;
+
+    /// The fields of one span, as strings.
+    type Fields = HashMap<String, String>;
+
+    struct Visitor<'a>(&'a mut Fields);
+
+    impl Visit for Visitor<'_> {
+        fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+            self.0
+                .insert(field.name().to_string(), format!("{value:?}"));
+        }
+        fn record_str(&mut self, field: &Field, value: &str) {
+            self.0.insert(field.name().to_string(), value.to_string());
+        }
+    }
+
+    /// Collects the fields of the `coalesce.flight` spans created on one test's thread, and
+    /// hands them over when they close.
+    #[derive(Clone, Default)]
+    struct Flights {
+        closed: Arc<Mutex<Vec<Fields>>>,
+    }
+
+    /// The spans open now, each with its fields and the collector of the thread it was made on.
+    type Open = HashMap<u64, (Flights, Fields)>;
+
+    /// One global subscriber for the whole test binary. Scoped subscribers (`set_default`) race
+    /// with other test threads over tracing's global interest cache, so a span can go missing;
+    /// a global one does not, and it routes each span to its thread's collector.
+    #[derive(Default)]
+    struct Router {
+        threads: Mutex<HashMap<std::thread::ThreadId, Flights>>,
+        open: Mutex<Open>,
+    }
+
+    static ROUTER: std::sync::OnceLock<Arc<Router>> = std::sync::OnceLock::new();
+
+    struct RouterLayer(Arc<Router>);
+
+    impl<S: Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for RouterLayer {
+        fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _: LayerContext<'_, S>) {
+            if attrs.metadata().name() != "coalesce.flight" {
+                return;
+            }
+            let me = std::thread::current().id();
+            let Some(flights) = self.0.threads.lock().unwrap().get(&me).cloned() else {
+                return;
+            };
+            let mut fields = Fields::new();
+            attrs.record(&mut Visitor(&mut fields));
+            self.0
+                .open
+                .lock()
+                .unwrap()
+                .insert(id.into_u64(), (flights, fields));
+        }
+        fn on_record(&self, id: &Id, values: &Record<'_>, _: LayerContext<'_, S>) {
+            if let Some((_, fields)) = self.0.open.lock().unwrap().get_mut(&id.into_u64()) {
+                values.record(&mut Visitor(fields));
+            }
+        }
+        fn on_close(&self, id: Id, _: LayerContext<'_, S>) {
+            let span = self.0.open.lock().unwrap().remove(&id.into_u64());
+            if let Some((flights, fields)) = span {
+                flights.closed.lock().unwrap().push(fields);
+            }
+        }
+    }
+
+    /// Stops collecting for its thread when dropped.
+    struct Installed(Flights);
+
+    impl Drop for Installed {
+        fn drop(&mut self) {
+            if let Some(router) = ROUTER.get() {
+                router
+                    .threads
+                    .lock()
+                    .unwrap()
+                    .remove(&std::thread::current().id());
+            }
+        }
+    }
+
+    impl Flights {
+        /// Collects the spans made on this thread (the test's current-thread runtime).
+        fn install() -> Installed {
+            let router = ROUTER.get_or_init(|| {
+                let router = Arc::new(Router::default());
+                tracing::subscriber::set_global_default(
+                    tracing_subscriber::registry().with(RouterLayer(router.clone())),
+                )
+                .expect("no other global subscriber in this test binary");
+                router
+            });
+            let flights = Flights::default();
+            router
+                .threads
+                .lock()
+                .unwrap()
+                .insert(std::thread::current().id(), flights.clone());
+            Installed(flights)
+        }
+        fn closed(&self) -> Vec<Fields> {
+            self.closed.lock().unwrap().clone()
+        }
+    }
+
+    fn field<'a>(span: &'a Fields, name: &str) -> &'a str {
+        span.get(name)
+            .unwrap_or_else(|| panic!("no field {name} in {span:?}"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_span_per_flight_with_key_hash_waiters_and_outcome() {
+        let installed = Flights::install();
+        let flights = &installed.0;
+        bounded("test", async {
+            let (backend, mut ctl) = backend();
+            let mut svc = layer().layer(backend);
+            let w: Vec<_> = (0..3).map(|_| spawn(start(&mut svc, 1))).collect();
+            ctl.next().await.ok("one");
+            for w in w {
+                ok(done("key 1", w).await);
+            }
+            let w = spawn(start(&mut svc, 2));
+            ctl.next().await.err("two");
+            boom(done("key 2", w).await);
+            let w: Vec<_> = (0..2).map(|_| spawn(start(&mut svc, 3))).collect();
+            ctl.next().await.panic("three");
+            for w in w {
+                assert!(done("key 3", w).await.unwrap_err().is_panic());
+            }
+            let bypass = spawn(start(&mut svc, 0));
+            ctl.next().await.ok("bypass");
+            ok(done("bypass", bypass).await);
+        })
+        .await;
+
+        let closed = flights.closed();
+        assert_eq!(
+            closed.len(),
+            3,
+            "one span per flight, none for a bypass: {closed:?}"
+        );
+        let expected = [("3", "ok"), ("1", "error"), ("2", "panicked")];
+        for (span, (waiters, outcome)) in closed.iter().zip(expected) {
+            assert_eq!(field(span, "waiters"), waiters, "{span:?}");
+            assert_eq!(field(span, "outcome"), outcome, "{span:?}");
+            field(span, "key_hash")
+                .parse::<u64>()
+                .expect("a u64 key hash");
+        }
+        // Keys 1, 2 and 3 hash apart; equal keys of one registry hash alike.
+        assert_ne!(field(&closed[0], "key_hash"), field(&closed[1], "key_hash"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    #[ignore = "BUG: Drop for Run (src/flight.rs:1017) emits a 'flight finished' event with \
+                outcome = cancelled but never records `outcome` (nor `waiters`) on the span"]
+    async fn a_cancelled_flight_span_records_its_outcome() {
+        let installed = Flights::install();
+        let flights = &installed.0;
+        bounded("test", async {
+            let (backend, mut ctl) = backend();
+            let mut svc = layer().layer(backend);
+            let mut leader = Box::pin(start(&mut svc, 1));
+            assert!(futures::poll!(leader.as_mut()).is_pending());
+            let _call = ctl.next().await;
+            drop(leader);
+        })
+        .await;
+        let closed = flights.closed();
+        assert_eq!(closed.len(), 1, "{closed:?}");
+        assert_eq!(field(&closed[0], "outcome"), "cancelled", "{closed:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    #[ignore = "BUG: complete() (src/flight.rs:886) records waiters = followers + 1, but a \
+                detached flight's caller is already one of the followers (its slot is added \
+                in lead(), src/flight.rs:500) and the spawned driver is no waiter: one too many"]
+    async fn a_detached_flight_span_counts_its_waiters() {
+        let installed = Flights::install();
+        let flights = &installed.0;
+        bounded("test", async {
+            let (backend, mut ctl) = backend();
+            let mut svc = layer().detached(true).layer(backend);
+            let w: Vec<_> = (0..3).map(|_| spawn(start(&mut svc, 1))).collect();
+            ctl.next().await.ok("one");
+            for w in w {
+                ok(done("key 1", w).await);
+            }
+            until("the flight span closed", || !flights.closed().is_empty()).await;
+        })
+        .await;
+        let closed = flights.closed();
+        assert_eq!(closed.len(), 1, "{closed:?}");
+        assert_eq!(field(&closed[0], "outcome"), "ok");
+        assert_eq!(
+            field(&closed[0], "waiters"),
+            "3",
+            "a leader and two followers"
+        );
+    }
+}
+
+#[cfg(feature = "metrics")]
+mod metrics_counters {
+    use super::*;
+    use metrics::{
+        Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+    };
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    type Totals = Arc<Mutex<BTreeMap<String, u64>>>;
+
+    /// Counts every counter increment by name and labels (`name{k=v}`).
+    #[derive(Default)]
+    struct Counting {
+        totals: Totals,
+    }
+
+    struct One {
+        name: String,
+        totals: Totals,
+    }
+
+    impl CounterFn for One {
+        fn increment(&self, value: u64) {
+            *self
+                .totals
+                .lock()
+                .unwrap()
+                .entry(self.name.clone())
+                .or_default() += value;
+        }
+        fn absolute(&self, value: u64) {
+            self.totals.lock().unwrap().insert(self.name.clone(), value);
+        }
+    }
+
+    impl Recorder for Counting {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            let mut name = key.name().to_string();
+            let labels: Vec<_> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            if !labels.is_empty() {
+                name = format!("{name}{{{}}}", labels.join(","));
+            }
+            Counter::from_arc(Arc::new(One {
+                name,
+                totals: self.totals.clone(),
+            }))
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn counters_for_leaders_followers_bypasses_and_outcomes() {
+        let recorder = Counting::default();
+        metrics::with_local_recorder(&recorder, || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(bounded("test", async {
+                let (backend, mut ctl) = backend();
+                let mut svc = layer()
+                    .linger(Duration::from_secs(1))
+                    .max_followers(1)
+                    .layer(backend);
+                let w: Vec<_> = (0..3).map(|_| spawn(start(&mut svc, 1))).collect();
+                ctl.next().await.ok("one");
+                ctl.next().await.ok("alone");
+                for w in w {
+                    ok(done("key 1", w).await);
+                }
+                ok(bounded("lingered", start(&mut svc, 1)).await);
+                let b = spawn(start(&mut svc, 0));
+                ctl.next().await.ok("bypass");
+                ok(done("bypass", b).await);
+                let w = spawn(start(&mut svc, 2));
+                ctl.next().await.err("two");
+                boom(done("key 2", w).await);
+            }));
+        });
+        let totals = recorder.totals.lock().unwrap().clone();
+        let get = |name: &str| totals.get(name).copied().unwrap_or(0);
+        assert_eq!(get("tower_coalesce_leaders_total"), 2, "{totals:?}");
+        assert_eq!(get("tower_coalesce_followers_total"), 1, "{totals:?}");
+        assert_eq!(get("tower_coalesce_over_capacity_total"), 1, "{totals:?}");
+        assert_eq!(get("tower_coalesce_lingered_total"), 1, "{totals:?}");
+        assert_eq!(get("tower_coalesce_bypassed_total"), 1, "{totals:?}");
+        assert_eq!(
+            get("tower_coalesce_flights_total{outcome=error}"),
+            1,
+            "{totals:?}"
+        );
+        assert!(
+            get("tower_coalesce_flights_total{outcome=ok}") >= 1,
+            "{totals:?}"
+        );
+    }
+}
