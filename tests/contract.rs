@@ -748,6 +748,7 @@ async fn flight_survives_a_chain_of_departing_drivers() {
 
 async fn assert_key_free_and_reusable(svc: &mut Svc, backend: &Backend, calls_before: usize) {
     assert_eq!(svc.in_flight(), 0, "the key must be freed");
+    assert!(svc.group().is_empty(), "no entry left behind");
     backend.open();
     let next = start(svc, "k".into());
     assert!(next.is_leader());
@@ -868,6 +869,7 @@ async fn old_flights_cleanup_does_not_remove_a_newer_flight() {
         1,
         "the newer flight must still be registered"
     );
+    assert_eq!(svc.group().len(), 1);
     let mut svc2 = svc.clone();
     let joiner = start(&mut svc2, "k".into());
     assert!(joiner.is_follower(), "a request must join the newer flight");
@@ -1294,6 +1296,7 @@ async fn registry_is_empty_after_many_distinct_keys() {
         r.unwrap().unwrap();
     }
     assert_eq!(svc.in_flight(), 0);
+    assert!(svc.group().is_empty(), "no entry left behind");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1715,7 +1718,6 @@ impl Clone for CloneBomb {
 /// Nobody hangs: when cloning the response for the followers panics, the followers still
 /// resolve (with an error), and the key stays usable.
 #[tokio::test(start_paused = true)]
-#[ignore = "BUG in src/flight.rs: a panic in the response's Clone (in `complete`) unwinds out of the driver's poll after the entry was removed and before any slot is filled: the followers are never woken and hang; un-ignore once fixed"]
 async fn panicking_response_clone_does_not_hang_followers() {
     let group: Group<&'static str> = Group::new();
     let (open, mut gate) = watch::channel(false);
@@ -1807,7 +1809,6 @@ async fn colliding_keys_do_not_share_a_flight() {
 /// With a linger window the output is cloned once more, to keep it: a panic there must not
 /// leave the key registered to a flight that never ends.
 #[tokio::test(start_paused = true)]
-#[ignore = "BUG in src/flight.rs: with `linger`, `complete` clones the output before `finish`; a panicking Clone unwinds with the entry still registered as running, so every later request for the key joins a flight that never ends; un-ignore once fixed"]
 async fn panicking_clone_under_linger_does_not_brick_the_key() {
     let group: Group<&'static str> = tower_coalesce::GroupBuilder::new()
         .linger(Duration::from_secs(1))

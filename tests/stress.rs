@@ -247,9 +247,9 @@ async fn hundred_thousand_requests_over_ten_thousand_keys_with_cancellations() {
          {} gave up; {calls} backend calls ({finished} finished, {dropped} cancelled)",
         o.leaders, o.followers, o.answered, o.failed, o.gave_up
     );
-    assert_eq!(
-        svc.in_flight(),
-        0,
+    assert_eq!(svc.in_flight(), 0, "no flight may be left running");
+    assert!(
+        svc.group().is_empty(),
         "the registry must be empty after the load"
     );
     assert_eq!(
@@ -315,4 +315,5 @@ fn simultaneous_callers_on_one_key_make_one_call_per_round() {
     assert!(all_ok, "a caller panicked");
     assert_eq!(calls.load(SeqCst), ROUNDS, "one call per round");
     assert_eq!(group.in_flight(), 0);
+    assert!(group.is_empty());
 }
