@@ -35,6 +35,23 @@ use crate::sync::Mutex;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// A follower's own way to make the call, kept when it may have to run it: to retry a failed
+/// flight, or to call alone after its wait limit.
+pub(crate) type Make<T> = Box<dyn FnOnce() -> BoxFuture<T> + Send>;
+
+/// Boxes a caller's `make`; a function pointer so that only callers that can offer one (a
+/// `Send + 'static` closure) need those bounds.
+pub(crate) type Boxer<M, T> = fn(M) -> Make<T>;
+
+/// The [`Boxer`] for any `Send + 'static` closure.
+pub(crate) fn boxer<T, M, F>(make: M) -> Make<T>
+where
+    M: FnOnce() -> F + Send + 'static,
+    F: Future<Output = T> + Send + 'static,
+{
+    Box::new(move || Box::pin(make()) as BoxFuture<T>)
+}
+
 /// A registry of in-flight calls, keyed by `K`: Go's `singleflight.Group` for futures.
 ///
 /// At most one flight per key runs at a time. Callers that ask for a key while its flight runs
@@ -100,6 +117,7 @@ pub(crate) struct Config {
     pub(crate) linger_errors: Option<Duration>,
     pub(crate) max_in_flight: Option<usize>,
     pub(crate) max_followers: Option<usize>,
+    pub(crate) retries: u32,
 }
 
 impl Config {
@@ -158,6 +176,16 @@ impl GroupBuilder {
         self
     }
 
+    /// When a flight fails (an error from [`Group::run_result`] or the tower layer, or a
+    /// panic), its followers retry it as one new flight, up to `retries` times per flight: one
+    /// of them runs its own call and the others wait for it, as before. The caller whose call
+    /// failed gets its error. Only followers that can make the call take part (those of
+    /// [`Group::run_retryable`] and of the tower layer); with none, everybody gets the error.
+    pub fn retry_failed(mut self, retries: u32) -> Self {
+        self.config.retries = retries;
+        self
+    }
+
     /// Creates the registry.
     pub fn build<K: Hash + Eq + Send + 'static>(self) -> Group<K> {
         Group::with_config(self.config)
@@ -185,6 +213,8 @@ struct Shard<K> {
     /// Lingering entries in expiry order, one queue per window so each stays sorted.
     expiring_ok: VecDeque<Expiry>,
     expiring_err: VecDeque<Expiry>,
+    /// The next entry's `id`.
+    next_id: u64,
 }
 
 struct Entry<K> {
@@ -198,13 +228,15 @@ struct Entry<K> {
     /// Followers that joined through this entry. Zero at the end means the driver can
     /// publish without taking the flight's lock: nobody else ever saw the flight.
     joined: usize,
+    /// Unique in its shard, so an expiry record never matches a later entry.
+    id: u64,
 }
 
 struct Expiry {
     at: Instant,
     hash: u64,
-    /// The flight's address: compared, never dereferenced.
-    flight: usize,
+    /// The lingering entry's `id`.
+    id: u64,
 }
 
 fn addr<T: ?Sized>(flight: &Arc<T>) -> usize {
@@ -219,6 +251,9 @@ struct Flight<T> {
     registered: bool,
     /// Which outputs count as failures (for stats and `linger_errors`).
     is_err: fn(&T) -> bool,
+    /// `Clone` of the output, captured where `T: Clone` is known, so that a dropped follower
+    /// (whose `Drop` cannot require it) can still publish.
+    cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
     state: Mutex<State<T>>,
     #[cfg(feature = "tracing")]
     span: tracing::Span,
@@ -240,6 +275,20 @@ struct State<T> {
     followers: Slab<Slot<T>>,
     /// Written once before the entry starts lingering; read by callers that find it lingering.
     lingering: Option<Result<T, Panicked>>,
+    /// Retries this flight may still make (`retry_failed`).
+    retries_left: u32,
+    /// Set when an attempt failed and a follower holding a `Make` is to run the next one.
+    needs_driver: bool,
+    /// Followers in `followers` that hold a `Make`.
+    makers: usize,
+    /// The failed attempt's output while `needs_driver`: published to the followers if every
+    /// one that could retry leaves.
+    failure: Option<Result<T, Panicked>>,
+    /// Whether a spawned task drives the flight (its registering caller then waits as a
+    /// follower). Set before the task is spawned.
+    detached: bool,
+    /// How many followers the output was handed to; written when it is published.
+    published_to: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -299,6 +348,7 @@ where
                             counters: Counters::default(),
                             expiring_ok: VecDeque::new(),
                             expiring_err: VecDeque::new(),
+                            next_id: 0,
                         })
                     })
                     .collect(),
@@ -330,7 +380,34 @@ where
         M: FnOnce() -> F,
         F: Future<Output = T> + Send + 'static,
     {
-        self.run_classified(key, make, |_| false)
+        self.run_classified(key, make, |_| false, None)
+    }
+
+    /// [`run_result`](Self::run_result) for a caller that can run the call itself when asked:
+    /// as a follower it keeps `make`, so it can retry a failed flight
+    /// ([`retry_failed`](GroupBuilder::retry_failed)).
+    ///
+    /// ```
+    /// use tower_coalesce::GroupBuilder;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let group = GroupBuilder::new().retry_failed(1).build::<&str>();
+    /// let leader = group.run_retryable("k", || async { Err::<u32, &str>("flaky") });
+    /// let follower = group.run_retryable("k", || async { Ok::<u32, &str>(7) });
+    /// let (leader, follower) = tokio::join!(leader, follower);
+    /// assert_eq!(leader.unwrap(), Err("flaky")); // its own call failed...
+    /// assert_eq!(follower.unwrap(), Ok(7)); // ...the follower retried.
+    /// # }
+    /// ```
+    pub fn run_retryable<V, E, M, F>(&self, key: K, make: M) -> Run<K, Result<V, E>>
+    where
+        V: Clone + Send + 'static,
+        E: Clone + Send + 'static,
+        M: FnOnce() -> F + Send + 'static,
+        F: Future<Output = Result<V, E>> + Send + 'static,
+    {
+        self.run_classified(key, make, Result::is_err, Some(boxer))
     }
 
     /// [`run`](Self::run) for fallible calls: `Err` outputs count as errors in
@@ -342,7 +419,11 @@ where
         M: FnOnce() -> F,
         F: Future<Output = Result<V, E>> + Send + 'static,
     {
-        self.run_classified(key, make, Result::is_err)
+        self.run_classified(key, make, Result::is_err, None)
+    }
+
+    pub(crate) fn retries(&self) -> u32 {
+        self.registry.config.retries
     }
 
     pub(crate) fn run_classified<T, M, F>(
@@ -350,6 +431,7 @@ where
         key: K,
         make: M,
         is_err: fn(&T) -> bool,
+        keep: Option<Boxer<M, T>>,
     ) -> Run<K, T>
     where
         T: Clone + Send + 'static,
@@ -387,7 +469,7 @@ where
                     .lingering
                     .as_ref()
                     .expect("set before the entry lingers");
-                let out = clone_n(kept, 1).pop().expect("one clone");
+                let out = clone_n(flight.cloner, kept, 1).pop().expect("one clone");
                 drop(state);
                 return Run::ready(registry, flight, out, false);
             }
@@ -404,6 +486,7 @@ where
                     return self.alone(hash, make, is_err);
                 }
                 let slot = state.followers.insert(Slot::Parked(None));
+                state.makers += usize::from(keep.is_some());
                 drop(state);
                 found.get_mut().joined += 1;
                 shard.counters.followers += 1;
@@ -417,6 +500,9 @@ where
                     role: Role::Follower(slot),
                     leader: false,
                     shared: true,
+                    maker: keep.is_some(),
+                    // Boxing is user-visible work only for callers that asked to keep `make`.
+                    make: keep.map(|keep| keep(make)),
                 };
             }
             drop(state);
@@ -437,7 +523,7 @@ where
                 return self.alone(hash, make, is_err);
             }
         }
-        let flight = Arc::new(Flight::new(hash, true, is_err));
+        let flight = Arc::new(Flight::new(hash, true, is_err, config.retries));
         let entry = Entry {
             key,
             hash,
@@ -445,7 +531,9 @@ where
             flight: Arc::clone(&flight) as Arc<dyn Any + Send + Sync>,
             lingers_until: None,
             joined: 0,
+            id: shard.next_id,
         };
+        shard.next_id += 1;
         shard.table.insert_unique(hash, entry, |e| e.hash);
         shard.counters.leaders += 1;
         shard.counters.running += 1;
@@ -463,7 +551,7 @@ where
         M: FnOnce() -> F,
         F: Future<Output = T> + Send + 'static,
     {
-        self.lead(Arc::new(Flight::new(hash, false, is_err)), make)
+        self.lead(Arc::new(Flight::new(hash, false, is_err, 0)), make)
     }
 
     fn lead<T, M, F>(&self, flight: Arc<Flight<T>>, make: M) -> Run<K, T>
@@ -478,6 +566,8 @@ where
             role: Role::Finished,
             leader: true,
             shared: false,
+            maker: false,
+            make: None,
         };
         let fut = match catch_unwind(AssertUnwindSafe(make)) {
             Ok(fut) => Box::pin(fut),
@@ -496,13 +586,18 @@ where
             return run;
         };
         // Detached: a task drives the flight; the caller waits as a follower of its own call.
-        let slot = run.flight.state.lock().followers.insert(Slot::Parked(None));
+        let mut state = run.flight.state.lock();
+        state.detached = true;
+        let slot = state.followers.insert(Slot::Parked(None));
+        drop(state);
         let driver = Run {
             registry: Arc::clone(&self.registry),
             flight: Arc::clone(&run.flight),
             role: Role::Driver(fut),
             leader: false,
             shared: false,
+            maker: false,
+            make: None,
         };
         handle.spawn(async move {
             let _ = driver.await;
@@ -620,12 +715,6 @@ impl<K> Group<K> {
         #[cfg(feature = "metrics")]
         metrics::counter!("tower_coalesce_bypassed_total").increment(1);
     }
-
-    pub(crate) fn note_retry(&self) {
-        self.registry.retried.fetch_add(1, Relaxed);
-        #[cfg(feature = "metrics")]
-        metrics::counter!("tower_coalesce_retried_total").increment(1);
-    }
 }
 
 impl<K> Shard<K> {
@@ -636,9 +725,7 @@ impl<K> Shard<K> {
                 let Some(expiry) = queue.pop_front() else {
                     break;
                 };
-                let found = self
-                    .table
-                    .find_entry(expiry.hash, |e| addr(&e.flight) == expiry.flight);
+                let found = self.table.find_entry(expiry.hash, |e| e.id == expiry.id);
                 if let Ok(found) = found {
                     garbage.push(found.remove().0);
                 }
@@ -689,10 +776,11 @@ impl<K> Registry<K> {
                         true => &mut shard.expiring_err,
                         false => &mut shard.expiring_ok,
                     };
+                    let id = found.get().id;
                     queue.push_back(Expiry {
                         at,
                         hash: flight.hash,
-                        flight: me,
+                        id,
                     });
                 }
                 None => removed = Some(found.remove().0),
@@ -705,18 +793,25 @@ impl<K> Registry<K> {
     }
 }
 
-impl<T> Flight<T> {
-    fn new(hash: u64, registered: bool, is_err: fn(&T) -> bool) -> Self {
+impl<T: Clone> Flight<T> {
+    fn new(hash: u64, registered: bool, is_err: fn(&T) -> bool, retries: u32) -> Self {
         Flight {
             hash,
             registered,
             is_err,
+            cloner: Clone::clone,
             state: Mutex::new(State {
                 phase: Phase::Running,
                 driven: true,
                 orphan: None,
                 followers: Slab::new(),
                 lingering: None,
+                retries_left: retries,
+                needs_driver: false,
+                makers: 0,
+                failure: None,
+                detached: false,
+                published_to: 0,
             }),
             #[cfg(feature = "tracing")]
             span: tracing::debug_span!(
@@ -767,6 +862,10 @@ pub struct Run<K, T> {
     leader: bool,
     /// Whether the output was (or will be) handed to more than one caller.
     shared: bool,
+    /// Whether this follower is counted in `State::makers`.
+    maker: bool,
+    /// A follower's own way to make the call, if it kept one.
+    make: Option<Make<T>>,
 }
 
 // No field is structurally pinned: the inner future is boxed, outputs are moved out whole.
@@ -796,6 +895,8 @@ impl<K, T> Run<K, T> {
             role: Role::Ready(Some(out)),
             leader,
             shared: !leader,
+            maker: false,
+            make: None,
         }
     }
 
@@ -834,6 +935,9 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
     /// Publishes the driver's output: unregisters the flight first (or makes it linger), so
     /// that a caller who comes after this point starts a new flight instead of joining a
     /// finished one; then hands a clone to each follower and wakes them all in one pass.
+    ///
+    /// A failed output with retries left and a follower able to retry is not published: the
+    /// flight stays registered and its followers are woken to elect the next driver.
     fn complete(&mut self, out: Result<T, Panicked>) -> Result<T, Panicked> {
         let flight = &self.flight;
         let end = match &out {
@@ -841,68 +945,122 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             Ok(v) if (flight.is_err)(v) => End::Err,
             Ok(_) => End::Ok,
         };
-        let config = &self.registry.config;
-        let window = match end {
-            End::Ok => config.linger,
-            _ => config.linger_errors,
-        };
-        let linger = window.filter(|_| flight.registered).and_then(|window| {
-            // Stored before the entry is marked lingering, where callers look for it. A
-            // response whose clone panics is not kept.
-            let keep = catch_unwind(AssertUnwindSafe(|| out.clone())).ok()?;
-            flight.state.lock().lingering = Some(keep);
-            Some((Instant::now() + window, !matches!(end, End::Ok)))
-        });
-        let joined = self.registry.finish(flight, end, linger);
-        // A detached flight's caller follows it without going through the entry.
-        if joined == Some(0) && !config.detached {
-            self.trace_end(end, 1);
-            return out;
-        }
-        // No follower can join from here on, and `driven` keeps the ones that leave from
-        // cancelling the flight, so counting now and filling later is sound.
-        let mut state = flight.state.lock();
-        let wanted = state.followers.len();
-        if wanted == 0 {
-            state.phase = Phase::Done;
-            state.driven = false;
-            drop(state);
-            self.trace_end(end, 1);
-            return out;
-        }
-        self.shared = true;
-        drop(state);
-        let mut copies = clone_n(&out, wanted);
-        let mut wakers = Vec::with_capacity(wanted);
-        let mut state = flight.state.lock();
-        for (_, slot) in state.followers.iter_mut() {
-            let Some(copy) = copies.pop() else { break };
-            if let Slot::Parked(waker) = mem::replace(slot, Slot::Ready(copy)) {
-                wakers.extend(waker);
+        if !matches!(end, End::Ok) && self.registry.config.retries > 0 && flight.registered {
+            // Cloned before locking: the clone is user code.
+            let spare = clone_n(flight.cloner, &out, 1).pop();
+            let mut state = flight.state.lock();
+            if state.retries_left > 0 && state.makers > 0 {
+                state.retries_left -= 1;
+                state.needs_driver = true;
+                state.driven = false;
+                state.failure = spare;
+                let wakers: Vec<_> = state
+                    .followers
+                    .iter_mut()
+                    .filter_map(|(_, slot)| match slot {
+                        Slot::Parked(waker) => waker.take(),
+                        Slot::Ready(_) => None,
+                    })
+                    .collect();
+                drop(state);
+                self.registry.shard(flight.hash).lock().counters.count(end);
+                emit("tower_coalesce_retried_total");
+                self.shared = true;
+                for waker in wakers {
+                    waker.wake();
+                }
+                return out;
             }
+            drop(state);
         }
+        let (out, shared) = publish(&self.registry, flight, out, end);
+        self.shared |= shared;
+        out
+    }
+}
+
+/// Ends `flight` with `out`: unregisters it (or makes it linger), then fills every follower's
+/// slot with a clone and wakes them all. Returns `out` and whether a follower got it.
+fn publish<K, T>(
+    registry: &Registry<K>,
+    flight: &Arc<Flight<T>>,
+    out: Result<T, Panicked>,
+    end: End,
+) -> (Result<T, Panicked>, bool) {
+    let config = &registry.config;
+    let window = match end {
+        End::Ok => config.linger,
+        _ => config.linger_errors,
+    };
+    let linger = window.filter(|_| flight.registered).and_then(|window| {
+        // Stored before the entry is marked lingering, where callers look for it. A response
+        // whose clone panics is not kept.
+        let keep = catch_unwind(AssertUnwindSafe(|| (flight.cloner)(&out))).ok()?;
+        flight.state.lock().lingering = Some(keep);
+        Some((Instant::now() + window, !matches!(end, End::Ok)))
+    });
+    let joined = registry.finish(flight, end, linger);
+    // A detached flight's caller follows it without going through the entry.
+    if joined == Some(0) && !(config.detached && flight.registered) {
+        trace_end(flight, end, 1);
+        return (out, false);
+    }
+    // No follower can join from here on, and `driven` keeps the ones that leave from
+    // cancelling the flight, so counting now and filling later is sound.
+    let mut state = flight.state.lock();
+    let wanted = state.followers.len();
+    let failure = state.failure.take();
+    if wanted == 0 {
         state.phase = Phase::Done;
         state.driven = false;
         drop(state);
-        drop(copies);
-        self.trace_end(end, wanted + 1);
-        for waker in wakers {
-            waker.wake();
-        }
-        out
+        drop(failure);
+        trace_end(flight, end, 1);
+        return (out, false);
     }
-
-    #[allow(unused_variables)]
-    fn trace_end(&self, end: End, waiters: usize) {
-        #[cfg(feature = "tracing")]
-        {
-            let span = &self.flight.span;
-            span.record("waiters", waiters);
-            span.record("outcome", end.name());
-            tracing::debug!(parent: span, outcome = end.name(), waiters, "flight finished");
+    drop(state);
+    drop(failure);
+    let mut copies = clone_n(flight.cloner, &out, wanted);
+    let mut wakers = Vec::with_capacity(wanted);
+    let mut state = flight.state.lock();
+    for (_, slot) in state.followers.iter_mut() {
+        let Some(copy) = copies.pop() else { break };
+        if let Slot::Parked(waker) = mem::replace(slot, Slot::Ready(copy)) {
+            wakers.extend(waker);
         }
-        #[cfg(feature = "metrics")]
-        metrics::counter!("tower_coalesce_flights_total", "outcome" => end.name()).increment(1);
+    }
+    state.phase = Phase::Done;
+    state.driven = false;
+    state.needs_driver = false;
+    state.published_to = wanted;
+    // A detached flight's driver is a task, not a waiter.
+    let waiters = wanted + usize::from(!state.detached);
+    drop(state);
+    drop(copies);
+    trace_end(flight, end, waiters);
+    for waker in wakers {
+        waker.wake();
+    }
+    (out, true)
+}
+
+#[allow(unused_variables)]
+fn trace_end<T>(flight: &Flight<T>, end: End, waiters: usize) {
+    #[cfg(feature = "tracing")]
+    {
+        let span = &flight.span;
+        span.record("waiters", waiters);
+        span.record("outcome", end.name());
+        tracing::debug!(parent: span, outcome = end.name(), waiters, "flight finished");
+    }
+    #[cfg(feature = "metrics")]
+    metrics::counter!("tower_coalesce_flights_total", "outcome" => end.name()).increment(1);
+}
+
+impl<K, T> Run<K, T> {
+    /// Takes this follower's own `make`, to call alone (after its wait limit).
+    pub(crate) fn take_make(&mut self) -> Option<Make<T>> {
+        self.make.take()
     }
 }
 
@@ -940,6 +1098,11 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                             let Slot::Ready(out) = state.followers.remove(key) else {
                                 unreachable!()
                             };
+                            state.makers -= usize::from(mem::take(&mut this.maker));
+                            if this.leader {
+                                // A detached flight's caller: shared if anybody else got it.
+                                this.shared = state.published_to > 1;
+                            }
                             drop(guard);
                             this.role = Role::Finished;
                             return Poll::Ready(out);
@@ -948,9 +1111,35 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                             if let Some(orphan) = state.orphan.take() {
                                 // The driver left: take over polling for everybody.
                                 state.followers.remove(key);
+                                state.makers -= usize::from(mem::take(&mut this.maker));
                                 state.driven = true;
                                 drop(guard);
                                 this.role = Role::Driver(orphan);
+                                continue;
+                            }
+                            if state.needs_driver && this.make.is_some() {
+                                // The last attempt failed: run this follower's own call as
+                                // the next attempt, for everybody.
+                                state.followers.remove(key);
+                                state.makers -= usize::from(mem::take(&mut this.maker));
+                                state.needs_driver = false;
+                                state.driven = true;
+                                let failure = state.failure.take();
+                                drop(guard);
+                                drop(failure);
+                                // A new call, started by a follower: a leader and a retry.
+                                let registry = &this.registry;
+                                registry.shard(this.flight.hash).lock().counters.leaders += 1;
+                                registry.retried.fetch_add(1, Relaxed);
+                                let make = this.make.take().expect("checked above");
+                                match catch_unwind(AssertUnwindSafe(make)) {
+                                    Ok(fut) => this.role = Role::Driver(fut),
+                                    Err(payload) => {
+                                        this.role = Role::Finished;
+                                        let out = this.complete(Err(Panicked::new(payload)));
+                                        return Poll::Ready(out);
+                                    }
+                                }
                                 continue;
                             }
                             match waker {
@@ -994,38 +1183,63 @@ impl<K, T> Drop for Run<K, T> {
             Role::Follower(key) => {
                 let mut state = self.flight.state.lock();
                 let slot = state.followers.try_remove(key);
-                if state.phase != Phase::Running || state.driven || !state.followers.is_empty() {
+                if state.phase != Phase::Running {
+                    drop(state);
+                    // An output waiting in the slot is dropped here, unlocked.
+                    drop(slot);
+                    return;
+                }
+                state.makers -= usize::from(mem::take(&mut self.maker));
+                if !state.driven && state.followers.is_empty() {
+                    state.phase = Phase::Cancelled;
+                    let failure = state.failure.take();
+                    let orphan = state.orphan.take();
+                    drop(state);
+                    drop(failure);
+                    orphan
+                } else if state.needs_driver && state.makers == 0 {
+                    // Nobody left who could retry: the others get the failed attempt's output.
+                    state.needs_driver = false;
+                    state.driven = true;
+                    let failure = state.failure.take();
+                    drop(state);
+                    if let Some(failure) = failure {
+                        let end = match &failure {
+                            Ok(_) => End::Err,
+                            Err(_) => End::Panicked,
+                        };
+                        let _ = publish(&self.registry, &self.flight, failure, end);
+                    }
+                    return;
+                } else {
                     // This follower may have been the one woken to take over an orphan.
                     let waker = match state.orphan.is_some() {
                         true => wake_one(&mut state.followers),
                         false => None,
                     };
                     drop(state);
-                    // An output waiting in the slot is dropped here, unlocked.
-                    drop(slot);
                     if let Some(waker) = waker {
                         waker.wake();
                     }
                     return;
                 }
-                state.phase = Phase::Cancelled;
-                state.orphan.take()
             }
         };
         // Last waiter gone: cancel the call (drop the inner future), then free the key.
         drop(orphan);
         let _ = self.registry.finish(&self.flight, End::Cancelled, None);
-        #[cfg(feature = "tracing")]
-        tracing::debug!(parent: &self.flight.span, outcome = "cancelled", "flight finished");
-        #[cfg(feature = "metrics")]
-        metrics::counter!("tower_coalesce_flights_total", "outcome" => "cancelled").increment(1);
+        trace_end(&self.flight, End::Cancelled, 0);
     }
 }
 
 /// `n` clones of `out`. The response's `Clone` is user code: if it panics, every copy becomes
 /// that panic, so the waiters still get an answer.
-fn clone_n<T: Clone>(out: &Result<T, Panicked>, n: usize) -> Vec<Result<T, Panicked>> {
-    catch_unwind(AssertUnwindSafe(|| (0..n).map(|_| out.clone()).collect())).unwrap_or_else(
+fn clone_n<T>(
+    cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
+    out: &Result<T, Panicked>,
+    n: usize,
+) -> Vec<Result<T, Panicked>> {
+    catch_unwind(AssertUnwindSafe(|| (0..n).map(|_| cloner(out)).collect())).unwrap_or_else(
         |payload| {
             let panic = Panicked::new(payload);
             (0..n).map(|_| Err(panic.clone())).collect()

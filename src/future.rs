@@ -2,26 +2,25 @@
 
 use std::fmt;
 use std::future::Future;
-use std::hash::Hash;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
-use tower::util::{Oneshot, ServiceExt};
+use tower::util::Oneshot;
 use tower::BoxError;
 use tower_service::Service;
 
 use crate::error::CoalesceError;
-use crate::flight::Group;
 use crate::flight::Run;
-use crate::service::{join, OnTimeout, Options};
+use crate::service::{OnTimeout, Options};
 
-type Waiter<S, Req, K> = Run<K, Result<<S as Service<Req>>::Response, CoalesceError>>;
+type Output<S, Req> = Result<<S as Service<Req>>::Response, CoalesceError>;
+type Waiter<S, Req, K> = Run<K, Output<S, Req>>;
 
 pin_project! {
-    /// The response future of [`CoalesceService`].
+    /// The response future of [`CoalesceService`](crate::CoalesceService).
     pub struct ResponseFuture<S, Req, K>
     where
         S: Service<Req>,
@@ -29,10 +28,14 @@ pin_project! {
         #[pin]
         kind: Kind<S, Req, K>,
         // A follower's wait limit; boxed because only followers with the option pay for it.
-        deadline: Option<(Pin<Box<Sleep>>, Duration)>,
-        // A follower's own request, kept when it may have to call or retry on its own.
-        fallback: Option<Box<Fallback<S, K, Req>>>,
+        deadline: Option<Deadline>,
     }
+}
+
+struct Deadline {
+    sleep: Pin<Box<Sleep>>,
+    limit: Duration,
+    action: OnTimeout,
 }
 
 pin_project! {
@@ -43,53 +46,24 @@ pin_project! {
     {
         Coalesced { run: Waiter<S, Req, K> },
         Bypass { #[pin] call: Oneshot<S, Req> },
-    }
-}
-
-/// What a follower needs to call on its own or to retry: kept only when an option needs it.
-pub(crate) struct Fallback<S, K, Req> {
-    inner: S,
-    group: Group<K>,
-    options: Options,
-    key: K,
-    req: Req,
-    retries_left: u32,
-}
-
-impl<S, K, Req> Fallback<S, K, Req> {
-    pub(crate) fn new(
-        inner: S,
-        group: Group<K>,
-        options: Options,
-        key: K,
-        req: Req,
-        retries_left: u32,
-    ) -> Box<Self> {
-        Box::new(Fallback {
-            inner,
-            group,
-            options,
-            key,
-            req,
-            retries_left,
-        })
+        // A follower that stopped waiting, making its own call.
+        Alone { call: Pin<Box<dyn Future<Output = Output<S, Req>> + Send>> },
     }
 }
 
 impl<S: Service<Req>, Req, K> ResponseFuture<S, Req, K> {
-    pub(crate) fn coalesced(
-        run: Waiter<S, Req, K>,
-        wait_limit: Option<Duration>,
-        fallback: Option<Box<Fallback<S, K, Req>>>,
-    ) -> Self {
+    pub(crate) fn coalesced(run: Waiter<S, Req, K>, options: Options) -> Self {
         let deadline = match run.is_leader() {
             true => None,
-            false => wait_limit.map(|d| (Box::pin(tokio::time::sleep(d)), d)),
+            false => options.follower_timeout.map(|limit| Deadline {
+                sleep: Box::pin(tokio::time::sleep(limit)),
+                limit,
+                action: options.on_timeout,
+            }),
         };
         ResponseFuture {
             kind: Kind::Coalesced { run },
             deadline,
-            fallback,
         }
     }
 
@@ -97,7 +71,6 @@ impl<S: Service<Req>, Req, K> ResponseFuture<S, Req, K> {
         ResponseFuture {
             kind: Kind::Bypass { call },
             deadline: None,
-            fallback: None,
         }
     }
 
@@ -116,7 +89,7 @@ impl<S: Service<Req>, Req, K> ResponseFuture<S, Req, K> {
     /// Whether this request goes straight to the inner service: its key was `None`, or it
     /// stopped waiting and made its own call.
     pub fn is_bypass(&self) -> bool {
-        matches!(self.kind, Kind::Bypass { .. })
+        matches!(self.kind, Kind::Bypass { .. } | Kind::Alone { .. })
     }
 
     /// Whether the response was given to more than one request (Go's `shared` flag): true for
@@ -147,14 +120,11 @@ impl<S: Service<Req>, Req, K> ResponseFuture<S, Req, K> {
 
 impl<S, Req, K> Future for ResponseFuture<S, Req, K>
 where
-    S: Service<Req> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S: Service<Req>,
     S::Response: Clone + Send + 'static,
     S::Error: Into<BoxError>,
-    Req: Send + 'static,
-    K: Hash + Eq + Clone + Send + 'static,
 {
-    type Output = Result<S::Response, CoalesceError>;
+    type Output = Output<S, Req>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -163,59 +133,27 @@ where
                 KindProj::Bypass { call } => {
                     return Poll::Ready(ready!(call.poll(cx)).map_err(CoalesceError::inner))
                 }
+                KindProj::Alone { call } => return call.as_mut().poll(cx),
                 KindProj::Coalesced { run } => run,
             };
-            let out = match Pin::new(&mut *run).poll(cx) {
-                Poll::Ready(out) => out.unwrap_or_else(|panic| Err(CoalesceError::panicked(panic))),
-                Poll::Pending => {
-                    let Some((sleep, limit)) = this.deadline else {
-                        return Poll::Pending;
-                    };
-                    ready!(sleep.as_mut().poll(cx));
-                    let limit = *limit;
-                    *this.deadline = None;
-                    run.note_timeout();
-                    match this.fallback.take() {
-                        Some(fallback) if fallback.options.on_timeout == OnTimeout::CallInner => {
-                            // Leaves the flight (dropping the old waiter) and calls alone.
-                            let Fallback { inner, req, .. } = *fallback;
-                            this.kind.set(Kind::Bypass {
-                                call: inner.oneshot(req),
-                            });
-                            continue;
-                        }
-                        _ => return Poll::Ready(Err(CoalesceError::timed_out(limit))),
-                    }
-                }
+            if let Poll::Ready(out) = Pin::new(&mut *run).poll(cx) {
+                return Poll::Ready(
+                    out.unwrap_or_else(|panic| Err(CoalesceError::panicked(panic))),
+                );
+            }
+            let Some(deadline) = this.deadline else {
+                return Poll::Pending;
             };
-            // A failed flight: its followers retry, as one new flight (the first of them to
-            // get here leads it, the others join it).
-            let retry = out.is_err() && !run.is_leader();
-            match this.fallback.take() {
-                Some(fallback) if retry && fallback.retries_left > 0 => {
-                    fallback.group.note_retry();
-                    let Fallback {
-                        inner,
-                        group,
-                        options,
-                        key,
-                        req,
-                        retries_left,
-                    } = *fallback;
-                    let (run, req) = join(&group, &inner, key.clone(), req);
-                    let next = ResponseFuture::coalesced(
-                        run,
-                        options.follower_timeout,
-                        req.map(|req| {
-                            Fallback::new(inner, group, options, key, req, retries_left - 1)
-                        }),
-                    );
-                    *this.deadline = next.deadline;
-                    *this.fallback = next.fallback;
-                    this.kind.set(next.kind);
-                    continue;
+            ready!(deadline.sleep.as_mut().poll(cx));
+            let Deadline { limit, action, .. } = this.deadline.take().expect("checked above");
+            run.note_timeout();
+            match (action, run.take_make()) {
+                (OnTimeout::CallInner, Some(make)) => {
+                    // Leaves the flight (dropping this waiter) and calls alone; the flight
+                    // goes on for the others.
+                    this.kind.set(Kind::Alone { call: make() });
                 }
-                _ => return Poll::Ready(out),
+                _ => return Poll::Ready(Err(CoalesceError::timed_out(limit))),
             }
         }
     }
@@ -226,6 +164,7 @@ impl<S: Service<Req>, Req, K> fmt::Debug for ResponseFuture<S, Req, K> {
         match &self.kind {
             Kind::Coalesced { run } => f.debug_tuple("ResponseFuture").field(run).finish(),
             Kind::Bypass { .. } => f.debug_tuple("ResponseFuture").field(&"bypass").finish(),
+            Kind::Alone { .. } => f.debug_tuple("ResponseFuture").field(&"alone").finish(),
         }
     }
 }

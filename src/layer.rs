@@ -29,7 +29,8 @@ use crate::service::{CoalesceService, OnTimeout, Options};
 ///
 /// All off by default. The registry options ([`detached`](Self::detached),
 /// [`linger`](Self::linger), [`linger_errors`](Self::linger_errors),
-/// [`max_in_flight`](Self::max_in_flight), [`max_followers`](Self::max_followers)) each
+/// [`max_in_flight`](Self::max_in_flight), [`max_followers`](Self::max_followers),
+/// [`retry_failed`](Self::retry_failed)) each
 /// give the layer a new registry with that option: set them before the layer is used or cloned.
 ///
 /// ```
@@ -149,6 +150,14 @@ where
     pub fn max_followers(self, max: usize) -> Self {
         self.reconfigure(|c| c.max_followers = Some(max))
     }
+
+    /// When a call fails (an error or a panic), its followers retry it as one new call: one
+    /// of them makes its own call for everybody, the others wait for it, up to `retries` times
+    /// per call. The request whose call failed gets its error. The default, 0, hands every
+    /// follower the error. See [`GroupBuilder::retry_failed`](crate::GroupBuilder::retry_failed).
+    pub fn retry_failed(self, retries: u32) -> Self {
+        self.reconfigure(|c| c.retries = retries)
+    }
 }
 
 impl<F, K> CoalesceLayer<F, K> {
@@ -162,14 +171,6 @@ impl<F, K> CoalesceLayer<F, K> {
     /// What a follower does at its wait limit; see [`follower_timeout`](Self::follower_timeout).
     pub fn on_follower_timeout(mut self, action: OnTimeout) -> Self {
         self.options.on_timeout = action;
-        self
-    }
-
-    /// When a call fails (an error or a panic), its followers retry as one new call (one of
-    /// them leads it, the others wait for it), up to `retries` times. The default, 0, hands
-    /// every follower the leader's error.
-    pub fn retry_failed(mut self, retries: u32) -> Self {
-        self.options.retries = retries;
         self
     }
 

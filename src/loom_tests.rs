@@ -146,3 +146,74 @@ fn loom_panic_reaches_every_waiter_and_frees_the_key() {
         assert_eq!(block_on(group.run(1, || async { 1u32 })).unwrap(), 1);
     });
 }
+
+#[test]
+fn loom_retry_is_one_new_call_by_one_follower() {
+    loom::model(|| {
+        let group = crate::flight::GroupBuilder::new()
+            .retry_failed(1)
+            .build::<u8>();
+        let made = Arc::new(AtomicUsize::new(0));
+        let m = made.clone();
+        let leader = group.run_retryable(1, move || {
+            m.fetch_add(1, SeqCst);
+            async { Err::<u32, u32>(0) }
+        });
+        let followers: Vec<_> = (1..=2)
+            .map(|id| {
+                let m = made.clone();
+                let fut = group.run_retryable(1, move || {
+                    m.fetch_add(1, SeqCst);
+                    async move { Ok::<u32, u32>(id) }
+                });
+                thread::spawn(move || block_on(fut).unwrap())
+            })
+            .collect();
+        assert_eq!(block_on(leader).unwrap(), Err(0));
+        let got: Vec<_> = followers.into_iter().map(|f| f.join().unwrap()).collect();
+        assert!(
+            got[0].is_ok() && got[0] == got[1],
+            "one retry for both: {got:?}"
+        );
+        assert_eq!(made.load(SeqCst), 2, "the failed call and one retry");
+        assert_eq!(group.in_flight(), 0);
+    });
+}
+
+#[test]
+fn loom_linger_never_starts_a_second_call() {
+    loom::model(|| {
+        let group = crate::flight::GroupBuilder::new()
+            .linger(std::time::Duration::from_secs(3600))
+            .build::<u8>();
+        let ledger = Ledger::new();
+        let (g, l) = (group.clone(), ledger.clone());
+        let other = thread::spawn(move || block_on(g.run(1, l.make(7))).unwrap());
+        let mine = block_on(group.run(1, ledger.make(8))).unwrap();
+        let theirs = other.join().unwrap();
+        assert_eq!(mine, theirs, "joined or served the lingering output");
+        assert_eq!(ledger.made.load(SeqCst), 1);
+        assert_eq!(group.in_flight(), 0);
+        assert_eq!(group.len(), 1, "the output lingers");
+    });
+}
+
+#[test]
+fn loom_forget_races_join() {
+    loom::model(|| {
+        let group: Group<u8> = Group::new();
+        let ledger = Ledger::new();
+        let first = group.run(1, ledger.make(1));
+        let g = group.clone();
+        let forgetter = thread::spawn(move || g.forget(&1));
+        let second = group.run(1, ledger.make(2));
+        let forgot = forgetter.join().unwrap();
+        let (a, b) = (block_on(first).unwrap(), block_on(second).unwrap());
+        assert!(forgot);
+        assert_eq!(a, 1);
+        // Joined before the forget (1), or started anew after it (2).
+        assert!(b == 1 || b == 2);
+        assert_eq!(group.in_flight(), 0);
+        ledger.assert_balanced();
+    });
+}

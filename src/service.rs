@@ -11,8 +11,8 @@ use tower::BoxError;
 use tower_service::Service;
 
 use crate::error::CoalesceError;
-use crate::flight::{Group, Run};
-use crate::future::{Call, Fallback, ResponseFuture};
+use crate::flight::{boxer, Group};
+use crate::future::{Call, ResponseFuture};
 use crate::stats::Stats;
 
 /// Coalesces concurrent requests with equal keys into one call of the inner service.
@@ -38,14 +38,11 @@ pub struct CoalesceService<S, F, K> {
 pub(crate) struct Options {
     pub(crate) follower_timeout: Option<Duration>,
     pub(crate) on_timeout: OnTimeout,
-    pub(crate) retries: u32,
 }
 
 impl Options {
-    /// Whether a follower must keep its request: to call on its own or to retry.
-    fn keeps_request(&self) -> bool {
-        self.retries > 0
-            || (self.follower_timeout.is_some() && self.on_timeout == OnTimeout::CallInner)
+    fn calls_alone_on_timeout(&self) -> bool {
+        self.follower_timeout.is_some() && self.on_timeout == OnTimeout::CallInner
     }
 }
 
@@ -134,7 +131,7 @@ where
     S::Error: Into<BoxError>,
     Req: Send + 'static,
     F: Fn(&Req) -> Option<K>,
-    K: Hash + Eq + Clone + Send + 'static,
+    K: Hash + Eq + Send + 'static,
 {
     type Response = S::Response;
     type Error = CoalesceError;
@@ -149,52 +146,27 @@ where
             self.group.note_bypass();
             return ResponseFuture::bypass(self.inner.clone().oneshot(req));
         };
-        if !self.options.keeps_request() {
+        let options = self.options;
+        let run = if self.group.retries() > 0 || options.calls_alone_on_timeout() {
+            // A follower keeps its own call (its request), to retry or to call alone.
+            let inner = self.inner.clone();
+            self.group.run_classified(
+                key,
+                move || Call::new(inner.oneshot(req)),
+                Result::is_err,
+                Some(boxer),
+            )
+        } else {
             let inner = &self.inner;
-            let run = self.group.run_classified(
+            self.group.run_classified(
                 key,
                 || Call::new(inner.clone().oneshot(req)),
                 Result::is_err,
-            );
-            return ResponseFuture::coalesced(run, self.options.follower_timeout, None);
-        }
-        // Only the retry option reads the kept key; the clone is its whole cost.
-        let (run, req) = join(&self.group, &self.inner, key.clone(), req);
-        let options = self.options;
-        let fallback = req.map(|req| {
-            let (inner, group) = (self.inner.clone(), self.group.clone());
-            Fallback::new(inner, group, options, key, req, options.retries)
-        });
-        ResponseFuture::coalesced(run, options.follower_timeout, fallback)
+                None,
+            )
+        };
+        ResponseFuture::coalesced(run, options)
     }
-}
-
-/// Joins or leads `key`'s flight; a follower gets its request back.
-#[allow(clippy::type_complexity)]
-pub(crate) fn join<S, K, Req>(
-    group: &Group<K>,
-    inner: &S,
-    key: K,
-    req: Req,
-) -> (Run<K, Result<S::Response, CoalesceError>>, Option<Req>)
-where
-    S: Service<Req> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Response: Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    Req: Send + 'static,
-    K: Hash + Eq + Send + 'static,
-{
-    let mut req = Some(req);
-    let run = group.run_classified(
-        key,
-        || {
-            let req = req.take().expect("make runs once, before run returns");
-            Call::new(inner.clone().oneshot(req))
-        },
-        Result::is_err,
-    );
-    (run, req)
 }
 
 impl<S: Clone, F: Clone, K> Clone for CoalesceService<S, F, K> {

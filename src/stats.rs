@@ -7,7 +7,7 @@
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Flights started.
+    /// Calls started: flights, and retries of failed ones.
     pub leaders: u64,
     /// Requests that joined a running flight.
     pub followers: u64,
@@ -21,11 +21,11 @@ pub struct Stats {
     pub over_capacity: u64,
     /// Followers that stopped waiting at their wait limit.
     pub timed_out: u64,
-    /// Followers that retried as a new flight after a failed one.
+    /// Calls a follower started to retry a failed one (`retry_failed`).
     pub retried: u64,
-    /// Flights whose output was an error.
+    /// Calls whose output was an error (retried ones included).
     pub errors: u64,
-    /// Flights whose inner service panicked.
+    /// Calls whose inner service panicked (retried ones included).
     pub panics: u64,
     /// Flights dropped because every waiter left.
     pub cancelled: u64,

@@ -769,11 +769,6 @@ async fn forget_drops_a_lingering_result() {
 /// A lingering entry's expiry record survives `forget`; it must not take a later flight of the
 /// same key with it when it comes due.
 #[tokio::test(start_paused = true)]
-#[ignore = "BUG: Group::forget (src/flight.rs:529) leaves the forgotten entry's Expiry record \
-            queued, and Shard::purge (src/flight.rs:640) matches entries by the flight's address \
-            alone; the next flight of the key is allocated at the freed address, so the stale \
-            expiry removes that running flight: a second leader starts and in_flight never \
-            returns to 0"]
 async fn forgotten_lingering_expiry_does_not_remove_a_newer_flight() {
     bounded("test", async {
         let group: Group<u32> = GroupBuilder::new().linger(Duration::from_secs(1)).build();
@@ -982,10 +977,6 @@ async fn by_default_followers_share_the_leaders_error() {
 /// once, as a cache or a circuit breaker does. The followers of the failed flight must still
 /// retry as one flight: two calls in all.
 #[tokio::test(start_paused = true)]
-#[ignore = "BUG: the retry (src/future.rs:193-215) is made by whichever follower is polled \
-            first, after the failed flight was unregistered; when the backend answers within \
-            that first poll, the retry flight is over before the next follower is polled, so \
-            each follower makes its own call, one at a time: 1 + N calls instead of 2"]
 async fn retry_with_a_backend_that_answers_at_once_still_makes_one_flight() {
     bounded("test", async {
         let calls = Arc::new(AtomicUsize::new(0));
@@ -1371,9 +1362,6 @@ async fn shared_flag_on_the_response_future() {
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "BUG: a detached leader's Run is made with shared: false (src/flight.rs:479) and \
-            waits as a follower of the spawned driver; complete() sets shared = true on the \
-            driver's Run (src/flight.rs:871), never on the caller's, so is_shared() stays false"]
 async fn shared_flag_of_a_detached_leader() {
     bounded("test", async {
         let (backend, mut ctl) = backend();
@@ -1608,8 +1596,6 @@ mod tracing_spans {
     }
 
     #[tokio::test(start_paused = true)]
-    #[ignore = "BUG: Drop for Run (src/flight.rs:1017) emits a 'flight finished' event with \
-                outcome = cancelled but never records `outcome` (nor `waiters`) on the span"]
     async fn a_cancelled_flight_span_records_its_outcome() {
         let installed = Flights::install();
         let flights = &installed.0;
@@ -1628,9 +1614,6 @@ mod tracing_spans {
     }
 
     #[tokio::test(start_paused = true)]
-    #[ignore = "BUG: complete() (src/flight.rs:886) records waiters = followers + 1, but a \
-                detached flight's caller is already one of the followers (its slot is added \
-                in lead(), src/flight.rs:500) and the spawned driver is no waiter: one too many"]
     async fn a_detached_flight_span_counts_its_waiters() {
         let installed = Flights::install();
         let flights = &installed.0;
