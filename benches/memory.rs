@@ -6,8 +6,9 @@
 //! (what a server's task would hold), the registry entry, the shared state and its waiter
 //! slot. The bare service's row is the baseline: one backend call in flight and nothing else.
 //! After the futures are dropped (every caller cancelled), what is still allocated is the
-//! registry's table capacity plus any entry that cancellation did not remove; a second round
-//! on other keys tells the two apart (capacity is reused, kept entries pile up: "leaked").
+//! registry's table capacity plus any entry that cancellation did not remove; more rounds on
+//! other keys tell the two apart (capacity is reused, kept entries pile up: "leaked" is what
+//! the last round added).
 //!
 //! `cargo bench --bench memory`; results also go to `target/criterion/tower-coalesce-memory.json`.
 
@@ -29,6 +30,9 @@ static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 /// Distinct keys in flight at once; also the number of followers of the one hot key.
 const REQUESTS: usize = 100_000;
 const HOT_KEY: u64 = u64::MAX;
+/// Rounds of cancelled in-flight keys after the first; "leaked" is what the last one added
+/// (a table that grows past its tombstones does so in the first rounds).
+const ROUNDS: u64 = 5;
 
 /// Bytes live and allocation calls so far.
 fn snapshot() -> Stats {
@@ -69,17 +73,33 @@ struct Memory {
 
 impl Visit<Never> for Memory {
     fn visit<C: Client>(&mut self, name: &'static str, client: C, _backend: Backend<Never>) {
+        // What a task holds inline for one request, before anything is allocated.
+        let future_bytes = std::mem::size_of_val(&client.clone().call(u64::MAX - 1));
         let start = live(&snapshot());
 
         let n = REQUESTS as u64;
         let (leaders, key_bytes, key_allocs) = park(0..n, |key| Box::pin(client.clone().call(key)));
         drop(leaders);
         let retained = live(&snapshot());
-        // A second round on other keys: a registry that keeps cancelled entries grows again,
-        // one that only keeps its table's capacity does not.
-        let (leaders, _, _) = park(n..2 * n, |key| Box::pin(client.clone().call(key)));
-        drop(leaders);
-        let leaked = (live(&snapshot()) - retained) as f64 / REQUESTS as f64;
+        // More rounds on other keys: a registry that keeps cancelled entries grows by the same
+        // amount every round; one that only keeps its table's capacity settles (a hash table
+        // may still grow once, e.g. to make room past the tombstones of removed entries).
+        let mut after = Vec::new();
+        for round in 1..=ROUNDS {
+            let keys = round * n..(round + 1) * n;
+            let (leaders, _, _) = park(keys, |key| Box::pin(client.clone().call(key)));
+            drop(leaders);
+            after.push(live(&snapshot()));
+        }
+        eprintln!(
+            "{name} rounds: {:?}",
+            after
+                .windows(2)
+                .map(|w| (w[1] - w[0]) / REQUESTS as i64)
+                .collect::<Vec<_>>()
+        );
+        let leaked =
+            (after[ROUNDS as usize - 1] - after[ROUNDS as usize - 2]) as f64 / REQUESTS as f64;
         let retained = (retained - start) as f64 / REQUESTS as f64;
 
         // Followers of one key (the bare service has none: every call is its own).
@@ -91,7 +111,7 @@ impl Visit<Never> for Memory {
         drop(leader);
 
         println!(
-            "memory  {name:<27} in-flight key {key_bytes:>8.1} B {key_allocs:>5.2} allocs | \
+            "memory  {name:<27} future {future_bytes:>4} B | in-flight key {key_bytes:>8.1} B {key_allocs:>5.2} allocs | \
              follower {follower_bytes:>8.1} B {follower_allocs:>5.2} allocs | \
              after cancelling: retained {retained:>6.1} B/key, leaked {leaked:>6.1} B/key"
         );
@@ -99,6 +119,7 @@ impl Visit<Never> for Memory {
             name.to_string(),
             json!({
                 "requests": REQUESTS,
+                "future_bytes": future_bytes,
                 "bytes_per_inflight_key": key_bytes,
                 "allocs_per_inflight_key": key_allocs,
                 "bytes_per_follower": follower_bytes,

@@ -211,7 +211,10 @@ fn main() {
     let rt = support::runtime();
     let log: &'static CallLog = Box::leak(Box::default());
     let ctx = Ctx { rt: &rt, log };
-    let mut c = Criterion::default().configure_from_args();
+    // Fewer bootstrap resamples than the default 100k: the suite stays within minutes.
+    let mut c = Criterion::default()
+        .nresamples(20_000)
+        .configure_from_args();
 
     {
         let mut group = c.benchmark_group("solo");

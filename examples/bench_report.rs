@@ -94,6 +94,7 @@ struct Results {
     calls: Value,
     memory: Value,
     meta: Value,
+    callgrind: Value,
 }
 
 impl Results {
@@ -103,6 +104,7 @@ impl Results {
             calls: read_json(&dir.join("tower-coalesce-calls.json")),
             memory: read_json(&dir.join("tower-coalesce-memory.json")),
             meta: read_json(&dir.join("tower-coalesce-meta.json")),
+            callgrind: read_json(&dir.join("tower-coalesce-callgrind.json")),
             dir,
         }
     }
@@ -111,10 +113,6 @@ impl Results {
     fn time(&self, group: &str, id: &str) -> Option<f64> {
         let path = self.dir.join(group).join(id).join("new/estimates.json");
         read_json(&path)["median"]["point_estimate"].as_f64()
-    }
-
-    fn waiters(&self, id: &str, n: u64) -> Option<f64> {
-        self.time("waiters", &format!("{id}/{n}"))
     }
 
     fn calls(&self, workload: &str, id: &str) -> Option<(f64, u64, u64)> {
@@ -226,6 +224,36 @@ fn markdown(r: &Results) -> String {
         let _ = writeln!(w);
     }
 
+    // Instructions per call, when `benches/callgrind_solo.sh` was run.
+    if r.callgrind["solo"].is_object() {
+        let _ = writeln!(
+            w,
+            "\nInstructions per `solo` call, counted by callgrind (`bash benches/callgrind_solo.sh`; \
+             independent of the machine's load):\n"
+        );
+        let _ = write!(w, "|");
+        for (_, n) in CONTENDERS {
+            let _ = write!(w, " {n} |");
+        }
+        let _ = writeln!(w, "\n|{}", "---:|".repeat(CONTENDERS.len()));
+        let _ = write!(w, "|");
+        let bare = r.callgrind["solo"]["bare"]["instructions_per_call"].as_f64();
+        for (c, _) in CONTENDERS {
+            match (
+                r.callgrind["solo"][c]["instructions_per_call"].as_f64(),
+                bare,
+            ) {
+                (Some(i), Some(b)) => {
+                    let _ = write!(w, " {i:.0} ({:.1}×) |", i / b);
+                }
+                _ => {
+                    let _ = write!(w, " – |");
+                }
+            }
+        }
+        let _ = writeln!(w);
+    }
+
     // Backend calls.
     let _ = writeln!(
         w,
@@ -258,29 +286,42 @@ fn markdown(r: &Results) -> String {
         let _ = writeln!(w);
     }
 
-    // Waiters.
-    let _ = writeln!(
-        w,
-        "\n## Waiters: from the backend's answer to the last of N followers getting it\n"
-    );
-    let _ = write!(w, "| N |");
-    for (_, n) in &CONTENDERS[1..] {
-        let _ = write!(w, " {n} |");
-    }
-    let _ = writeln!(w, "\n|---:|{}", "---:|".repeat(CONTENDERS.len() - 1));
-    for n in WAITERS {
-        let _ = write!(w, "| {n} |");
-        for (c, _) in &CONTENDERS[1..] {
-            match r.waiters(c, n) {
-                Some(t) => {
-                    let _ = write!(w, " {} ({}/follower) |", fmt_ns(t), fmt_ns(t / n as f64));
-                }
-                None => {
-                    let _ = write!(w, " – |");
+    // Waiters, with and without a runtime.
+    let fanout_tables = [
+        (
+            "waiters",
+            "Waiters: from the backend's answer to the last of N followers getting it",
+            "Each request is a task on the 2-worker runtime, so this includes tokio waking and \
+             scheduling N tasks.",
+        ),
+        (
+            "fanout",
+            "Fan-out without a runtime: the coalescer's own cost",
+            "Same flight on one thread with a no-op waker: the leader is polled to its answer, \
+             then each follower until it has its copy (freeing them is not timed).",
+        ),
+    ];
+    for (group, title, note) in fanout_tables {
+        let _ = writeln!(w, "\n## {title}\n\n{note}\n");
+        let _ = write!(w, "| N |");
+        for (_, n) in &CONTENDERS[1..] {
+            let _ = write!(w, " {n} |");
+        }
+        let _ = writeln!(w, "\n|---:|{}", "---:|".repeat(CONTENDERS.len() - 1));
+        for n in WAITERS {
+            let _ = write!(w, "| {n} |");
+            for (c, _) in &CONTENDERS[1..] {
+                match r.time(group, &format!("{c}/{n}")) {
+                    Some(t) => {
+                        let _ = write!(w, " {} ({}/follower) |", fmt_ns(t), fmt_ns(t / n as f64));
+                    }
+                    None => {
+                        let _ = write!(w, " – |");
+                    }
                 }
             }
+            let _ = writeln!(w);
         }
-        let _ = writeln!(w);
     }
 
     // Memory.
@@ -290,13 +331,15 @@ fn markdown(r: &Results) -> String {
          Each request's future is boxed and counted with everything it holds (the bare row is \
          the baseline: just the backend call). \"Kept after cancel\" is what stays allocated \
          per key once every caller dropped its request: table capacity, reused later; \
-         \"leaked\" is what a second round on other keys added again (entries never removed).\n"
+         \"leaked\" is what the last of five more rounds on other keys added again (entries \
+         never removed).\n"
     );
     let _ = writeln!(
         w,
-        "| contender | bytes per in-flight key | allocations per key | bytes per follower | \
-         allocations per follower | kept after cancel (B/key) | leaked (B/key) |\n\
-         |---|---:|---:|---:|---:|---:|---:|"
+        "| contender | request future (B, inline in its task) | bytes per in-flight key | \
+         allocations per key | bytes per follower | allocations per follower | \
+         kept after cancel (B/key) | leaked (B/key) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|"
     );
     for (c, n) in CONTENDERS {
         let f = |field: &str, prec: usize| {
@@ -305,7 +348,8 @@ fn markdown(r: &Results) -> String {
         };
         let _ = writeln!(
             w,
-            "| {n} | {} | {} | {} | {} | {} | {} |",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} |",
+            f("future_bytes", 0),
             f("bytes_per_inflight_key", 0),
             f("allocs_per_inflight_key", 1),
             f("bytes_per_follower", 0),
@@ -347,12 +391,16 @@ fn markdown(r: &Results) -> String {
             ratio(group, best.map(|b| b.1)),
         );
     }
-    for n in WAITERS {
-        let (layer, group) = (r.waiters(OURS[0], n), r.waiters(OURS[1], n));
-        let best = best_peer(|c| r.waiters(c, n));
+    for (kind, n) in ["waiters", "fanout"]
+        .into_iter()
+        .flat_map(|k| WAITERS.map(|n| (k, n)))
+    {
+        let time = |c: &str| r.time(kind, &format!("{c}/{n}"));
+        let (layer, group) = (time(OURS[0]), time(OURS[1]));
+        let best = best_peer(time);
         let _ = writeln!(
             w,
-            "| waiters/{n} | – | – | {} | {} | {} |",
+            "| {kind}/{n} | – | – | {} | {} | {} |",
             best.map_or("–".into(), |(c, t)| format!(
                 "{} ({})",
                 name(c),
@@ -386,7 +434,8 @@ fn chart(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    let hi = ratios.iter().map(|x| x.2).fold(2.0f64, f64::max) * 1.5;
+    // Headroom above the tallest bar (log scale) for the legend.
+    let hi = ratios.iter().map(|x| x.2).fold(2.0f64, f64::max) * 10.0;
     let lo = ratios.iter().map(|x| x.2).fold(1.0f64, f64::min) / 1.5;
     let mut bars = ChartBuilder::on(&left)
         .caption(
@@ -408,7 +457,8 @@ fn chart(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
                 String::new()
             }
         })
-        .y_label_formatter(&|y| format!("{y:.1}×"))
+        .y_labels(12)
+        .y_label_formatter(&|y| format!("{y}×"))
         .draw()?;
     let width = 0.8 / CONTENDERS.len() as f64;
     for (ci, (_, n)) in CONTENDERS.iter().enumerate() {
@@ -421,23 +471,33 @@ fn chart(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
     }
     bars.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 12))
         .draw()?;
 
-    // Right: waiters, time from the answer to the last follower, log-log.
-    let points: Vec<(usize, Vec<(f64, f64)>)> = (1..CONTENDERS.len())
-        .map(|ci| {
-            let pts = WAITERS
-                .iter()
-                .filter_map(|&n| r.waiters(CONTENDERS[ci].0, n).map(|t| (n as f64, t / 1e3)))
-                .collect();
-            (ci, pts)
-        })
-        .collect();
-    let all = points.iter().flat_map(|(_, p)| p.iter().map(|x| x.1));
+    // Right: time from the answer to the last follower, log-log; with tokio tasks (waiters,
+    // thick lines) and on one thread without a runtime (fanout, thin lines).
+    let series = |group: &str| -> Vec<(usize, Vec<(f64, f64)>)> {
+        (1..CONTENDERS.len())
+            .map(|ci| {
+                let pts = WAITERS
+                    .iter()
+                    .filter_map(|&n| {
+                        r.time(group, &format!("{}/{n}", CONTENDERS[ci].0))
+                            .map(|t| (n as f64, t / 1e3))
+                    })
+                    .collect();
+                (ci, pts)
+            })
+            .collect()
+    };
+    let (waiters, fanout) = (series("waiters"), series("fanout"));
+    let all = waiters
+        .iter()
+        .chain(&fanout)
+        .flat_map(|(_, p)| p.iter().map(|x| x.1));
     let (ylo, yhi) = all.fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
     let (ylo, yhi) = if ylo <= yhi {
         (ylo / 2.0, yhi * 2.0)
@@ -445,7 +505,7 @@ fn chart(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         (1.0, 10.0)
     };
     let mut lines = ChartBuilder::on(&right)
-        .caption("waiters: answer → last of N woken (µs)", ("sans-serif", 18))
+        .caption("answer → last of N followers (µs)", ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(30)
         .y_label_area_size(60)
@@ -454,13 +514,36 @@ fn chart(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .configure_mesh()
         .x_desc("N followers")
         .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.0}"))
+        .y_label_formatter(&|y| format!("{y}"))
         .draw()?;
-    for (ci, pts) in points {
+    for (ci, pts) in waiters {
         let color = COLORS[ci];
-        lines.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?;
+        lines.draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))?;
         lines.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
     }
+    for (ci, pts) in fanout {
+        let color = COLORS[ci];
+        lines.draw_series(LineSeries::new(pts.clone(), color.stroke_width(1)))?;
+        lines.draw_series(
+            pts.into_iter()
+                .map(|p| Cross::new(p, 4, color.stroke_width(1))),
+        )?;
+    }
+    lines
+        .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())?
+        .label("thick, ●: tasks on the 2-worker runtime (waiters)")
+        .legend(|(x, y)| Circle::new((x + 5, y), 3, BLACK.filled()));
+    lines
+        .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())?
+        .label("thin, ×: one thread, no runtime (fanout)")
+        .legend(|(x, y)| Cross::new((x + 5, y), 4, BLACK.stroke_width(1)));
+    lines
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()?;
     root.present()?;
     Ok(())
 }

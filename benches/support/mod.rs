@@ -545,9 +545,11 @@ pub fn criterion_dir() -> PathBuf {
         .join("criterion")
 }
 
-/// Whether this process is a real bench run (`cargo bench`), not `cargo test`'s one-shot.
+/// Whether this process is a real bench run (`cargo bench`), not `cargo test`'s one-shot nor
+/// a profiling run (`--profile-time`): only a real run writes results for the report.
 pub fn bench_mode() -> bool {
-    std::env::args().any(|a| a == "--bench")
+    let mut args = std::env::args();
+    args.any(|a| a == "--bench") && !std::env::args().any(|a| a == "--profile-time")
 }
 
 /// Merges `update` (workload → contender → value) into the JSON file `name` in
