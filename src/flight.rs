@@ -201,9 +201,9 @@ struct Registry<K> {
     /// Flights registered and not finished, over all shards; kept only under `max_in_flight`.
     running: AtomicUsize,
     /// Counters of events that happen outside any shard lock.
-    pub(crate) bypassed: AtomicU64,
-    pub(crate) timed_out: AtomicU64,
-    pub(crate) retried: AtomicU64,
+    bypassed: AtomicU64,
+    timed_out: AtomicU64,
+    retried: AtomicU64,
 }
 
 /// Guarded by its mutex in `Registry::shards`.
@@ -217,19 +217,24 @@ struct Shard<K> {
     next_id: u64,
 }
 
+/// A registered flight, or a lingering output. Guarded by its shard's lock.
 struct Entry<K> {
     key: K,
     hash: u64,
-    /// `TypeId` of the `Flight<T>` behind `flight`; part of the entry's identity.
+    /// Unique in its shard: how a flight's waiters find their entry again (never by key).
+    id: u64,
+    /// `TypeId` of `Flight<T>`: flights of different output types never meet.
     output: TypeId,
-    flight: Arc<dyn Any + Send + Sync>,
+    /// The `Flight<T>` its followers share, made by the first one to join (or up front for a
+    /// detached flight, or at the end to hold a lingering output). A flight nobody joins never
+    /// allocates one, and its driver publishes without taking any lock but this shard's.
+    flight: Option<Arc<dyn Any + Send + Sync>>,
     /// Set when the flight finished and its output lingers until then.
     lingers_until: Option<Instant>,
-    /// Followers that joined through this entry. Zero at the end means the driver can
-    /// publish without taking the flight's lock: nobody else ever saw the flight.
-    joined: usize,
-    /// Unique in its shard, so an expiry record never matches a later entry.
-    id: u64,
+    /// Set by `forget`: never joined again, removed when its driver finishes.
+    forgotten: bool,
+    #[cfg(feature = "tracing")]
+    span: tracing::Span,
 }
 
 struct Expiry {
@@ -239,18 +244,10 @@ struct Expiry {
     id: u64,
 }
 
-fn addr<T: ?Sized>(flight: &Arc<T>) -> usize {
-    Arc::as_ptr(flight).cast::<()>() as usize
-}
-
-/// One call of the inner future, shared by its waiters.
+/// The state a flight's waiters share, once it has followers.
 struct Flight<T> {
-    /// The key's hash, to find the entry again without the key.
-    hash: u64,
-    /// False for a call run alone because of a capacity bound: it is in no registry.
-    registered: bool,
-    /// Which outputs count as failures (for stats and `linger_errors`).
-    is_err: fn(&T) -> bool,
+    /// The entry's id, for followers that may finish the flight.
+    id: u64,
     /// `Clone` of the output, captured where `T: Clone` is known, so that a dropped follower
     /// (whose `Drop` cannot require it) can still publish.
     cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
@@ -263,8 +260,8 @@ struct Flight<T> {
 struct State<T> {
     phase: Phase,
     /// Whether a waiter holds the inner future (or is about to: the registering caller between
-    /// registration and making the future; a detached flight's task). While true, the flight
-    /// cannot be cancelled.
+    /// registration and making the future; a detached flight's task; a follower elected to
+    /// retry). While true, the flight cannot be cancelled.
     driven: bool,
     /// The inner future while nobody drives it: put here by a dropped driver, taken by the next
     /// follower that is polled.
@@ -443,6 +440,10 @@ where
         let hash = registry.hasher.hash_one(&key);
         let output = TypeId::of::<Flight<T>>();
         let now = config.lingers().then(Instant::now);
+        let detach = match config.detached {
+            true => tokio::runtime::Handle::try_current().ok(),
+            false => None,
+        };
         let mut garbage = Vec::new();
         let mut guard = registry.shard(hash).lock();
         let shard = &mut *guard;
@@ -450,16 +451,18 @@ where
             shard.purge(now, &mut garbage);
         }
         let mut stale = None;
-        if let Ok(found) = shard
+        let found = shard
             .table
-            .find_entry(hash, |e| e.output == output && e.key == key)
-        {
-            let mut found = found;
-            let lingering = found.get().lingers_until.is_some();
-            let flight = Arc::clone(&found.get().flight)
-                .downcast::<Flight<T>>()
-                .unwrap_or_else(|_| unreachable!("entry output type checked above"));
-            if lingering {
+            .find_entry(hash, |e| !e.forgotten && e.output == output && e.key == key);
+        if let Ok(mut found) = found {
+            let entry = found.get_mut();
+            let existing = entry.flight.as_ref().map(|f| {
+                Arc::clone(f)
+                    .downcast::<Flight<T>>()
+                    .unwrap_or_else(|_| unreachable!("entry output type checked above"))
+            });
+            if entry.lingers_until.is_some() {
+                let flight = existing.expect("a lingering entry holds its output's flight");
                 shard.counters.lingered += 1;
                 drop(guard);
                 drop(garbage);
@@ -471,8 +474,17 @@ where
                     .expect("set before the entry lingers");
                 let out = clone_n(flight.cloner, kept, 1).pop().expect("one clone");
                 drop(state);
-                return Run::ready(registry, flight, out, false);
+                return Run::ready(registry, out);
             }
+            let flight = match existing {
+                Some(flight) => flight,
+                None => {
+                    // The first follower: the flight gets its shared state now.
+                    let flight = Arc::new(Flight::new(entry, config.retries));
+                    entry.flight = Some(Arc::clone(&flight) as Arc<dyn Any + Send + Sync>);
+                    flight
+                }
+            };
             let mut state = flight.state.lock();
             if state.phase == Phase::Running {
                 if config
@@ -483,12 +495,11 @@ where
                     shard.counters.over_capacity += 1;
                     drop(guard);
                     emit("tower_coalesce_over_capacity_total");
-                    return self.alone(hash, make, is_err);
+                    return self.alone(make, is_err);
                 }
                 let slot = state.followers.insert(Slot::Parked(None));
                 state.makers += usize::from(keep.is_some());
                 drop(state);
-                found.get_mut().joined += 1;
                 shard.counters.followers += 1;
                 drop(guard);
                 emit("tower_coalesce_followers_total");
@@ -496,7 +507,13 @@ where
                 tracing::trace!(parent: &flight.span, "follower joined");
                 return Run {
                     registry: Arc::clone(registry),
-                    flight,
+                    hash,
+                    id: flight.id,
+                    registered: true,
+                    is_err,
+                    #[cfg(feature = "tracing")]
+                    span: flight.span.clone(),
+                    flight: Some(flight),
                     role: Role::Follower(slot),
                     leader: false,
                     shared: true,
@@ -506,8 +523,8 @@ where
                 };
             }
             drop(state);
-            // Cancelled: its own remover will not find it (identity check) and do nothing, so
-            // its place in the counts is given up here.
+            // Cancelled: its last waiter will not find it (by id) and do nothing, so its place
+            // in the counts is given up here.
             stale = Some(found.remove().0);
             shard.counters.running -= 1;
             if config.max_in_flight.is_some() {
@@ -520,20 +537,39 @@ where
                 shard.counters.over_capacity += 1;
                 drop(guard);
                 emit("tower_coalesce_over_capacity_total");
-                return self.alone(hash, make, is_err);
+                return self.alone(make, is_err);
             }
         }
-        let flight = Arc::new(Flight::new(hash, true, is_err, config.retries));
-        let entry = Entry {
+        let id = shard.next_id;
+        shard.next_id += 1;
+        let mut entry = Entry {
             key,
             hash,
+            id,
             output,
-            flight: Arc::clone(&flight) as Arc<dyn Any + Send + Sync>,
+            flight: None,
             lingers_until: None,
-            joined: 0,
-            id: shard.next_id,
+            forgotten: false,
+            #[cfg(feature = "tracing")]
+            span: tracing::debug_span!(
+                "coalesce.flight",
+                key_hash = hash,
+                waiters = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+            ),
         };
-        shard.next_id += 1;
+        // Detached: the flight's state is needed up front, for the caller waits as a follower.
+        let detached = detach.as_ref().map(|_| {
+            let flight = Arc::new(Flight::<T>::new(&entry, config.retries));
+            let mut state = flight.state.lock();
+            state.detached = true;
+            let slot = state.followers.insert(Slot::Parked(None));
+            drop(state);
+            entry.flight = Some(Arc::clone(&flight) as Arc<dyn Any + Send + Sync>);
+            (flight, slot)
+        });
+        #[cfg(feature = "tracing")]
+        let span = entry.span.clone();
         shard.table.insert_unique(hash, entry, |e| e.hash);
         shard.counters.leaders += 1;
         shard.counters.running += 1;
@@ -541,58 +577,38 @@ where
         drop(stale);
         drop(garbage);
         emit("tower_coalesce_leaders_total");
-        self.lead(flight, make)
-    }
-
-    /// Runs a call unregistered, because a capacity bound was reached.
-    fn alone<T, M, F>(&self, hash: u64, make: M, is_err: fn(&T) -> bool) -> Run<K, T>
-    where
-        T: Clone + Send + 'static,
-        M: FnOnce() -> F,
-        F: Future<Output = T> + Send + 'static,
-    {
-        self.lead(Arc::new(Flight::new(hash, false, is_err, 0)), make)
-    }
-
-    fn lead<T, M, F>(&self, flight: Arc<Flight<T>>, make: M) -> Run<K, T>
-    where
-        T: Clone + Send + 'static,
-        M: FnOnce() -> F,
-        F: Future<Output = T> + Send + 'static,
-    {
         let mut run = Run {
-            registry: Arc::clone(&self.registry),
-            flight,
+            registry: Arc::clone(registry),
+            flight: None,
+            hash,
+            id,
+            registered: true,
+            is_err,
+            #[cfg(feature = "tracing")]
+            span,
             role: Role::Finished,
             leader: true,
             shared: false,
             maker: false,
             make: None,
         };
-        let fut = match catch_unwind(AssertUnwindSafe(make)) {
-            Ok(fut) => Box::pin(fut),
-            Err(payload) => {
-                let out = run.complete(Err(Panicked::new(payload)));
-                run.role = Role::Ready(Some(out));
-                return run;
-            }
+        let Some(fut) = run.make_future(make) else {
+            return run;
         };
-        let handle = match self.registry.config.detached && run.flight.registered {
-            true => tokio::runtime::Handle::try_current().ok(),
-            false => None,
-        };
-        let Some(handle) = handle else {
+        let (Some(handle), Some((flight, slot))) = (detach, detached) else {
             run.role = Role::Driver(fut);
             return run;
         };
         // Detached: a task drives the flight; the caller waits as a follower of its own call.
-        let mut state = run.flight.state.lock();
-        state.detached = true;
-        let slot = state.followers.insert(Slot::Parked(None));
-        drop(state);
         let driver = Run {
-            registry: Arc::clone(&self.registry),
-            flight: Arc::clone(&run.flight),
+            registry: Arc::clone(registry),
+            flight: Some(Arc::clone(&flight)),
+            hash,
+            id,
+            registered: true,
+            is_err,
+            #[cfg(feature = "tracing")]
+            span: run.span.clone(),
             role: Role::Driver(fut),
             leader: false,
             shared: false,
@@ -602,7 +618,36 @@ where
         handle.spawn(async move {
             let _ = driver.await;
         });
+        run.flight = Some(flight);
         run.role = Role::Follower(slot);
+        run
+    }
+
+    /// Runs a call unregistered, because a capacity bound was reached.
+    fn alone<T, M, F>(&self, make: M, is_err: fn(&T) -> bool) -> Run<K, T>
+    where
+        T: Clone + Send + 'static,
+        M: FnOnce() -> F,
+        F: Future<Output = T> + Send + 'static,
+    {
+        let mut run = Run {
+            registry: Arc::clone(&self.registry),
+            flight: None,
+            hash: 0,
+            id: 0,
+            registered: false,
+            is_err,
+            #[cfg(feature = "tracing")]
+            span: tracing::Span::none(),
+            role: Role::Finished,
+            leader: true,
+            shared: false,
+            maker: false,
+            make: None,
+        };
+        if let Some(fut) = run.make_future(make) {
+            run.role = Role::Driver(fut);
+        }
         run
     }
 
@@ -622,6 +667,7 @@ where
     /// assert_eq!((old.await.unwrap(), new.await.unwrap()), ("old", "new"));
     /// # }
     /// ```
+
     pub fn forget<Q>(&self, key: &Q) -> bool
     where
         K: Borrow<Q>,
@@ -630,21 +676,30 @@ where
         let registry = &self.registry;
         let hash = registry.hasher.hash_one(key);
         let mut removed = Vec::new();
-        let mut shard = registry.shard(hash).lock();
-        while let Ok(found) = shard.table.find_entry(hash, |e| e.key.borrow() == key) {
-            removed.push(found.remove().0);
-        }
-        for entry in &removed {
-            if entry.lingers_until.is_none() {
-                shard.counters.running -= 1;
-                if registry.config.max_in_flight.is_some() {
-                    registry.running.fetch_sub(1, Relaxed);
-                }
+        let mut guard = registry.shard(hash).lock();
+        let shard = &mut *guard;
+        let mut forgotten = 0;
+        // A running flight's entry stays, marked, until its driver finishes: its waiters find
+        // their flight through it. A lingering output goes at once.
+        while let Ok(found) = shard
+            .table
+            .find_entry(hash, |e| !e.forgotten && e.key.borrow() == key)
+        {
+            forgotten += 1;
+            if found.get().lingers_until.is_some() {
+                removed.push(found.remove().0);
+                continue;
+            }
+            found.into_mut().forgotten = true;
+            shard.counters.running -= 1;
+            if registry.config.max_in_flight.is_some() {
+                registry.running.fetch_sub(1, Relaxed);
             }
         }
-        shard.counters.forgotten += removed.len() as u64;
-        drop(shard);
-        !removed.is_empty()
+        shard.counters.forgotten += forgotten;
+        drop(guard);
+        drop(removed);
+        forgotten > 0
     }
 }
 
@@ -732,6 +787,16 @@ impl<K> Shard<K> {
             }
         }
     }
+
+    /// Gives up a running entry's place in the counts (it finished, or was cancelled).
+    fn release(&mut self, entry: &Entry<K>, running: &AtomicUsize, bounded: bool) {
+        if !entry.forgotten {
+            self.counters.running -= 1;
+            if bounded {
+                running.fetch_sub(1, Relaxed);
+            }
+        }
+    }
 }
 
 impl<K> Registry<K> {
@@ -741,64 +806,87 @@ impl<K> Registry<K> {
         &self.shards[(hash >> 32) as usize & (self.shards.len() - 1)]
     }
 
-    /// Unregisters `flight` if it is still the entry registered for its key (not forgotten,
-    /// not replaced), or marks it lingering until `linger_until`; counts how it ended.
-    ///
-    /// Returns how many followers joined through the entry, if it was still registered.
-    fn finish<T>(
+    /// The shared state of the flight registered as (`hash`, `id`), if a follower made it.
+    fn flight_of<T: Send + 'static>(&self, hash: u64, id: u64) -> Option<Arc<Flight<T>>> {
+        let shard = self.shard(hash).lock();
+        let flight = shard.table.find(hash, |e| e.id == id)?.flight.clone()?;
+        drop(shard);
+        flight.downcast().ok()
+    }
+
+    /// Ends the flight registered as (`hash`, `id`): unregisters it, or makes it linger with
+    /// `keep` until the given instant; counts how it ended. Returns its shared state, if a
+    /// follower (or this call, to hold `keep`) made one.
+    fn finish<T: Clone + Send + 'static>(
         &self,
-        flight: &Arc<Flight<T>>,
+        hash: u64,
+        id: u64,
         end: End,
-        linger: Option<(Instant, bool)>,
-    ) -> Option<usize> {
-        if !flight.registered {
-            return Some(0);
-        }
-        let me = addr(flight);
-        let mut guard = self.shard(flight.hash).lock();
+        linger: Option<(Instant, Result<T, Panicked>)>,
+    ) -> Option<Arc<Flight<T>>> {
+        let mut guard = self.shard(hash).lock();
         let shard = &mut *guard;
         shard.counters.count(end);
-        let mut removed = None;
-        let mut joined = None;
-        if let Ok(mut found) = shard
-            .table
-            .find_entry(flight.hash, |e| addr(&e.flight) == me)
-        {
-            shard.counters.running -= 1;
-            if self.config.max_in_flight.is_some() {
-                self.running.fetch_sub(1, Relaxed);
-            }
-            joined = Some(found.get().joined);
-            match linger {
-                Some((at, failed)) => {
-                    found.get_mut().lingers_until = Some(at);
-                    let queue = match failed {
-                        true => &mut shard.expiring_err,
-                        false => &mut shard.expiring_ok,
-                    };
-                    let id = found.get().id;
-                    queue.push_back(Expiry {
-                        at,
-                        hash: flight.hash,
-                        id,
-                    });
+        let Ok(mut found) = shard.table.find_entry(hash, |e| e.id == id) else {
+            return None;
+        };
+        let entry = found.get_mut();
+        let bounded = self.config.max_in_flight.is_some();
+        let flight: Option<Arc<Flight<T>>> = entry.flight.clone().and_then(|f| f.downcast().ok());
+        let (removed, flight) = match linger {
+            Some((until, keep)) if !entry.forgotten => {
+                let holder = match flight {
+                    Some(flight) => flight,
+                    None => {
+                        let holder = Arc::new(Flight::new(entry, 0));
+                        holder.state.lock().phase = Phase::Done;
+                        entry.flight = Some(Arc::clone(&holder) as Arc<dyn Any + Send + Sync>);
+                        holder
+                    }
+                };
+                // Moved in, not cloned: no user code under the locks.
+                holder.state.lock().lingering = Some(keep);
+                entry.lingers_until = Some(until);
+                let queue = match end {
+                    End::Ok => &mut shard.expiring_ok,
+                    _ => &mut shard.expiring_err,
+                };
+                queue.push_back(Expiry {
+                    at: until,
+                    hash,
+                    id,
+                });
+                shard.counters.running -= 1;
+                if bounded {
+                    self.running.fetch_sub(1, Relaxed);
                 }
-                None => removed = Some(found.remove().0),
+                (None, Some(holder))
             }
-        }
+            _ => {
+                let (entry, _) = found.remove();
+                shard.release(&entry, &self.running, bounded);
+                (Some(entry), flight)
+            }
+        };
         drop(guard);
         // The key's destructor is user code: run it unlocked.
         drop(removed);
-        joined
+        flight
+    }
+
+    /// Unregisters a flight whose last waiter left; `shard` is its shard, locked.
+    fn cancel_locked(&self, shard: &mut Shard<K>, hash: u64, id: u64) -> Option<Entry<K>> {
+        shard.counters.count(End::Cancelled);
+        let (entry, _) = shard.table.find_entry(hash, |e| e.id == id).ok()?.remove();
+        shard.release(&entry, &self.running, self.config.max_in_flight.is_some());
+        Some(entry)
     }
 }
 
 impl<T: Clone> Flight<T> {
-    fn new(hash: u64, registered: bool, is_err: fn(&T) -> bool, retries: u32) -> Self {
+    fn new<K>(entry: &Entry<K>, retries: u32) -> Self {
         Flight {
-            hash,
-            registered,
-            is_err,
+            id: entry.id,
             cloner: Clone::clone,
             state: Mutex::new(State {
                 phase: Phase::Running,
@@ -814,13 +902,7 @@ impl<T: Clone> Flight<T> {
                 published_to: 0,
             }),
             #[cfg(feature = "tracing")]
-            span: tracing::debug_span!(
-                "coalesce.flight",
-                key_hash = hash,
-                registered,
-                waiters = tracing::field::Empty,
-                outcome = tracing::field::Empty,
-            ),
+            span: entry.span.clone(),
         }
     }
 }
@@ -854,9 +936,20 @@ impl<K> fmt::Debug for Group<K> {
 /// Resolves to the flight's output, or to [`Panicked`]. See [`Group::run`] for what dropping
 /// it does.
 #[must_use = "futures do nothing unless polled; dropping this leaves the flight"]
-pub struct Run<K, T> {
+pub struct Run<K, T: Send + 'static> {
     registry: Arc<Registry<K>>,
-    flight: Arc<Flight<T>>,
+    /// The flight's shared state: a follower's from the start; a driver's once it looks it up
+    /// (when it finishes, retries, or leaves).
+    flight: Option<Arc<Flight<T>>>,
+    /// The flight's entry.
+    hash: u64,
+    id: u64,
+    /// False for a call run alone past a capacity bound: it has no entry.
+    registered: bool,
+    /// Which outputs count as failures (for stats, `linger_errors`, `retry_failed`).
+    is_err: fn(&T) -> bool,
+    #[cfg(feature = "tracing")]
+    span: tracing::Span,
     role: Role<T>,
     /// Whether this caller's `make` made the flight's future.
     leader: bool,
@@ -869,7 +962,7 @@ pub struct Run<K, T> {
 }
 
 // No field is structurally pinned: the inner future is boxed, outputs are moved out whole.
-impl<K, T> Unpin for Run<K, T> {}
+impl<K, T: Send + 'static> Unpin for Run<K, T> {}
 
 enum Role<T> {
     /// Holds the inner future and polls it for every waiter.
@@ -882,19 +975,21 @@ enum Role<T> {
     Finished,
 }
 
-impl<K, T> Run<K, T> {
-    fn ready(
-        registry: &Arc<Registry<K>>,
-        flight: Arc<Flight<T>>,
-        out: Result<T, Panicked>,
-        leader: bool,
-    ) -> Self {
+impl<K, T: Send + 'static> Run<K, T> {
+    /// A lingering output served at once.
+    fn ready(registry: &Arc<Registry<K>>, out: Result<T, Panicked>) -> Self {
         Run {
             registry: Arc::clone(registry),
-            flight,
+            flight: None,
+            hash: 0,
+            id: 0,
+            registered: false,
+            is_err: |_| false,
+            #[cfg(feature = "tracing")]
+            span: tracing::Span::none(),
             role: Role::Ready(Some(out)),
-            leader,
-            shared: !leader,
+            leader: false,
+            shared: true,
             maker: false,
             make: None,
         }
@@ -903,6 +998,11 @@ impl<K, T> Run<K, T> {
     pub(crate) fn note_timeout(&self) {
         self.registry.timed_out.fetch_add(1, Relaxed);
         emit("tower_coalesce_timed_out_total");
+    }
+
+    /// Takes this follower's own `make`, to call alone (after its wait limit).
+    pub(crate) fn take_make(&mut self) -> Option<Make<T>> {
+        self.make.take()
     }
 
     /// Whether this caller started the flight: its `make` made the future whose output every
@@ -932,6 +1032,22 @@ impl<K, T> Run<K, T> {
 }
 
 impl<K, T: Clone + Send + 'static> Run<K, T> {
+    /// Calls the leader's `make` outside every lock; a panic ends the flight at once.
+    fn make_future<M, F>(&mut self, make: M) -> Option<BoxFuture<T>>
+    where
+        M: FnOnce() -> F,
+        F: Future<Output = T> + Send + 'static,
+    {
+        match catch_unwind(AssertUnwindSafe(make)) {
+            Ok(fut) => Some(Box::pin(fut)),
+            Err(payload) => {
+                let out = self.complete(Err(Panicked::new(payload)));
+                self.role = Role::Ready(Some(out));
+                None
+            }
+        }
+    }
+
     /// Publishes the driver's output: unregisters the flight first (or makes it linger), so
     /// that a caller who comes after this point starts a new flight instead of joining a
     /// finished one; then hands a clone to each follower and wakes them all in one pass.
@@ -939,72 +1055,105 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
     /// A failed output with retries left and a follower able to retry is not published: the
     /// flight stays registered and its followers are woken to elect the next driver.
     fn complete(&mut self, out: Result<T, Panicked>) -> Result<T, Panicked> {
-        let flight = &self.flight;
         let end = match &out {
             Err(_) => End::Panicked,
-            Ok(v) if (flight.is_err)(v) => End::Err,
+            Ok(v) if (self.is_err)(v) => End::Err,
             Ok(_) => End::Ok,
         };
-        if !matches!(end, End::Ok) && self.registry.config.retries > 0 && flight.registered {
-            // Cloned before locking: the clone is user code.
-            let spare = clone_n(flight.cloner, &out, 1).pop();
-            let mut state = flight.state.lock();
-            if state.retries_left > 0 && state.makers > 0 {
-                state.retries_left -= 1;
-                state.needs_driver = true;
-                state.driven = false;
-                state.failure = spare;
-                let wakers: Vec<_> = state
-                    .followers
-                    .iter_mut()
-                    .filter_map(|(_, slot)| match slot {
-                        Slot::Parked(waker) => waker.take(),
-                        Slot::Ready(_) => None,
-                    })
-                    .collect();
-                drop(state);
-                self.registry.shard(flight.hash).lock().counters.count(end);
-                emit("tower_coalesce_retried_total");
-                self.shared = true;
-                for waker in wakers {
-                    waker.wake();
-                }
-                return out;
-            }
-            drop(state);
+        if !self.registered {
+            trace_end(self.span(), end, 1);
+            return out;
         }
-        let (out, shared) = publish(&self.registry, flight, out, end);
+        let mut out = out;
+        if !matches!(end, End::Ok) && self.registry.config.retries > 0 {
+            if self.flight.is_none() {
+                self.flight = self.registry.flight_of(self.hash, self.id);
+            }
+            if let Some(flight) = self.flight.clone() {
+                match self.retry(&flight, out) {
+                    Ok(mine) => {
+                        self.registry.shard(self.hash).lock().counters.count(end);
+                        return mine;
+                    }
+                    Err(not_retried) => out = not_retried,
+                }
+            }
+        }
+        let config = &self.registry.config;
+        let window = match end {
+            End::Ok => config.linger,
+            _ => config.linger_errors,
+        };
+        // Cloned before any lock: the clone is user code. A response whose clone panics is not
+        // kept.
+        let linger = window.and_then(|window| {
+            let keep = catch_unwind(AssertUnwindSafe(|| out.clone())).ok()?;
+            Some((Instant::now() + window, keep))
+        });
+        let flight = self.registry.finish(self.hash, self.id, end, linger);
+        let Some(flight) = flight.or_else(|| self.flight.clone()) else {
+            // Nobody ever joined: no shared state to publish to.
+            trace_end(self.span(), end, 1);
+            return out;
+        };
+        let (out, shared) = publish(&flight, out, end);
         self.shared |= shared;
         out
     }
+
+    /// Hands a failed attempt to the followers to retry, if it has retries left and a
+    /// follower that can: `Ok` with this driver's output. Otherwise gives the output back.
+    #[allow(clippy::type_complexity)]
+    fn retry(
+        &mut self,
+        flight: &Arc<Flight<T>>,
+        out: Result<T, Panicked>,
+    ) -> Result<Result<T, Panicked>, Result<T, Panicked>> {
+        // Cloned before locking: the clone is user code.
+        let spare = clone_n(flight.cloner, &out, 1).pop();
+        let mut state = flight.state.lock();
+        if state.retries_left == 0 || state.makers == 0 || state.phase != Phase::Running {
+            drop(state);
+            drop(spare);
+            return Err(out);
+        }
+        state.retries_left -= 1;
+        state.needs_driver = true;
+        state.driven = false;
+        state.failure = spare;
+        let wakers: Vec<_> = state
+            .followers
+            .iter_mut()
+            .filter_map(|(_, slot)| match slot {
+                Slot::Parked(waker) => waker.take(),
+                Slot::Ready(_) => None,
+            })
+            .collect();
+        drop(state);
+        emit("tower_coalesce_retried_total");
+        self.shared = true;
+        for waker in wakers {
+            waker.wake();
+        }
+        Ok(out)
+    }
+
+    #[cfg(feature = "tracing")]
+    fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    #[cfg(not(feature = "tracing"))]
+    fn span(&self) {}
 }
 
-/// Ends `flight` with `out`: unregisters it (or makes it linger), then fills every follower's
-/// slot with a clone and wakes them all. Returns `out` and whether a follower got it.
-fn publish<K, T>(
-    registry: &Registry<K>,
+/// Ends `flight` (already unregistered, or lingering): fills every follower's slot with a
+/// clone of `out` and wakes them all. Returns `out` and whether a follower got it.
+fn publish<T>(
     flight: &Arc<Flight<T>>,
     out: Result<T, Panicked>,
     end: End,
 ) -> (Result<T, Panicked>, bool) {
-    let config = &registry.config;
-    let window = match end {
-        End::Ok => config.linger,
-        _ => config.linger_errors,
-    };
-    let linger = window.filter(|_| flight.registered).and_then(|window| {
-        // Stored before the entry is marked lingering, where callers look for it. A response
-        // whose clone panics is not kept.
-        let keep = catch_unwind(AssertUnwindSafe(|| (flight.cloner)(&out))).ok()?;
-        flight.state.lock().lingering = Some(keep);
-        Some((Instant::now() + window, !matches!(end, End::Ok)))
-    });
-    let joined = registry.finish(flight, end, linger);
-    // A detached flight's caller follows it without going through the entry.
-    if joined == Some(0) && !(config.detached && flight.registered) {
-        trace_end(flight, end, 1);
-        return (out, false);
-    }
     // No follower can join from here on, and `driven` keeps the ones that leave from
     // cancelling the flight, so counting now and filling later is sound.
     let mut state = flight.state.lock();
@@ -1013,9 +1162,11 @@ fn publish<K, T>(
     if wanted == 0 {
         state.phase = Phase::Done;
         state.driven = false;
+        state.needs_driver = false;
+        let waiters = usize::from(!state.detached);
         drop(state);
         drop(failure);
-        trace_end(flight, end, 1);
+        trace_end(flight.span(), end, waiters);
         return (out, false);
     }
     drop(state);
@@ -1037,31 +1188,36 @@ fn publish<K, T>(
     let waiters = wanted + usize::from(!state.detached);
     drop(state);
     drop(copies);
-    trace_end(flight, end, waiters);
+    trace_end(flight.span(), end, waiters);
     for waker in wakers {
         waker.wake();
     }
     (out, true)
 }
 
-#[allow(unused_variables)]
-fn trace_end<T>(flight: &Flight<T>, end: End, waiters: usize) {
+impl<T> Flight<T> {
     #[cfg(feature = "tracing")]
-    {
-        let span = &flight.span;
-        span.record("waiters", waiters);
-        span.record("outcome", end.name());
-        tracing::debug!(parent: span, outcome = end.name(), waiters, "flight finished");
+    fn span(&self) -> &tracing::Span {
+        &self.span
     }
+
+    #[cfg(not(feature = "tracing"))]
+    fn span(&self) {}
+}
+
+#[cfg(feature = "tracing")]
+fn trace_end(span: &tracing::Span, end: End, waiters: usize) {
+    span.record("waiters", waiters);
+    span.record("outcome", end.name());
+    tracing::debug!(parent: span, outcome = end.name(), waiters, "flight finished");
     #[cfg(feature = "metrics")]
     metrics::counter!("tower_coalesce_flights_total", "outcome" => end.name()).increment(1);
 }
 
-impl<K, T> Run<K, T> {
-    /// Takes this follower's own `make`, to call alone (after its wait limit).
-    pub(crate) fn take_make(&mut self) -> Option<Make<T>> {
-        self.make.take()
-    }
+#[cfg(not(feature = "tracing"))]
+fn trace_end(_span: (), _end: End, _waiters: usize) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("tower_coalesce_flights_total", "outcome" => _end.name()).increment(1);
 }
 
 impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
@@ -1074,7 +1230,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                 Role::Driver(fut) => {
                     let polled = {
                         #[cfg(feature = "tracing")]
-                        let _entered = this.flight.span.enter();
+                        let _entered = this.span.enter();
                         catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)))
                     };
                     let out = match polled {
@@ -1091,7 +1247,8 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                 }
                 Role::Follower(key) => {
                     let key = *key;
-                    let mut guard = this.flight.state.lock();
+                    let flight = this.flight.as_ref().expect("a follower has its flight");
+                    let mut guard = flight.state.lock();
                     let state = &mut *guard;
                     match &mut state.followers[key] {
                         Slot::Ready(_) => {
@@ -1129,7 +1286,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                                 drop(failure);
                                 // A new call, started by a follower: a leader and a retry.
                                 let registry = &this.registry;
-                                registry.shard(this.flight.hash).lock().counters.leaders += 1;
+                                registry.shard(this.hash).lock().counters.leaders += 1;
                                 registry.retried.fetch_add(1, Relaxed);
                                 let make = this.make.take().expect("checked above");
                                 match catch_unwind(AssertUnwindSafe(make)) {
@@ -1161,75 +1318,129 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
     }
 }
 
-impl<K, T> Drop for Run<K, T> {
+impl<K, T: Send + 'static> Drop for Run<K, T> {
     fn drop(&mut self) {
-        let orphan = match mem::replace(&mut self.role, Role::Finished) {
-            Role::Finished | Role::Ready(_) => return,
-            Role::Driver(fut) => {
-                let mut state = self.flight.state.lock();
-                state.driven = false;
-                if !state.followers.is_empty() {
-                    state.orphan = Some(fut);
-                    let waker = wake_one(&mut state.followers);
-                    drop(state);
-                    if let Some(waker) = waker {
-                        waker.wake();
-                    }
-                    return;
-                }
-                state.phase = Phase::Cancelled;
-                Some(fut)
-            }
-            Role::Follower(key) => {
-                let mut state = self.flight.state.lock();
-                let slot = state.followers.try_remove(key);
-                if state.phase != Phase::Running {
-                    drop(state);
-                    // An output waiting in the slot is dropped here, unlocked.
-                    drop(slot);
-                    return;
-                }
-                state.makers -= usize::from(mem::take(&mut self.maker));
-                if !state.driven && state.followers.is_empty() {
-                    state.phase = Phase::Cancelled;
-                    let failure = state.failure.take();
-                    let orphan = state.orphan.take();
-                    drop(state);
-                    drop(failure);
-                    orphan
-                } else if state.needs_driver && state.makers == 0 {
-                    // Nobody left who could retry: the others get the failed attempt's output.
-                    state.needs_driver = false;
-                    state.driven = true;
-                    let failure = state.failure.take();
-                    drop(state);
-                    if let Some(failure) = failure {
-                        let end = match &failure {
-                            Ok(_) => End::Err,
-                            Err(_) => End::Panicked,
-                        };
-                        let _ = publish(&self.registry, &self.flight, failure, end);
-                    }
-                    return;
-                } else {
-                    // This follower may have been the one woken to take over an orphan.
-                    let waker = match state.orphan.is_some() {
-                        true => wake_one(&mut state.followers),
-                        false => None,
-                    };
-                    drop(state);
-                    if let Some(waker) = waker {
-                        waker.wake();
-                    }
-                    return;
-                }
-            }
-        };
-        // Last waiter gone: cancel the call (drop the inner future), then free the key.
-        drop(orphan);
-        let _ = self.registry.finish(&self.flight, End::Cancelled, None);
-        trace_end(&self.flight, End::Cancelled, 0);
+        match mem::replace(&mut self.role, Role::Finished) {
+            Role::Finished | Role::Ready(_) => {}
+            Role::Driver(fut) => self.leave_driving(fut),
+            Role::Follower(key) => self.leave_following(key),
+        }
     }
+}
+
+impl<K, T: Send + 'static> Run<K, T> {
+    /// A driver leaves: the future goes to a follower if there is one; otherwise the call is
+    /// cancelled and the key freed.
+    fn leave_driving(&mut self, fut: BoxFuture<T>) {
+        if !self.registered {
+            return drop(fut);
+        }
+        let mut guard = self.registry.shard(self.hash).lock();
+        let shard = &mut *guard;
+        let flight = shard
+            .table
+            .find(self.hash, |e| e.id == self.id)
+            .and_then(|e| e.flight.clone())
+            .and_then(|f| f.downcast::<Flight<T>>().ok())
+            .or_else(|| self.flight.clone());
+        if let Some(flight) = flight {
+            let mut state = flight.state.lock();
+            state.driven = false;
+            if !state.followers.is_empty() {
+                drop(guard);
+                state.orphan = Some(fut);
+                let waker = wake_one(&mut state.followers);
+                drop(state);
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+                return;
+            }
+            state.phase = Phase::Cancelled;
+        }
+        let removed = self.registry.cancel_locked(shard, self.hash, self.id);
+        drop(guard);
+        // Last waiter gone: cancel the call (drop the inner future), then the key.
+        drop(fut);
+        drop(removed);
+        trace_end(self.span_ref(), End::Cancelled, 0);
+    }
+
+    /// A follower leaves: the last waiter cancels the call; if nobody can retry a failed
+    /// attempt any more, the others get its output.
+    fn leave_following(&mut self, key: usize) {
+        let flight = self.flight.clone().expect("a follower has its flight");
+        let mut state = flight.state.lock();
+        let slot = state.followers.try_remove(key);
+        if state.phase != Phase::Running {
+            drop(state);
+            // An output waiting in the slot is dropped here, unlocked.
+            drop(slot);
+            return;
+        }
+        state.makers -= usize::from(mem::take(&mut self.maker));
+        if !state.driven && state.followers.is_empty() {
+            state.phase = Phase::Cancelled;
+            let failure = state.failure.take();
+            let orphan = state.orphan.take();
+            drop(state);
+            drop(failure);
+            drop(orphan);
+            let mut shard = self.registry.shard(self.hash).lock();
+            let removed = self.registry.cancel_locked(&mut shard, self.hash, self.id);
+            drop(shard);
+            drop(removed);
+            trace_end(flight.span(), End::Cancelled, 0);
+        } else if state.needs_driver && state.makers == 0 {
+            // Nobody left who could retry: the others get the failed attempt's output.
+            state.needs_driver = false;
+            state.driven = true;
+            let failure = state.failure.take();
+            drop(state);
+            if let Some(failure) = failure {
+                let end = match &failure {
+                    Ok(_) => End::Err,
+                    Err(_) => End::Panicked,
+                };
+                let registry = &self.registry;
+                let mut shard = registry.shard(self.hash).lock();
+                shard.counters.count(end);
+                let removed = shard
+                    .table
+                    .find_entry(self.hash, |e| e.id == self.id)
+                    .ok()
+                    .map(|found| found.remove().0);
+                if let Some(entry) = &removed {
+                    shard.release(
+                        entry,
+                        &registry.running,
+                        registry.config.max_in_flight.is_some(),
+                    );
+                }
+                drop(shard);
+                drop(removed);
+                let _ = publish(&flight, failure, end);
+            }
+        } else {
+            // This follower may have been the one woken to take over an orphan.
+            let waker = match state.orphan.is_some() {
+                true => wake_one(&mut state.followers),
+                false => None,
+            };
+            drop(state);
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+    }
+
+    #[cfg(feature = "tracing")]
+    fn span_ref(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    #[cfg(not(feature = "tracing"))]
+    fn span_ref(&self) {}
 }
 
 /// `n` clones of `out`. The response's `Clone` is user code: if it panics, every copy becomes
@@ -1284,7 +1495,7 @@ impl Counters {
     }
 }
 
-impl<K, T> fmt::Debug for Run<K, T> {
+impl<K, T: Send + 'static> fmt::Debug for Run<K, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let role = match self.role {
             Role::Driver(_) => "driver",

@@ -24,6 +24,8 @@ pin_project! {
     pub struct ResponseFuture<S, Req, K>
     where
         S: Service<Req>,
+        S::Response: Send,
+        S::Response: 'static,
     {
         #[pin]
         kind: Kind<S, Req, K>,
@@ -43,6 +45,8 @@ pin_project! {
     enum Kind<S, Req, K>
     where
         S: Service<Req>,
+        S::Response: Send,
+        S::Response: 'static,
     {
         Coalesced { run: Waiter<S, Req, K> },
         Bypass { #[pin] call: Oneshot<S, Req> },
@@ -51,7 +55,11 @@ pin_project! {
     }
 }
 
-impl<S: Service<Req>, Req, K> ResponseFuture<S, Req, K> {
+impl<S, Req, K> ResponseFuture<S, Req, K>
+where
+    S: Service<Req>,
+    S::Response: Send + 'static,
+{
     pub(crate) fn coalesced(run: Waiter<S, Req, K>, options: Options) -> Self {
         let deadline = match run.is_leader() {
             true => None,
@@ -159,7 +167,11 @@ where
     }
 }
 
-impl<S: Service<Req>, Req, K> fmt::Debug for ResponseFuture<S, Req, K> {
+impl<S, Req, K> fmt::Debug for ResponseFuture<S, Req, K>
+where
+    S: Service<Req>,
+    S::Response: Send + 'static,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
             Kind::Coalesced { run } => f.debug_tuple("ResponseFuture").field(run).finish(),

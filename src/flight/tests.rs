@@ -77,12 +77,15 @@ fn dropped_driver_hands_the_future_over() {
 fn cancelled_entry_is_replaced_not_joined() {
     let group: Group<u8> = Group::new();
     let first = group.run(1, std::future::pending::<u32>);
+    let follower = group.run(1, std::future::pending::<u32>);
+    let flight = follower.flight.clone().expect("a follower has the shared state");
     // Simulate the window between "last waiter gone" and "entry removed".
-    first.flight.state.lock().phase = Phase::Cancelled;
+    flight.state.lock().phase = Phase::Cancelled;
     let second = group.run(1, || async { 2u32 });
     assert!(second.is_leader());
     assert_eq!(group.in_flight(), 1);
-    first.flight.state.lock().phase = Phase::Running;
+    flight.state.lock().phase = Phase::Running;
+    drop(follower);
     drop(first);
     assert_eq!(
         group.in_flight(),
