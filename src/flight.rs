@@ -667,7 +667,6 @@ where
     /// assert_eq!((old.await.unwrap(), new.await.unwrap()), ("old", "new"));
     /// # }
     /// ```
-
     pub fn forget<Q>(&self, key: &Q) -> bool
     where
         K: Borrow<Q>,

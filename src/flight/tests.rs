@@ -78,7 +78,10 @@ fn cancelled_entry_is_replaced_not_joined() {
     let group: Group<u8> = Group::new();
     let first = group.run(1, std::future::pending::<u32>);
     let follower = group.run(1, std::future::pending::<u32>);
-    let flight = follower.flight.clone().expect("a follower has the shared state");
+    let flight = follower
+        .flight
+        .clone()
+        .expect("a follower has the shared state");
     // Simulate the window between "last waiter gone" and "entry removed".
     flight.state.lock().phase = Phase::Cancelled;
     let second = group.run(1, || async { 2u32 });
