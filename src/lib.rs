@@ -52,6 +52,23 @@
 //! 8. No lock is held across an `.await` or while user code runs (key `Eq` aside).
 //!
 //! The tower-free core is [`Group`], usable on its own like Go's `singleflight.Group`.
+//!
+//! # Options
+//!
+//! All off by default, as builder methods on [`CoalesceLayer`] (and [`GroupBuilder`]):
+//! detached calls that outlive their waiters, a follower wait limit ([`OnTimeout`]), a linger
+//! window (micro-cache), retry of failed calls by their followers, capacity bounds; plus
+//! [`CoalesceService::forget`], [`CoalesceService::stats`] and
+//! [`ResponseFuture::is_shared`].
+//!
+//! # Features
+//!
+//! - `http`: `http::CoalesceHttpLayer`, coalescing for `http` services (axum,
+//!   hyper) under the shared-cache rules of RFC 9111.
+//! - `grpc`: `grpc::CoalesceGrpcLayer`, coalescing of allow-listed unary gRPC
+//!   methods (tonic).
+//! - `tracing`: a `coalesce.flight` span per call.
+//! - `metrics`: `tower_coalesce_*` counters for the `metrics` crate.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
