@@ -1010,6 +1010,29 @@ async fn retry_failed_leader_keeps_its_own_error() {
     .await;
 }
 
+/// The leader of a failed flight whose followers retried gets its own error; nobody else got
+/// that error, so it was not shared (Go's `shared`).
+#[tokio::test(start_paused = true)]
+#[ignore = "BUG: Run::retry (src/flight.rs:1133) sets shared = true on the failed driver, \
+            whose error goes to nobody else (the followers retry), so the leader's \
+            is_shared() is true"]
+async fn retry_failed_leader_error_is_not_shared() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().retry_failed(1).layer(backend);
+        let mut leader = pin!(start(&mut svc, 1));
+        let follower = spawn(start(&mut svc, 1));
+        let (out, ()) = tokio::join!(leader.as_mut(), async {
+            ctl.next().await.err("first");
+        });
+        assert_eq!(boom(out), Boom("first"));
+        ctl.next().await.ok("second");
+        assert_eq!(ok(done("follower", follower).await), "second");
+        assert!(!leader.is_shared(), "its error went to nobody else");
+    })
+    .await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn retry_failed_is_bounded() {
     bounded("test", async {
