@@ -398,6 +398,49 @@ async fn core_detached_group_completes_with_no_waiter() {
     .await;
 }
 
+/// The cache-fill use: nobody waits, the detached call completes and its response lingers,
+/// so the next request is served with no call.
+#[tokio::test(start_paused = true)]
+async fn detached_call_with_no_waiter_fills_the_linger_window() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer()
+            .detached(true)
+            .linger(Duration::from_secs(10))
+            .layer(backend);
+        drop(start(&mut svc, 1));
+        ctl.next().await.ok("filled");
+        until("the call completed", || svc.in_flight() == 0).await;
+        assert_eq!(svc.group().len(), 1, "the response lingers");
+        let hit = start(&mut svc, 1);
+        assert!(!hit.is_leader());
+        assert_eq!(ok(bounded("hit", hit).await), "filled");
+        settle().await;
+        ctl.no_more();
+        assert_eq!(ctl.calls(), 1);
+        assert_eq!(svc.stats().lingered, 1);
+    })
+    .await;
+}
+
+/// Outside a tokio runtime there is nothing to spawn on: a detached group's flights are driven
+/// by their waiters, as without the option (and do not panic or hang).
+#[test]
+fn detached_outside_a_runtime_is_driven_by_its_waiters() {
+    let group: Group<u8> = GroupBuilder::new().detached(true).build();
+    let a = group.run(1, || async { 1u32 });
+    let b = group.run(1, || async { 2u32 });
+    assert!(a.is_leader() && !b.is_leader());
+    let (a, b) = futures::executor::block_on(futures::future::join(a, b));
+    assert_eq!((a.unwrap(), b.unwrap()), (1, 1));
+    assert_eq!(group.in_flight(), 0);
+    // No task drives it: dropping the only waiter cancels the flight.
+    let run = group.run(2, std::future::pending::<u32>);
+    drop(run);
+    assert_eq!(group.in_flight(), 0);
+    assert_eq!(group.stats().cancelled, 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Follower wait limit
 // ---------------------------------------------------------------------------------------------
@@ -536,11 +579,6 @@ async fn follower_served_before_its_limit_is_unaffected_and_leader_has_no_limit(
 /// A follower that took over driving the flight (its leader left) is the flight now: its wait
 /// limit must not cancel the call everybody waits for and start it again.
 #[tokio::test(start_paused = true)]
-#[ignore = "BUG: the wait limit stays armed after a follower took over the orphaned inner \
-            future (src/flight.rs:1267); at the limit ResponseFuture::poll \
-            (src/future.rs:155-162) takes its make and drops the Run, which as the only waiter \
-            cancels the call that has run for the whole limit, then starts it again: the \
-            flight is disturbed (1 cancelled call, 2 calls)"]
 async fn follower_driving_after_its_leader_left_is_not_cut_by_its_limit() {
     bounded("test", async {
         let (backend, mut ctl) = backend();
@@ -583,10 +621,6 @@ async fn follower_driving_after_its_leader_left_is_not_cut_by_its_limit() {
 /// wait limit it must neither fail with a timeout (`CallInner` never fails for the limit) nor
 /// cancel the retry the others wait for.
 #[tokio::test(start_paused = true)]
-#[ignore = "BUG: a follower elected to run the retry (src/flight.rs:1276) gives up its make, \
-            but its wait limit stays armed; at the limit ResponseFuture::poll \
-            (src/future.rs:158) finds no make and fails with is_timeout() although the \
-            policy is CallInner, and dropping the driving Run cancels the retry call"]
 async fn follower_running_the_retry_is_not_cut_by_its_limit() {
     bounded("test", async {
         let (backend, mut ctl) = backend();
@@ -761,6 +795,30 @@ async fn linger_errors_alone_keeps_errors_not_successes() {
 /// measure the hasher, not the purge.
 fn spread(i: u64) -> u64 {
     i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i << 7)
+}
+
+#[tokio::test(start_paused = true)]
+async fn linger_errors_keeps_panics_too() {
+    bounded("test", async {
+        let group: Group<u8> = GroupBuilder::new()
+            .linger_errors(Duration::from_secs(1))
+            .build();
+        let err = group
+            .run(1, || async { panic!("kaboom") })
+            .await
+            .map(|()| ())
+            .unwrap_err();
+        assert_eq!(err.message(), "kaboom");
+        let hit = group.run(1, || async {});
+        assert!(!hit.is_leader(), "the panic lingers");
+        assert_eq!(hit.await.unwrap_err().message(), "kaboom");
+        wait(Duration::from_secs(1)).await;
+        let after = group.run(1, || async {});
+        assert!(after.is_leader());
+        assert!(after.await.is_ok());
+        assert_eq!(group.stats().panics, 1);
+    })
+    .await;
 }
 
 /// Fills the registry with lingering results for keys `spread(i)`, `i` in `range`.
@@ -1013,9 +1071,6 @@ async fn retry_failed_leader_keeps_its_own_error() {
 /// The leader of a failed flight whose followers retried gets its own error; nobody else got
 /// that error, so it was not shared (Go's `shared`).
 #[tokio::test(start_paused = true)]
-#[ignore = "BUG: Run::retry (src/flight.rs:1133) sets shared = true on the failed driver, \
-            whose error goes to nobody else (the followers retry), so the leader's \
-            is_shared() is true"]
 async fn retry_failed_leader_error_is_not_shared() {
     bounded("test", async {
         let (backend, mut ctl) = backend();
@@ -1227,9 +1282,6 @@ async fn max_followers_extra_followers_make_their_own_call() {
 /// A detached flight's caller waits as a follower of the task that drives its call; it must
 /// not take one of the `max_followers` places.
 #[tokio::test(start_paused = true)]
-#[ignore = "BUG: a detached flight's caller is parked in State::followers (src/flight.rs:566), \
-            and the max_followers check (src/flight.rs:492) counts it: with max_followers(n) \
-            only n - 1 followers join a detached flight (n = 1: none)"]
 async fn max_followers_counts_followers_only_when_detached() {
     bounded("test", async {
         let (backend, mut ctl) = backend();
