@@ -118,7 +118,8 @@ impl<K: Kind> Visit<K> for Waves<'_, '_> {
     }
 }
 
-/// Waiters: time from the backend's answer to the last of `followers` followers woken.
+/// Waiters: time from the backend's answer (the gate opening) to the last of `followers`
+/// followers getting it.
 struct Waiters<'a, 'g> {
     ctx: &'a Ctx<'a>,
     group: &'a mut BenchmarkGroup<'g, WallTime>,
