@@ -797,17 +797,18 @@ fn spread(i: u64) -> u64 {
     i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i << 7)
 }
 
+/// A call whose output type is `()`, and that panics.
+async fn explode() {
+    panic!("kaboom")
+}
+
 #[tokio::test(start_paused = true)]
 async fn linger_errors_keeps_panics_too() {
     bounded("test", async {
         let group: Group<u8> = GroupBuilder::new()
             .linger_errors(Duration::from_secs(1))
             .build();
-        let err = group
-            .run(1, || async { panic!("kaboom") })
-            .await
-            .map(|()| ())
-            .unwrap_err();
+        let err = group.run(1, explode).await.unwrap_err();
         assert_eq!(err.message(), "kaboom");
         let hit = group.run(1, || async {});
         assert!(!hit.is_leader(), "the panic lingers");
