@@ -710,6 +710,29 @@ async fn leader_dropped_mid_flight_followers_still_get_the_result() {
     assert_eq!(svc.in_flight(), 0);
 }
 
+/// The leader goes away while its followers are parked in tasks of their own and nobody else
+/// arrives: one of them must be woken to take the call over (a lost wake-up hangs them all).
+#[tokio::test(start_paused = true)]
+async fn parked_followers_are_woken_to_take_over() {
+    let backend = Backend::gated();
+    let mut svc = coalesced(&backend);
+    let mut leader = start(&mut svc, "k".into());
+    assert!(futures::poll!(&mut leader).is_pending());
+    let followers: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(start(&mut svc, "k".into())))
+        .collect();
+    tokio::task::yield_now().await;
+    backend.open();
+    // The gate is open, but only the call's driver can see it: after the leader leaves, that
+    // must be a follower, and it is parked.
+    drop(leader);
+    for r in join_spawned(followers).await {
+        assert_eq!(r.unwrap(), "k#1");
+    }
+    assert_eq!((backend.calls(), backend.cancelled()), (1, 0));
+    assert!(svc.group().is_empty());
+}
+
 /// The leader goes away before any follower was polled; the first follower polled takes over.
 #[tokio::test(start_paused = true)]
 async fn leader_dropped_before_followers_were_polled() {
