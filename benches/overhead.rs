@@ -245,9 +245,12 @@ fn main() {
         let mut group = c.benchmark_group("waiters");
         for followers in WAITERS {
             // Criterion sizes samples from the measured time (the fan-out), not from the wall
-            // time of a wave (spawning and joining N tasks): keep the target short.
+            // time of a wave (spawning and joining N tasks): keep the target short. Small
+            // waves are cheap and noisy (a parked worker's wake-up is in them): take more.
             heavy(&mut group, Duration::from_millis(2));
-            group.warm_up_time(Duration::from_millis(1));
+            group
+                .warm_up_time(Duration::from_millis(1))
+                .sample_size(if followers <= 1_000 { 40 } else { 10 });
             for_each(
                 Gated(gate),
                 false,

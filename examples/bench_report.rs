@@ -314,8 +314,12 @@ fn markdown(r: &Results) -> String {
         (
             "waiters",
             "Waiters: from the backend's answer to the last of N followers getting it",
-            "Each request is a task on the 2-worker runtime, so this includes tokio waking and \
-             scheduling N tasks.",
+            "N followers and their leader, each a task on the 2-worker runtime, wait on one \
+             flight whose backend waits on a gate; timed from the gate opening (the backend's \
+             answer exists) to the last of the N+1 getting it, so waking the leader, publishing, \
+             and tokio waking and scheduling N tasks are all in. tower-resilience-coalesce's \
+             followers never sleep (they re-poll themselves), which is fast here and costly \
+             everywhere else (see hot).",
         ),
         (
             "fanout",
