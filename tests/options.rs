@@ -647,6 +647,29 @@ async fn follower_running_the_retry_is_not_cut_by_its_limit() {
     .await;
 }
 
+/// A detached flight's leader waits for its call the way a follower does, but the wait limit
+/// is for followers only.
+#[tokio::test(start_paused = true)]
+async fn detached_leader_has_no_wait_limit() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer()
+            .detached(true)
+            .follower_timeout(Duration::from_secs(1))
+            .on_follower_timeout(OnTimeout::Error)
+            .layer(backend);
+        let leader = start(&mut svc, 1);
+        assert!(leader.is_leader());
+        let leader = spawn(leader);
+        let call = ctl.next().await;
+        wait(Duration::from_secs(5)).await;
+        call.ok("slow");
+        assert_eq!(ok(done("leader", leader).await), "slow");
+        assert_eq!(svc.stats().timed_out, 0);
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Linger window
 // ---------------------------------------------------------------------------------------------
@@ -1245,6 +1268,30 @@ async fn max_in_flight_runs_new_keys_alone_never_waiting() {
         assert_eq!(svc.in_flight(), 1);
         drop(c);
         assert_eq!(svc.stats().over_capacity, 2);
+    })
+    .await;
+}
+
+/// A request over capacity runs its own call; dropping it cancels that call (it is its only
+/// waiter), and leaves the flights in the registry alone.
+#[tokio::test(start_paused = true)]
+async fn a_call_run_alone_is_cancelled_when_dropped() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().max_in_flight(1).layer(backend);
+        let registered = spawn(start(&mut svc, 1));
+        let first = ctl.next().await;
+        let mut alone = Box::pin(start(&mut svc, 2));
+        assert!(futures::poll!(alone.as_mut()).is_pending());
+        let _own = ctl.next().await;
+        assert_eq!(ctl.live(), 2);
+        drop(alone);
+        assert_eq!(ctl.live(), 1, "its own call was dropped");
+        assert_eq!(ctl.cancelled(), 1);
+        assert_eq!(svc.in_flight(), 1);
+        first.ok("one");
+        assert_eq!(ok(done("registered", registered).await), "one");
+        assert_eq!(svc.in_flight(), 0);
     })
     .await;
 }
