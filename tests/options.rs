@@ -398,6 +398,35 @@ async fn core_detached_group_completes_with_no_waiter() {
     .await;
 }
 
+/// A panic in a detached call is contained like any other: its waiters get the panic, the key
+/// is freed, and a detached call that panics with nobody waiting leaves nothing behind.
+#[tokio::test(start_paused = true)]
+async fn detached_call_that_panics() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer().detached(true).layer(backend);
+        let leader = spawn(start(&mut svc, 1));
+        let follower = spawn(start(&mut svc, 1));
+        ctl.next().await.panic("detached boom");
+        for w in [leader, follower] {
+            let err = done("waiter", w).await.unwrap_err();
+            assert_eq!(err.panic_message(), Some("detached boom"));
+        }
+        assert_eq!(svc.in_flight(), 0);
+        assert_eq!(svc.stats().panics, 1);
+
+        drop(start(&mut svc, 2));
+        ctl.next().await.panic("nobody waits");
+        until("the key is freed", || svc.group().is_empty()).await;
+        assert_eq!(svc.stats().panics, 2);
+
+        let next = spawn(start(&mut svc, 1));
+        ctl.next().await.ok("fine");
+        assert_eq!(ok(done("next", next).await), "fine");
+    })
+    .await;
+}
+
 /// The cache-fill use: nobody waits, the detached call completes and its response lingers,
 /// so the next request is served with no call.
 #[tokio::test(start_paused = true)]
@@ -875,6 +904,30 @@ async fn expired_results_are_removed_lazily_by_later_traffic() {
             drop(group.run(spread(i), std::future::pending::<u64>));
         }
         assert_eq!(group.len(), 0, "every expired result was removed");
+        assert!(group.is_empty());
+    })
+    .await;
+}
+
+/// Distinct keys window after window: the registry holds about one window's worth of
+/// results, not everything ever seen.
+#[tokio::test(start_paused = true)]
+async fn linger_memory_stays_bounded_under_churn() {
+    bounded("test", async {
+        const PER_WINDOW: u64 = 200;
+        let group: Group<u64> = GroupBuilder::new().linger(Duration::from_secs(1)).build();
+        let mut peak = 0;
+        for window in 0..10 {
+            fill(&group, window * PER_WINDOW..(window + 1) * PER_WINDOW).await;
+            peak = peak.max(group.len());
+            wait(Duration::from_secs(1)).await;
+        }
+        assert!(
+            peak <= 2 * PER_WINDOW as usize,
+            "2000 keys seen, {peak} entries at the peak"
+        );
+        assert_eq!(group.in_flight(), 0);
+        group.purge_expired();
         assert!(group.is_empty());
     })
     .await;
