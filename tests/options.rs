@@ -997,7 +997,8 @@ async fn forget_drops_a_lingering_result() {
 async fn forgotten_lingering_expiry_does_not_remove_a_newer_flight() {
     bounded("test", async {
         let group: Group<u32> = GroupBuilder::new().linger(Duration::from_secs(1)).build();
-        // Several rounds: the bug needs the new flight at the old one's address.
+        // Several rounds: an expiry matched by the flight's address (as it once was) hits a
+        // new flight allocated where the forgotten one was.
         for key in 0..20u32 {
             assert_eq!(group.run(key, || async { 1u32 }).await.unwrap(), 1);
             assert!(group.forget(&key));
@@ -1025,8 +1026,8 @@ async fn forgotten_lingering_expiry_does_not_remove_a_newer_flight() {
     .await;
 }
 
-/// The control for the test above: the same steps while a lingering hit keeps the forgotten
-/// flight alive (so the new flight cannot reuse its address) pass.
+/// The test above while a lingering hit keeps the forgotten flight alive, so the new flight
+/// cannot take its address: it passed even when the test above failed.
 #[tokio::test(start_paused = true)]
 async fn forgotten_lingering_expiry_with_the_old_flight_still_held() {
     bounded("test", async {
@@ -1075,8 +1076,8 @@ async fn followers_retry_as_one_flight(fail: impl FnOnce(Pending)) {
     fail(first);
     let second = ctl.next().await;
     assert_eq!((second.n, second.key), (2, 1));
-    // While the second call is held, every follower waits on it: one new leader, the others
-    // its followers. Nobody else calls the backend.
+    // While the second call is held, every follower waits on it: one of them runs it, the
+    // others wait in the same flight. Nobody else calls the backend.
     until("all followers joined the retry", || {
         let s = svc.stats();
         s.leaders == 2 && s.followers == FOLLOWERS as u64 && s.retried == 1
