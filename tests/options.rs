@@ -1194,6 +1194,50 @@ async fn retry_failed_is_bounded() {
     .await;
 }
 
+/// The core: only `run_retryable` followers can run a retry; a plain `run_result` follower
+/// waits for it all the same, and with no retryable follower everybody gets the error.
+#[tokio::test(start_paused = true)]
+async fn core_retry_failed_with_retryable_and_plain_followers() {
+    bounded("test", async {
+        let group = GroupBuilder::new().retry_failed(1).build::<&str>();
+        let made = Arc::new(AtomicUsize::new(0));
+        let call = |result: Result<u32, &'static str>| {
+            let made = made.clone();
+            move || {
+                made.fetch_add(1, SeqCst);
+                async move {
+                    tokio::task::yield_now().await;
+                    result
+                }
+            }
+        };
+        let leader = group.run_retryable("k", call(Err("flaky")));
+        let plain = group.run_result("k", call(Ok(1)));
+        let retryable = group.run_retryable("k", call(Ok(2)));
+        assert!(leader.is_leader() && !plain.is_leader() && !retryable.is_leader());
+        let (l, p, r) = tokio::join!(leader, plain, retryable);
+        assert_eq!(l.unwrap(), Err("flaky"));
+        assert_eq!(r.unwrap(), Ok(2), "the retryable follower ran the retry");
+        assert_eq!(
+            p.unwrap(),
+            Ok(2),
+            "the plain follower got the retry's output"
+        );
+        assert_eq!(made.load(SeqCst), 2);
+        assert_eq!(group.stats().retried, 1);
+
+        // Plain followers only: nobody can retry, everybody gets the error.
+        let leader = group.run_retryable("j", call(Err("down")));
+        let plain = group.run_result("j", call(Ok(3)));
+        let (l, p) = tokio::join!(leader, plain);
+        assert_eq!((l.unwrap(), p.unwrap()), (Err("down"), Err("down")));
+        assert_eq!(made.load(SeqCst), 3);
+        assert_eq!(group.stats().retried, 1);
+        assert_eq!(group.in_flight(), 0);
+    })
+    .await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn by_default_followers_share_the_leaders_error() {
     bounded("test", async {
