@@ -1,5 +1,6 @@
 //! Coverage-guided fuzzing of the HTTP key and response-rebuild path:
-//! `cargo fuzz run http_key_rebuild` (nightly). On stable, `replay` runs the same check.
+//! `cargo fuzz run -s none -O http_key_rebuild` (stable; nightly may drop `-s none` to add
+//! AddressSanitizer). The `replay` binary runs the same check without libFuzzer.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
