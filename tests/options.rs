@@ -615,6 +615,52 @@ fn spread(i: u64) -> u64 {
     i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i << 7)
 }
 
+/// An output whose `Clone` panics while `fail` is set.
+struct Brittle {
+    value: u32,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Clone for Brittle {
+    fn clone(&self) -> Self {
+        assert!(!self.fail.load(SeqCst), "clone refused");
+        Brittle {
+            value: self.value,
+            fail: self.fail.clone(),
+        }
+    }
+}
+
+/// A lingering output is cloned for each hit; a `Clone` that panics fails that hit only, and
+/// the registry (and the kept output) stay usable.
+#[tokio::test(start_paused = true)]
+async fn linger_hit_whose_clone_panics() {
+    bounded("test", async {
+        let group: Group<u8> = GroupBuilder::new().linger(Duration::from_secs(1)).build();
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = fail.clone();
+        let first = group
+            .run(1, move || async move { Brittle { value: 7, fail: f } })
+            .await;
+        assert_eq!(first.unwrap().value, 7);
+        fail.store(true, SeqCst);
+        let hit = group.run(1, || async {
+            unreachable!("served from the linger window")
+        });
+        assert!(!hit.is_leader());
+        let err = hit.await.map(|b: Brittle| b.value).unwrap_err();
+        assert_eq!(err.message(), "clone refused");
+        fail.store(false, SeqCst);
+        let hit = group.run(1, || async {
+            unreachable!("served from the linger window")
+        });
+        assert_eq!(hit.await.map(|b: Brittle| b.value).unwrap(), 7);
+        assert_eq!(group.stats().lingered, 2);
+        assert_eq!(group.in_flight(), 0);
+    })
+    .await;
+}
+
 /// A call whose output type is `()`, and that panics.
 async fn explode() {
     panic!("kaboom")
