@@ -412,14 +412,16 @@ async fn different_keys_never_wait_on_each_other() {
 /// The same through the core, with a flight that is never even polled.
 #[test]
 fn group_different_keys_never_wait_on_each_other() {
-    let group: Group<&'static str> = Group::new();
-    let a = group.run("a", std::future::pending::<u32>);
-    let b = group.run("b", || async { 2u32 });
-    assert!(a.is_leader() && b.is_leader());
-    assert_eq!(futures::executor::block_on(b).unwrap(), 2);
-    assert_eq!(group.in_flight(), 1);
-    drop(a);
-    assert_eq!(group.in_flight(), 0);
+    on_thread("group_different_keys_never_wait_on_each_other", || {
+        let group: Group<&'static str> = Group::new();
+        let a = group.run("a", std::future::pending::<u32>);
+        let b = group.run("b", || async { 2u32 });
+        assert!(a.is_leader() && b.is_leader());
+        assert_eq!(futures::executor::block_on(b).unwrap(), 2);
+        assert_eq!(group.in_flight(), 1);
+        drop(a);
+        assert_eq!(group.in_flight(), 0);
+    });
 }
 
 /// Check-then-insert is one step: a caller that arrives while the leader is still making its
@@ -1033,31 +1035,36 @@ async fn panic_with_a_non_string_payload_is_contained() {
 
 #[test]
 fn group_panic_in_make_or_future_is_an_error_for_every_waiter() {
-    let group: Group<&'static str> = Group::new();
-    let run = group.run("make", || -> std::future::Ready<u32> {
-        panic!("boom in make")
-    });
-    let err = futures::executor::block_on(run).unwrap_err();
-    assert!(err.message().contains("boom in make"), "{err}");
-    assert!(err.to_string().contains("panicked"), "{err}");
-    assert_eq!(group.in_flight(), 0);
+    on_thread(
+        "group_panic_in_make_or_future_is_an_error_for_every_waiter",
+        || {
+            let group: Group<&'static str> = Group::new();
+            let run = group.run("make", || -> std::future::Ready<u32> {
+                panic!("boom in make")
+            });
+            let err = futures::executor::block_on(run).unwrap_err();
+            assert!(err.message().contains("boom in make"), "{err}");
+            assert!(err.to_string().contains("panicked"), "{err}");
+            assert_eq!(group.in_flight(), 0);
 
-    let (open, mut gate) = watch::channel(false);
-    let leader = group.run("future", move || async move {
-        let _ = gate.wait_for(|&o| o).await;
-        panic!("boom in future");
-        #[allow(unreachable_code)]
-        0u32
-    });
-    let follower = group.run("future", || async { 1u32 });
-    open.send_replace(true);
-    let (a, b) = futures::executor::block_on(futures::future::join(leader, follower));
-    for err in [a.unwrap_err(), b.unwrap_err()] {
-        assert!(err.message().contains("boom in future"), "{err}");
-    }
-    assert_eq!(group.in_flight(), 0);
-    let again = group.run("future", || async { 2u32 });
-    assert_eq!(futures::executor::block_on(again).unwrap(), 2);
+            let (open, mut gate) = watch::channel(false);
+            let leader = group.run("future", move || async move {
+                let _ = gate.wait_for(|&o| o).await;
+                panic!("boom in future");
+                #[allow(unreachable_code)]
+                0u32
+            });
+            let follower = group.run("future", || async { 1u32 });
+            open.send_replace(true);
+            let (a, b) = futures::executor::block_on(futures::future::join(leader, follower));
+            for err in [a.unwrap_err(), b.unwrap_err()] {
+                assert!(err.message().contains("boom in future"), "{err}");
+            }
+            assert_eq!(group.in_flight(), 0);
+            let again = group.run("future", || async { 2u32 });
+            assert_eq!(futures::executor::block_on(again).unwrap(), 2);
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1773,29 +1780,34 @@ async fn panicking_response_clone_does_not_hang_followers() {
 /// the dropper's, but the key must still be freed and usable.
 #[test]
 fn panicking_destructor_of_a_cancelled_call_still_frees_the_key() {
-    struct Bomb;
-    impl Drop for Bomb {
-        fn drop(&mut self) {
-            panic!("destructor bomb");
-        }
-    }
-    let group: Group<&'static str> = Group::new();
-    let run = group.run("k", || async {
-        let _bomb = Bomb;
-        std::future::pending::<u32>().await
-    });
-    let mut run = Box::pin(run);
-    let mut noop = Context::from_waker(Waker::noop());
-    assert!(run.as_mut().poll(&mut noop).is_pending());
-    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(run)));
-    assert!(
-        dropped.is_err(),
-        "the destructor's panic reaches the dropper"
+    on_thread(
+        "panicking_destructor_of_a_cancelled_call_still_frees_the_key",
+        || {
+            struct Bomb;
+            impl Drop for Bomb {
+                fn drop(&mut self) {
+                    panic!("destructor bomb");
+                }
+            }
+            let group: Group<&'static str> = Group::new();
+            let run = group.run("k", || async {
+                let _bomb = Bomb;
+                std::future::pending::<u32>().await
+            });
+            let mut run = Box::pin(run);
+            let mut noop = Context::from_waker(Waker::noop());
+            assert!(run.as_mut().poll(&mut noop).is_pending());
+            let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(run)));
+            assert!(
+                dropped.is_err(),
+                "the destructor's panic reaches the dropper"
+            );
+            let again = group.run("k", || async { 2u32 });
+            assert!(again.is_leader(), "the key is usable");
+            assert_eq!(futures::executor::block_on(again).unwrap(), 2);
+            assert_eq!(group.in_flight(), 0, "no entry left behind");
+        },
     );
-    let again = group.run("k", || async { 2u32 });
-    assert!(again.is_leader(), "the key is usable");
-    assert_eq!(futures::executor::block_on(again).unwrap(), 2);
-    assert_eq!(group.in_flight(), 0, "no entry left behind");
 }
 
 /// DESIGN.md trap: "keys reduced to a 64-bit hash serve one request's response to another on a
