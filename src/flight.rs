@@ -12,6 +12,9 @@
 //! cloned for a follower. Only a key's `Hash`/`Eq` run inside a shard lock, as in any hash map,
 //! and a lingering output is cloned under its own flight's lock (see [`GroupBuilder::linger`]).
 
+// Without `tracing` a span is `()`, passed along to keep one code path.
+#![cfg_attr(not(feature = "tracing"), allow(clippy::unit_arg))]
+
 use std::any::{Any, TypeId};
 use std::borrow::Borrow;
 use std::collections::VecDeque;
@@ -179,7 +182,8 @@ impl GroupBuilder {
     /// When a flight fails (an error from [`Group::run_result`] or the tower layer, or a
     /// panic), its followers retry it as one new flight, up to `retries` times per flight: one
     /// of them runs its own call and the others wait for it, as before. The caller whose call
-    /// failed gets its error. Only followers that can make the call take part (those of
+    /// failed gets its error (in a detached flight its caller is a follower, so it gets the
+    /// retry's output). Only followers that can make the call take part (those of
     /// [`Group::run_retryable`] and of the tower layer); with none, everybody gets the error.
     pub fn retry_failed(mut self, retries: u32) -> Self {
         self.config.retries = retries;
@@ -215,6 +219,8 @@ struct Shard<K> {
     expiring_err: VecDeque<Expiry>,
     /// The next entry's `id`.
     next_id: u64,
+    /// Entries with `cancelling` set; a lookup for them is skipped while there are none.
+    cancelling: usize,
 }
 
 /// A registered flight, or a lingering output. Guarded by its shard's lock.
@@ -233,6 +239,11 @@ struct Entry<K> {
     lingers_until: Option<Instant>,
     /// Set by `forget`: never joined again, removed when its driver finishes.
     forgotten: bool,
+    /// Set when the last waiter left, until the call's future is dropped and the entry
+    /// removed: never joined; a new flight of the key waits for it before it starts.
+    cancelling: bool,
+    /// New flights of the key waiting for this cancelled one to be gone.
+    gate: Vec<Waker>,
     #[cfg(feature = "tracing")]
     span: tracing::Span,
 }
@@ -346,6 +357,7 @@ where
                             expiring_ok: VecDeque::new(),
                             expiring_err: VecDeque::new(),
                             next_id: 0,
+                            cancelling: 0,
                         })
                     })
                     .collect(),
@@ -362,7 +374,9 @@ where
     ///
     /// The registry is consulted when `run` is called, not when the future is first polled;
     /// `make` is called only by the caller that registers a flight (or runs alone past a
-    /// capacity bound), after registration and outside every lock. The returned future
+    /// capacity bound), after registration and outside every lock. Keep the call's work in the
+    /// future, not in `make`: if the key's previous flight was just cancelled and its future is
+    /// still being dropped, the new future is not polled until that is done. The returned future
     /// resolves to the flight's output, or to [`Panicked`] if `make` or the inner future
     /// panicked.
     ///
@@ -450,10 +464,10 @@ where
         if let Some(now) = now {
             shard.purge(now, &mut garbage);
         }
-        let mut stale = None;
-        let found = shard
-            .table
-            .find_entry(hash, |e| !e.forgotten && e.output == output && e.key == key);
+        let mut gate = None;
+        let found = shard.table.find_entry(hash, |e| {
+            !e.forgotten && !e.cancelling && e.output == output && e.key == key
+        });
         if let Ok(mut found) = found {
             let entry = found.get_mut();
             let existing = entry.flight.as_ref().map(|f| {
@@ -487,10 +501,12 @@ where
             };
             let mut state = flight.state.lock();
             if state.phase == Phase::Running {
-                if config
-                    .max_followers
-                    .is_some_and(|max| state.followers.len() >= max)
-                {
+                // A detached flight's caller waits in a slot too, but is no follower.
+                let followers = state
+                    .followers
+                    .len()
+                    .saturating_sub(usize::from(state.detached));
+                if config.max_followers.is_some_and(|max| followers >= max) {
                     drop(state);
                     shard.counters.over_capacity += 1;
                     drop(guard);
@@ -520,16 +536,22 @@ where
                     maker: keep.is_some(),
                     // Boxing is user-visible work only for callers that asked to keep `make`.
                     make: keep.map(|keep| keep(make)),
+                    gate: None,
                 };
             }
             drop(state);
-            // Cancelled: its last waiter will not find it (by id) and do nothing, so its place
-            // in the counts is given up here.
-            stale = Some(found.remove().0);
-            shard.counters.running -= 1;
-            if config.max_in_flight.is_some() {
-                registry.running.fetch_sub(1, Relaxed);
-            }
+            // Cancelled, its future not dropped yet: the new flight waits for that.
+            let entry = found.into_mut();
+            entry.cancelling = true;
+            shard.cancelling += 1;
+            gate = Some(entry.id);
+        } else if shard.cancelling > 0 {
+            gate = shard
+                .table
+                .find(hash, |e| {
+                    e.cancelling && !e.forgotten && e.output == output && e.key == key
+                })
+                .map(|e| e.id);
         }
         if let Some(max) = config.max_in_flight {
             if registry.running.fetch_add(1, Relaxed) >= max {
@@ -550,6 +572,8 @@ where
             flight: None,
             lingers_until: None,
             forgotten: false,
+            cancelling: false,
+            gate: Vec::new(),
             #[cfg(feature = "tracing")]
             span: tracing::debug_span!(
                 "coalesce.flight",
@@ -574,7 +598,6 @@ where
         shard.counters.leaders += 1;
         shard.counters.running += 1;
         drop(guard);
-        drop(stale);
         drop(garbage);
         emit("tower_coalesce_leaders_total");
         let mut run = Run {
@@ -591,6 +614,7 @@ where
             shared: false,
             maker: false,
             make: None,
+            gate,
         };
         let Some(fut) = run.make_future(make) else {
             return run;
@@ -614,6 +638,7 @@ where
             shared: false,
             maker: false,
             make: None,
+            gate: run.gate.take(),
         };
         handle.spawn(async move {
             let _ = driver.await;
@@ -644,6 +669,7 @@ where
             shared: false,
             maker: false,
             make: None,
+            gate: None,
         };
         if let Some(fut) = run.make_future(make) {
             run.role = Role::Driver(fut);
@@ -800,9 +826,11 @@ impl<K> Shard<K> {
 
 impl<K> Registry<K> {
     fn shard(&self, hash: u64) -> &Mutex<Shard<K>> {
-        // The table uses the low bits for buckets and the top 7 for tags; pick shards from the
-        // middle so neither loses entropy within a shard.
-        &self.shards[(hash >> 32) as usize & (self.shards.len() - 1)]
+        // The table uses the low bits for buckets and the top 7 for tags; the shard comes from
+        // a remix of the whole hash (a Fibonacci multiply), so that runs of similar keys
+        // spread evenly and neither table part loses entropy within a shard.
+        let mixed = hash.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        &self.shards[(mixed >> 40) as usize & (self.shards.len() - 1)]
     }
 
     /// The shared state of the flight registered as (`hash`, `id`), if a follower made it.
@@ -873,12 +901,37 @@ impl<K> Registry<K> {
         flight
     }
 
-    /// Unregisters a flight whose last waiter left; `shard` is its shard, locked.
-    fn cancel_locked(&self, shard: &mut Shard<K>, hash: u64, id: u64) -> Option<Entry<K>> {
+    /// Marks the entry (`hash`, `id`) as cancelling: from here on nobody joins it, and a new
+    /// flight of its key waits until [`cancelled`](Self::cancelled) removes it.
+    fn cancelling(&self, shard: &mut Shard<K>, hash: u64, id: u64) {
+        if let Some(entry) = shard.table.find_mut(hash, |e| e.id == id) {
+            if !entry.cancelling {
+                entry.cancelling = true;
+                shard.cancelling += 1;
+            }
+        }
+    }
+
+    /// Removes a cancelled flight's entry, once its future is dropped, and lets the flights
+    /// waiting for that start.
+    fn cancelled(&self, hash: u64, id: u64) {
+        let mut guard = self.shard(hash).lock();
+        let shard = &mut *guard;
         shard.counters.count(End::Cancelled);
-        let (entry, _) = shard.table.find_entry(hash, |e| e.id == id).ok()?.remove();
+        let Ok(found) = shard.table.find_entry(hash, |e| e.id == id) else {
+            return;
+        };
+        let (mut entry, _) = found.remove();
+        if entry.cancelling {
+            shard.cancelling -= 1;
+        }
         shard.release(&entry, &self.running, self.config.max_in_flight.is_some());
-        Some(entry)
+        let gate = mem::take(&mut entry.gate);
+        drop(guard);
+        drop(entry);
+        for waker in gate {
+            waker.wake();
+        }
     }
 }
 
@@ -958,6 +1011,9 @@ pub struct Run<K, T: Send + 'static> {
     maker: bool,
     /// A follower's own way to make the call, if it kept one.
     make: Option<Make<T>>,
+    /// The id of a cancelled entry of the same key whose future is still being dropped: this
+    /// driver does not poll its own until that entry is gone.
+    gate: Option<u64>,
 }
 
 // No field is structurally pinned: the inner future is boxed, outputs are moved out whole.
@@ -991,12 +1047,19 @@ impl<K, T: Send + 'static> Run<K, T> {
             shared: true,
             maker: false,
             make: None,
+            gate: None,
         }
     }
 
     pub(crate) fn note_timeout(&self) {
         self.registry.timed_out.fetch_add(1, Relaxed);
         emit("tower_coalesce_timed_out_total");
+    }
+
+    /// Whether this waiter polls the inner future for everybody (it led, took over from a
+    /// leader that left, or runs a retry): it must not be cut short by a follower's limit.
+    pub(crate) fn is_driving(&self) -> bool {
+        matches!(self.role, Role::Driver(_))
     }
 
     /// Takes this follower's own `make`, to call alone (after its wait limit).
@@ -1130,7 +1193,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             .collect();
         drop(state);
         emit("tower_coalesce_retried_total");
-        self.shared = true;
+        // This driver's error goes to nobody else: the followers retry.
         for waker in wakers {
             waker.wake();
         }
@@ -1227,6 +1290,16 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
         loop {
             match &mut this.role {
                 Role::Driver(fut) => {
+                    if let Some(old) = this.gate {
+                        let mut shard = this.registry.shard(this.hash).lock();
+                        if let Some(entry) = shard.table.find_mut(this.hash, |e| e.id == old) {
+                            // The key's cancelled call is still being dropped.
+                            entry.gate.push(cx.waker().clone());
+                            return Poll::Pending;
+                        }
+                        drop(shard);
+                        this.gate = None;
+                    }
                     let polled = {
                         #[cfg(feature = "tracing")]
                         let _entered = this.span.enter();
@@ -1357,12 +1430,16 @@ impl<K, T: Send + 'static> Run<K, T> {
             }
             state.phase = Phase::Cancelled;
         }
-        let removed = self.registry.cancel_locked(shard, self.hash, self.id);
+        self.registry.cancelling(shard, self.hash, self.id);
         drop(guard);
-        // Last waiter gone: cancel the call (drop the inner future), then the key.
-        drop(fut);
-        drop(removed);
+        // Last waiter gone: cancel the call (drop the inner future), then free the key, even
+        // if the future's destructor panics (that panic is the dropper's, passed on after).
+        let dropped = catch_unwind(AssertUnwindSafe(move || drop(fut)));
+        self.registry.cancelled(self.hash, self.id);
         trace_end(self.span_ref(), End::Cancelled, 0);
+        if let Err(panic) = dropped {
+            std::panic::resume_unwind(panic);
+        }
     }
 
     /// A follower leaves: the last waiter cancels the call; if nobody can retry a failed
@@ -1384,12 +1461,15 @@ impl<K, T: Send + 'static> Run<K, T> {
             let orphan = state.orphan.take();
             drop(state);
             drop(failure);
-            drop(orphan);
             let mut shard = self.registry.shard(self.hash).lock();
-            let removed = self.registry.cancel_locked(&mut shard, self.hash, self.id);
+            self.registry.cancelling(&mut shard, self.hash, self.id);
             drop(shard);
-            drop(removed);
+            let dropped = catch_unwind(AssertUnwindSafe(move || drop(orphan)));
+            self.registry.cancelled(self.hash, self.id);
             trace_end(flight.span(), End::Cancelled, 0);
+            if let Err(panic) = dropped {
+                std::panic::resume_unwind(panic);
+            }
         } else if state.needs_driver && state.makers == 0 {
             // Nobody left who could retry: the others get the failed attempt's output.
             state.needs_driver = false;

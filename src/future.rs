@@ -149,6 +149,10 @@ where
                     out.unwrap_or_else(|panic| Err(CoalesceError::panicked(panic))),
                 );
             }
+            if run.is_driving() {
+                // It took over the call for everybody: its own limit no longer applies.
+                *this.deadline = None;
+            }
             let Some(deadline) = this.deadline else {
                 return Poll::Pending;
             };

@@ -15,11 +15,11 @@ pub struct Stats {
     pub lingered: u64,
     /// Requests the key extractor returned no key for.
     pub bypassed: u64,
-    /// Requests that made their own call after all: `over_capacity + timed_out`.
+    /// Requests that did not get a shared output after all: `over_capacity + timed_out`.
     pub fell_through: u64,
     /// Requests run alone because of `max_in_flight` or `max_followers`.
     pub over_capacity: u64,
-    /// Followers that stopped waiting at their wait limit.
+    /// Followers that stopped waiting at their wait limit (to call alone, or to fail).
     pub timed_out: u64,
     /// Calls a follower started to retry a failed one (`retry_failed`).
     pub retried: u64,

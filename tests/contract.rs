@@ -1861,7 +1861,6 @@ async fn panicking_clone_under_linger_does_not_brick_the_key() {
 /// one key at once. The window is forced open here: the old call's destructor itself starts,
 /// and polls, the next flight.
 #[test]
-#[ignore = "HEAD starts the next flight's call while the cancelled call is still being dropped; the lead's cancelling gate (work in progress in src/flight.rs) makes it wait. Un-ignore when that lands"]
 fn next_flight_waits_until_the_cancelled_call_is_dropped() {
     on_thread("next flight vs cancelled call", || {
         let group: Group<&'static str> = Group::new();

@@ -74,7 +74,7 @@ fn dropped_driver_hands_the_future_over() {
 }
 
 #[test]
-fn cancelled_entry_is_replaced_not_joined() {
+fn a_new_flight_waits_for_a_cancelled_one_to_be_dropped() {
     let group: Group<u8> = Group::new();
     let first = group.run(1, std::future::pending::<u32>);
     let follower = group.run(1, std::future::pending::<u32>);
@@ -82,21 +82,28 @@ fn cancelled_entry_is_replaced_not_joined() {
         .flight
         .clone()
         .expect("a follower has the shared state");
-    // Simulate the window between "last waiter gone" and "entry removed".
+    // The window between "last waiter gone" and "its future dropped, entry removed".
     flight.state.lock().phase = Phase::Cancelled;
-    let second = group.run(1, || async { 2u32 });
-    assert!(second.is_leader());
-    assert_eq!(group.in_flight(), 1);
+    let mut second = group.run(1, || async { 2u32 });
+    assert!(second.is_leader(), "a cancelled flight is not joined");
+    assert_eq!(second.gate, Some(first.id));
+    let w = Arc::new(CountWaker(0.into()));
+    assert!(
+        poll(&mut second, &w).is_pending(),
+        "it does not start while the old call is being dropped"
+    );
+    group.registry.cancelled(first.hash, first.id);
+    assert_eq!(
+        w.0.load(Ordering::SeqCst),
+        1,
+        "woken when the old entry goes"
+    );
+    assert!(matches!(poll(&mut second, &w), Poll::Ready(Ok(2))));
     flight.state.lock().phase = Phase::Running;
     drop(follower);
     drop(first);
-    assert_eq!(
-        group.in_flight(),
-        1,
-        "the old flight must not remove the new entry"
-    );
-    drop(second);
     assert_eq!(group.in_flight(), 0);
+    assert!(group.is_empty());
 }
 
 #[test]
