@@ -91,13 +91,11 @@ impl Visit<Never> for Memory {
             drop(leaders);
             after.push(live(&snapshot()));
         }
-        eprintln!(
-            "{name} rounds: {:?}",
-            after
-                .windows(2)
-                .map(|w| (w[1] - w[0]) / REQUESTS as i64)
-                .collect::<Vec<_>>()
-        );
+        // Bytes per key each later round added: settles at 0 unless entries are kept.
+        let growth: Vec<i64> = after
+            .windows(2)
+            .map(|w| (w[1] - w[0]) / REQUESTS as i64)
+            .collect();
         let leaked =
             (after[ROUNDS as usize - 1] - after[ROUNDS as usize - 2]) as f64 / REQUESTS as f64;
         let retained = (retained - start) as f64 / REQUESTS as f64;
@@ -113,7 +111,8 @@ impl Visit<Never> for Memory {
         println!(
             "memory  {name:<27} future {future_bytes:>4} B | in-flight key {key_bytes:>8.1} B {key_allocs:>5.2} allocs | \
              follower {follower_bytes:>8.1} B {follower_allocs:>5.2} allocs | \
-             after cancelling: retained {retained:>6.1} B/key, leaked {leaked:>6.1} B/key"
+             after cancelling: retained {retained:>6.1} B/key, leaked {leaked:>6.1} B/key \
+             (per round {growth:?})"
         );
         self.rows.insert(
             name.to_string(),
@@ -126,6 +125,7 @@ impl Visit<Never> for Memory {
                 "allocs_per_follower": follower_allocs,
                 "bytes_retained_per_cancelled_key": retained,
                 "bytes_leaked_per_cancelled_key": leaked,
+                "bytes_added_per_later_round": growth,
             }),
         );
     }

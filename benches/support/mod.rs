@@ -397,8 +397,11 @@ pub async fn wave<C: Client>(client: &C, keys: &[u64]) -> Duration {
 pub const WAITERS_KEY: u64 = 7;
 
 /// How long the waiters workload lets joiners settle after their first poll: a peer that
-/// takes an async lock on its way in may not be registered yet when first polled.
-pub const WAITERS_SETTLE: Duration = Duration::from_millis(1);
+/// takes an async lock on its way in may not be registered yet when first polled, and its
+/// lock's queue drains one task at a time (1 ms, plus 100 ns per waiter).
+pub fn waiters_settle(waiters: usize) -> Duration {
+    Duration::from_millis(1) + Duration::from_nanos(100 * waiters as u64)
+}
 
 /// One waiters wave: a leader and `followers` followers of one gated flight. Returns the time
 /// from the gate opening (the backend's answer) to the last waiter getting its result.
@@ -437,7 +440,7 @@ pub async fn waiters_wave<C: Client>(
         });
     }
     all_in.notified().await;
-    tokio::time::sleep(WAITERS_SETTLE).await;
+    tokio::time::sleep(waiters_settle(total)).await;
     // The answer exists from the moment the gate opens (the backend's I/O completing): from
     // there, waking the leader, publishing and waking the followers are all the coalescer's
     // (and the runtime's) doing. A design that wakes every waiter on the backend's event
