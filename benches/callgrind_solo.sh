@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Instructions per call on the `solo` workload, per contender, counted by callgrind: a measure
-# that does not move with the machine's load, unlike the wall times. Writes
-# target/criterion/tower-coalesce-callgrind.json, which `examples/bench_report.rs` picks up.
+# Instruction counts by callgrind, a measure that does not move with the machine's load
+# (unlike wall times), per contender:
+#   - solo: instructions per call (the whole request: registry, flight, backend call);
+#   - fanout/1000: instructions per waiter to publish one answer to 1,000 followers and have
+#     each take its copy (the timed part of the fanout bench, `fanout_timed`).
+# Writes target/criterion/tower-coalesce-callgrind.json, which `examples/bench_report.rs`
+# picks up.
 #
-#   bash benches/callgrind_solo.sh        (needs valgrind; about a minute)
+#   bash benches/callgrind_solo.sh        (needs valgrind; under a minute)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,25 +17,52 @@ bin=$(echo "$out" | grep -o 'target/release/deps/overhead-[0-9a-f]*' | tail -1)
 bin="$target/${bin#target/}"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# Profiling runs write nothing for the report; keep criterion's own files out of target too.
+export CARGO_TARGET_DIR="$work"
 
-json="{"
-sep=""
-for c in bare tower-coalesce tower-coalesce-group tower-resilience-coalesce \
-         singleflight-async async_singleflight blog-mutex-shared; do
+contenders="bare tower-coalesce tower-coalesce-group tower-resilience-coalesce
+            singleflight-async async_singleflight blog-mutex-shared"
+followers=1000
+
+# Calls of function $2 (a callgrind name fragment) recorded in profile $1.
+calls_of() {
+  local id
+  id=$(grep -oE "fn=\([0-9]+\) [^ ]*$2" "$1" | head -1 | grep -oE '^fn=\([0-9]+\)' | sed 's/fn=//')
+  grep -A1 -F "cfn=$id" "$1" | grep -oE '^calls=[0-9]+' | cut -d= -f2 | paste -sd+ | bc
+}
+
+solo="" fanout="" sep=""
+for c in $contenders; do
   # --profile-time: criterion runs the routine for that long, without analysis.
-  CARGO_TARGET_DIR="$target" valgrind --tool=callgrind --callgrind-out-file="$work/$c.cg" \
-    "$bin" --bench --profile-time 1 "^solo/$c\$" >"$work/$c.out" 2>&1
-  calls=$(grep -E "backend calls +solo +$c " "$work/$c.out" | sed -E 's/.*, ([0-9]+) waves\)/\1/')
+  valgrind --tool=callgrind --callgrind-out-file="$work/$c.solo" \
+    "$bin" --bench --profile-time 1 "^solo/$c\$" >"$work/$c.solo.out" 2>&1
+  calls=$(grep -E "backend calls +solo +$c " "$work/$c.solo.out" | sed -E 's/.*, ([0-9]+) waves\)/\1/')
   # Inclusive cost of the bench's request loop (the task that makes the sequential calls).
-  instr=$(callgrind_annotate --inclusive=yes "$work/$c.cg" 2>/dev/null \
+  instr=$(callgrind_annotate --inclusive=yes "$work/$c.solo" 2>/dev/null \
     | grep -F 'Solo as overhead::support::Visit<K>>::visit::{{closure}}::{{closure}}::{{closure}}::{{closure}}' \
     | head -1 | awk '{gsub(",", "", $1); print $1}')
-  per=$(awk -v i="$instr" -v n="$calls" 'BEGIN { printf "%.0f", i / n }')
-  echo "$c: $per instructions per call ($calls calls)"
-  json="$json$sep\"$c\": {\"instructions_per_call\": $per, \"calls\": $calls}"
+  per_call=$(awk -v i="$instr" -v n="$calls" 'BEGIN { printf "%.0f", i / n }')
+  entry="\"$c\": {\"instructions_per_call\": $per_call, \"calls\": $calls}"
+  solo="$solo$sep$entry"
+  echo "solo     $c: $per_call instructions per call ($calls calls)"
+
+  if [ "$c" != bare ]; then
+    valgrind --tool=callgrind --toggle-collect='*fanout_timed*' \
+      --callgrind-out-file="$work/$c.fanout" \
+      "$bin" --bench --profile-time 1 "^fanout/$c/$followers\$" >/dev/null 2>&1
+    total=$(callgrind_annotate "$work/$c.fanout" 2>/dev/null | grep 'PROGRAM TOTALS' \
+      | awk '{gsub(",", "", $1); print $1}')
+    waves=$(calls_of "$work/$c.fanout" 'overhead::support::fanout_timed')
+    per_waiter=$(awk -v i="$total" -v w="$waves" -v n="$followers" \
+      'BEGIN { printf "%.0f", i / (w * (n + 1)) }')
+    fanout="$fanout$sep\"$c\": {\"instructions_per_waiter\": $per_waiter, \"waves\": $waves}"
+    echo "fanout   $c: $per_waiter instructions per waiter ($waves waves of $followers followers)"
+  fi
   sep=", "
 done
-json="$json}"
-mkdir -p "$target/criterion"
-echo "{\"solo\": $json}" >"$target/criterion/tower-coalesce-callgrind.json"
-echo "wrote $target/criterion/tower-coalesce-callgrind.json"
+fanout="${fanout#, }"
+dest="${target}/criterion"
+mkdir -p "$dest"
+echo "{\"solo\": {$solo}, \"fanout\": {\"followers\": $followers, $fanout}}" \
+  >"$dest/tower-coalesce-callgrind.json"
+echo "wrote $dest/tower-coalesce-callgrind.json"

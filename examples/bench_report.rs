@@ -351,6 +351,31 @@ fn markdown(r: &Results) -> String {
         }
     }
 
+    if let Some(n) = r.callgrind["fanout"]["followers"].as_u64() {
+        let _ = writeln!(
+            w,
+            "\nInstructions per waiter to publish one answer to {n} followers and have each \
+             take its copy, counted by callgrind (`bash benches/callgrind_solo.sh`):\n"
+        );
+        let _ = write!(w, "|");
+        for (_, name) in &CONTENDERS[1..] {
+            let _ = write!(w, " {name} |");
+        }
+        let _ = writeln!(w, "\n|{}", "---:|".repeat(CONTENDERS.len() - 1));
+        let _ = write!(w, "|");
+        for (c, _) in &CONTENDERS[1..] {
+            match r.callgrind["fanout"][c]["instructions_per_waiter"].as_f64() {
+                Some(i) => {
+                    let _ = write!(w, " {i:.0} |");
+                }
+                None => {
+                    let _ = write!(w, " – |");
+                }
+            }
+        }
+        let _ = writeln!(w);
+    }
+
     // Memory.
     let _ = writeln!(
         w,
