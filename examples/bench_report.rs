@@ -247,11 +247,11 @@ fn markdown(r: &Results) -> String {
         let _ = writeln!(w);
     }
 
-    // Instructions per call, when `benches/callgrind_solo.sh` was run.
+    // Instructions per call, when `benches/callgrind.sh` was run.
     if r.callgrind["solo"].is_object() {
         let _ = writeln!(
             w,
-            "\nInstructions per `solo` call, counted by callgrind (`bash benches/callgrind_solo.sh`; \
+            "\nInstructions per `solo` call, counted by callgrind (`bash benches/callgrind.sh`; \
              independent of the machine's load):\n"
         );
         let _ = write!(w, "|");
@@ -355,7 +355,7 @@ fn markdown(r: &Results) -> String {
         let _ = writeln!(
             w,
             "\nInstructions per waiter to publish one answer to {n} followers and have each \
-             take its copy, counted by callgrind (`bash benches/callgrind_solo.sh`):\n"
+             take its copy, counted by callgrind (`bash benches/callgrind.sh`):\n"
         );
         let _ = write!(w, "|");
         for (_, name) in &CONTENDERS[1..] {

@@ -7,7 +7,7 @@
 # Writes target/criterion/tower-coalesce-callgrind.json, which `examples/bench_report.rs`
 # picks up.
 #
-#   bash benches/callgrind_solo.sh        (needs valgrind; under a minute)
+#   bash benches/callgrind.sh        (needs valgrind; under a minute)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
