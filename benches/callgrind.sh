@@ -2,8 +2,10 @@
 # Instruction counts by callgrind, a measure that does not move with the machine's load
 # (unlike wall times), per contender:
 #   - solo: instructions per call (the whole request: registry, flight, backend call);
-#   - fanout/1000: instructions per waiter to publish one answer to 1,000 followers and have
-#     each take its copy (the timed part of the fanout bench, `fanout_timed`).
+#   - fanout/1000, join: instructions per waiter to join one key's flight (make the request,
+#     box it, poll it once: `fanout_join`);
+#   - fanout/1000, publish: instructions per waiter to publish one answer to 1,000 followers
+#     and have each take its copy (the timed part of the fanout bench, `fanout_timed`).
 # Writes target/criterion/tower-coalesce-callgrind.json, which `examples/bench_report.rs`
 # picks up.
 #
@@ -47,16 +49,18 @@ for c in $contenders; do
   echo "solo     $c: $per_call instructions per call ($calls calls)"
 
   if [ "$c" != bare ]; then
-    valgrind --tool=callgrind --toggle-collect='*fanout_timed*' \
-      --callgrind-out-file="$work/$c.fanout" \
+    valgrind --tool=callgrind --callgrind-out-file="$work/$c.fanout" \
       "$bin" --bench --profile-time 1 "^fanout/$c/$followers\$" >/dev/null 2>&1
-    total=$(callgrind_annotate "$work/$c.fanout" 2>/dev/null | grep 'PROGRAM TOTALS' \
+    inclusive=$(callgrind_annotate --inclusive=yes "$work/$c.fanout" 2>/dev/null)
+    timed=$(echo "$inclusive" | grep -F 'overhead::support::fanout_timed' | head -1 \
+      | awk '{gsub(",", "", $1); print $1}')
+    joined=$(echo "$inclusive" | grep -F 'overhead::support::fanout_join' | head -1 \
       | awk '{gsub(",", "", $1); print $1}')
     waves=$(calls_of "$work/$c.fanout" 'overhead::support::fanout_timed')
-    per_waiter=$(awk -v i="$total" -v w="$waves" -v n="$followers" \
-      'BEGIN { printf "%.0f", i / (w * (n + 1)) }')
-    fanout="$fanout$sep\"$c\": {\"instructions_per_waiter\": $per_waiter, \"waves\": $waves}"
-    echo "fanout   $c: $per_waiter instructions per waiter ($waves waves of $followers followers)"
+    per() { awk -v i="$1" -v w="$waves" -v n="$followers" 'BEGIN { printf "%.0f", i / (w * (n + 1)) }'; }
+    join=$(per "$joined") publish=$(per "$timed")
+    fanout="$fanout$sep\"$c\": {\"join_instructions_per_waiter\": $join, \"instructions_per_waiter\": $publish, \"waves\": $waves}"
+    echo "fanout   $c: join $join, publish $publish instructions per waiter ($waves waves of $followers followers)"
   fi
   sep=", "
 done

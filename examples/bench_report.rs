@@ -354,26 +354,33 @@ fn markdown(r: &Results) -> String {
     if let Some(n) = r.callgrind["fanout"]["followers"].as_u64() {
         let _ = writeln!(
             w,
-            "\nInstructions per waiter to publish one answer to {n} followers and have each \
-             take its copy, counted by callgrind (`bash benches/callgrind.sh`):\n"
+            "\nInstructions per waiter, {n} followers of one flight, counted by callgrind \
+             (`bash benches/callgrind.sh`): to join (make the request, box it, poll it once) \
+             and to publish (the leader's answer handed to every follower, each taking its \
+             copy):\n"
         );
-        let _ = write!(w, "|");
+        let _ = write!(w, "| |");
         for (_, name) in &CONTENDERS[1..] {
             let _ = write!(w, " {name} |");
         }
-        let _ = writeln!(w, "\n|{}", "---:|".repeat(CONTENDERS.len() - 1));
-        let _ = write!(w, "|");
-        for (c, _) in &CONTENDERS[1..] {
-            match r.callgrind["fanout"][c]["instructions_per_waiter"].as_f64() {
-                Some(i) => {
-                    let _ = write!(w, " {i:.0} |");
-                }
-                None => {
-                    let _ = write!(w, " – |");
+        let _ = writeln!(w, "\n|---|{}", "---:|".repeat(CONTENDERS.len() - 1));
+        for (label, field) in [
+            ("join", "join_instructions_per_waiter"),
+            ("publish", "instructions_per_waiter"),
+        ] {
+            let _ = write!(w, "| {label} |");
+            for (c, _) in &CONTENDERS[1..] {
+                match r.callgrind["fanout"][c][field].as_f64() {
+                    Some(i) => {
+                        let _ = write!(w, " {i:.0} |");
+                    }
+                    None => {
+                        let _ = write!(w, " – |");
+                    }
                 }
             }
+            let _ = writeln!(w);
         }
-        let _ = writeln!(w);
     }
 
     // Memory.

@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
@@ -457,21 +457,31 @@ pub async fn waiters_wave<C: Client>(
 /// coalescer's own cost per follower, without tokio waking and scheduling N tasks.
 pub fn fanout<C: Client>(client: &C, gate: &'static Gate, followers: usize) -> Duration {
     gate.reset();
-    let mut leader = Box::pin(client.clone().call(WAITERS_KEY));
-    assert!(poll_once(&mut leader).is_pending(), "the gate is closed");
-    let waiting: Vec<_> = (0..followers)
-        .map(|_| {
-            let mut follower = Box::pin(client.clone().call(WAITERS_KEY));
-            assert!(poll_once(&mut follower).is_pending(), "the gate is closed");
-            follower
-        })
-        .collect();
+    // The first to join leads.
+    let mut waiting = fanout_join(client, followers + 1);
+    let leader = waiting.remove(0);
     gate.release();
     let start = Instant::now();
     let done = fanout_timed(leader, waiting);
     let elapsed = start.elapsed();
     drop(done);
     elapsed
+}
+
+/// `waiters` requests for one key join its flight, each made, boxed and polled once. A
+/// function of its own so that a profiler can count it (`--toggle-collect='*fanout_join*'`).
+#[inline(never)]
+fn fanout_join<C: Client>(
+    client: &C,
+    waiters: usize,
+) -> Vec<Pin<Box<impl Future<Output = u64> + Send + 'static>>> {
+    (0..waiters)
+        .map(|_| {
+            let mut follower = Box::pin(client.clone().call(WAITERS_KEY));
+            assert!(poll_once(&mut follower).is_pending(), "the gate is closed");
+            follower
+        })
+        .collect()
 }
 
 /// The timed part of [`fanout`], a function of its own so that a profiler can count just it
