@@ -4,8 +4,11 @@
 //!
 //! Invariants, checked as the load runs (not only at the end):
 //!
-//! - at most one backend call per key runs at a time (each call bumps a per-key counter for
-//!   as long as it runs). In the rounds with capacity bounds (`max_followers`,
+//! - at most one backend call per key runs at a time: each call draws a per-key generation
+//!   number when it starts and checks at the start and end of each of its polls that no newer
+//!   call of its key has started; and a call never starts while a cancelled call of its key is
+//!   still being dropped (checked in the cancelled call's destructor). In the rounds with
+//!   capacity bounds (`max_followers`,
 //!   `max_in_flight`) the requests over a bound call the backend alone, beside the flight, by
 //!   design; the public API does not tell such a call from a leader's (both report
 //!   `is_leader()`), so those rounds count overlaps instead of failing on them, and check
@@ -244,8 +247,8 @@ struct Tracker {
     /// Polls of a call after a newer call of its key started: two calls of one key running at
     /// once. A violation, except in the rounds with capacity bounds.
     stale_polls: AtomicU64,
-    /// Calls that started while an older call of their key, cancelled, had not been dropped
-    /// yet (that older call is never polled again: see `Running::drop`).
+    /// Calls that started while an older call of their key, cancelled, was still being
+    /// dropped. A violation, except in the rounds with capacity bounds.
     started_beside_a_drop: AtomicU64,
     /// Whether two calls of one key running at once is a violation.
     exclusive: bool,
@@ -301,11 +304,18 @@ impl Drop for Running {
     fn drop(&mut self) {
         let t = &self.tracker;
         let key = self.key as usize;
-        if !self.completed && t.generation[key].load(SeqCst) != self.generation {
-            // Cancelled, and a newer call of the key started before this drop: the registry
-            // freed the key before dropping this call's future. Never polled again (that
-            // would be a stale poll), but still alive for a moment.
+        let current = t.generation[key].load(SeqCst);
+        if !self.completed && current != self.generation {
+            // Cancelled, and a newer call of the key started before this drop ended: the key
+            // was freed before the cancelled call's future was dropped.
             t.started_beside_a_drop.fetch_add(1, SeqCst);
+            if t.exclusive {
+                t.violations.report(format!(
+                    "{}: call #{current} of key {} started while cancelled call #{} was \
+                     still being dropped",
+                    t.round, self.key, self.generation
+                ));
+            }
         }
         t.running[key].fetch_sub(1, SeqCst);
         if self.completed {
@@ -1061,8 +1071,8 @@ fn soak(size: Size) {
         all.followers, all.lingered, all.retried, all.over_capacity
     );
     println!(
-        "  beside others    {} polls beside a newer call of their key (capacity rounds only), \
-         {} calls started while a cancelled call of their key was being dropped",
+        "  beside others    {} polls beside a newer call of their key, {} calls started while \
+         a cancelled call of their key was being dropped (capacity rounds only)",
         all.overlaps, all.beside_drop
     );
     println!("  violations       {count}");
