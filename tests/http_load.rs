@@ -588,17 +588,17 @@ async fn run_client(
 /// Bursts: every connection asks at once for one of a few `/gate` keys (id x user), and the
 /// handlers answer only once every request of the burst has joined its flight. Each burst must
 /// then call the handler exactly once per distinct key. Returns (requests, calls).
-async fn bursts(server: &Server, base: &str, connections: u32, waves: u64) -> (u64, u64) {
+async fn bursts(server: &Server, base: &str, clients: &[HttpClient], waves: u64) -> (u64, u64) {
+    let connections = clients.len() as u32;
     let mut requests = 0;
     let mut calls = 0;
     let mut rng = StdRng::seed_from_u64(SEED ^ 0xB0B);
-    let clients: Vec<HttpClient> = (0..connections).map(|_| client()).collect();
     for wave in 1..=waves {
         let entered_before = *server.entered.borrow();
         let calls_before = server.calls.gate.load(SeqCst);
         let mut distinct = HashSet::new();
         let mut tasks = tokio::task::JoinSet::new();
-        for client in &clients {
+        for client in clients {
             let id = rng.random_range(0..4u32);
             let user = USERS[rng.random_range(0..USERS.len())];
             distinct.insert((id, user));
@@ -674,13 +674,15 @@ fn load(requests: u64, connections: u32) {
         let tally = Arc::new(Tally::default());
         let started = Instant::now();
         let per_client = requests / u64::from(connections);
+        // A client (a pool) per connection, so no request waits for another client's
+        // connection; kept for the bursts, which reuse the connections rather than open as
+        // many again.
+        let http_clients: Vec<HttpClient> = (0..connections).map(|_| client()).collect();
         let mut clients = tokio::task::JoinSet::new();
         for id in 0..connections {
             let extra = u64::from(u64::from(id) < requests % u64::from(connections));
-            // A client each: its own pool, so one connection per client and no request waits
-            // for another client's connection.
             clients.spawn(run_client(
-                client(),
+                http_clients[id as usize].clone(),
                 Arc::clone(&base),
                 id,
                 per_client + extra,
@@ -694,7 +696,7 @@ fn load(requests: u64, connections: u32) {
         let elapsed = started.elapsed();
         let shared_calls = server.calls.shared_routes.load(SeqCst);
         let unshared_calls = server.calls.unshared_routes.load(SeqCst);
-        let (burst_requests, burst_calls) = bursts(&server, &base, connections, 10).await;
+        let (burst_requests, burst_calls) = bursts(&server, &base, &http_clients, 10).await;
         let t = &tally;
         let get = |c: &AtomicU64| c.load(SeqCst);
         println!(
