@@ -7,14 +7,15 @@
 //! - at most one backend call per key runs at a time: each call draws a per-key generation
 //!   number when it starts and checks at the start and end of each of its polls that no newer
 //!   call of its key has started; and a call never starts while a cancelled call of its key is
-//!   still being dropped (checked in the cancelled call's destructor). In the rounds with
-//!   capacity bounds (`max_followers`,
-//!   `max_in_flight`) the requests over a bound call the backend alone, beside the flight, by
-//!   design; the public API does not tell such a call from a leader's (both report
-//!   `is_leader()`), so those rounds count overlaps instead of failing on them, and check
-//!   everything else;
+//!   still being dropped (checked in the cancelled call's destructor). Three kinds of rounds
+//!   call beside a flight by design: capacity bounds (`max_followers`, `max_in_flight`: the
+//!   requests over a bound call alone), a follower wait limit (`follower_timeout`: a follower
+//!   past it calls alone) and `forget` (the next request starts a new flight at once). The
+//!   public API does not tell such a call from a leader's (both report `is_leader()`), so
+//!   those rounds count overlaps instead of failing on them, and check everything else;
 //! - every waiter resolves with its own key's value, or an error or panic report naming its
-//!   own key;
+//!   own key (a follower calling alone past its wait limit may instead have the panic unwind
+//!   out of its future, as a bypassed request would: counted, and it must be its own key's);
 //! - no waiter hangs (every request is bounded by a timeout, which counts as a violation);
 //! - the registry never holds more entries than there are keys;
 //! - after each round the registry is empty (expired lingering outputs purged first), every
@@ -29,12 +30,14 @@
 //! `cargo test --release --test chaos -- --ignored --nocapture`.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, Once};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Notify;
@@ -410,6 +413,10 @@ struct Round {
     retries: u32,
     max_followers: Option<usize>,
     max_in_flight: Option<usize>,
+    /// One request in a hundred first calls `forget` on its key.
+    forget: bool,
+    /// The layer's follower wait limit (followers past it call on their own).
+    follower_timeout: Option<Duration>,
 }
 
 impl Round {
@@ -424,11 +431,20 @@ impl Round {
             retries: 0,
             max_followers: None,
             max_in_flight: None,
+            forget: false,
+            follower_timeout: None,
         }
     }
 
     fn capacity_bounded(&self) -> bool {
         self.max_followers.is_some() || self.max_in_flight.is_some()
+    }
+
+    /// Whether two calls of one key running at once is a violation: not where an option
+    /// makes requests call beside the flight on purpose (capacity bounds, a follower's wait
+    /// limit, `forget`, which lets the next request start a new flight at once).
+    fn exclusive(&self) -> bool {
+        !self.capacity_bounded() && !self.forget && self.follower_timeout.is_none()
     }
 
     fn builder(&self) -> GroupBuilder {
@@ -497,6 +513,14 @@ fn rounds(keys: u32) -> Vec<Round> {
             linger,
             ..Round::new("layer, linger, paused clock", L, true)
         },
+        Round {
+            forget: true,
+            ..Round::new("group, forget (1%)", G, false)
+        },
+        Round {
+            follower_timeout: Some(Duration::from_millis(8)),
+            ..Round::new("layer, follower_timeout(8ms), paused clock", L, true)
+        },
     ]
 }
 
@@ -518,6 +542,9 @@ struct Totals {
     lingered: u64,
     retried: u64,
     over_capacity: u64,
+    forgotten: u64,
+    timed_out: u64,
+    raised: u64,
 }
 
 impl Totals {
@@ -537,6 +564,9 @@ impl Totals {
         self.lingered += o.lingered;
         self.retried += o.retried;
         self.over_capacity += o.over_capacity;
+        self.forgotten += o.forgotten;
+        self.timed_out += o.timed_out;
+        self.raised += o.raised;
     }
 }
 
@@ -544,7 +574,10 @@ impl Totals {
 enum Seen {
     Value(Value),
     Error(u32),
+    /// A panic reported as an error (`Panicked`, `CoalesceError::is_panic`).
     Panic(String),
+    /// A panic that unwound out of the caller's future instead.
+    Raised(String),
 }
 
 type Pending = Pin<Box<dyn Future<Output = Seen> + Send>>;
@@ -606,9 +639,18 @@ impl Target {
             Target::Layer(svc) => {
                 let fut = svc.call(Req { key, plan });
                 Box::pin(async move {
-                    match fut.await {
-                        Ok(v) => Seen::Value(v),
-                        Err(e) => seen_error(&e),
+                    // A follower past its wait limit calls on its own, and a panic there
+                    // unwinds out of its future (as for a bypassed request): caught here so
+                    // the client can check and count it.
+                    match AssertUnwindSafe(fut).catch_unwind().await {
+                        Ok(Ok(v)) => Seen::Value(v),
+                        Ok(Err(e)) => seen_error(&e),
+                        Err(payload) => Seen::Raised(
+                            payload
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .unwrap_or_default(),
+                        ),
                     }
                 })
             }
@@ -659,8 +701,18 @@ impl Future for GiveUpAfter {
 }
 
 /// Checks what a caller got against the key it asked for.
-fn check(key: u32, seen: &Seen, violations: &Violations) {
+fn check(key: u32, seen: &Seen, round: &Round, violations: &Violations) {
     match seen {
+        Seen::Raised(msg) if *msg != panic_message(key) => {
+            violations.report(format!("request for key {key} raised the panic {msg:?}"));
+        }
+        // Only a follower that stopped waiting makes a call of its own that may unwind.
+        Seen::Raised(_) if round.follower_timeout.is_none() => {
+            violations.report(format!(
+                "{}: a panic for key {key} escaped the layer",
+                round.name
+            ));
+        }
         Seen::Value(v) if v.key != key => {
             violations.report(format!("request for key {key} got the value {v:?}"));
         }
@@ -690,6 +742,9 @@ async fn client(
         let key = zipf.sample(&mut rng);
         let plan = draw_plan(&mut rng, round.paused);
         let cancel = draw_cancel(&mut rng);
+        if round.forget && rng.random_range(0..100) == 0 {
+            target.group().forget(&key);
+        }
         let pending = target.issue(key, plan);
         t.requests += 1;
         let outcome = match cancel {
@@ -714,11 +769,12 @@ async fn client(
         match outcome {
             None => t.cancelled += 1,
             Some(seen) => {
-                check(key, &seen, &violations);
+                check(key, &seen, &round, &violations);
                 match seen {
                     Seen::Value(_) => t.values += 1,
                     Seen::Error(_) => t.errors += 1,
                     Seen::Panic(_) => t.panics += 1,
+                    Seen::Raised(_) => t.raised += 1,
                 }
             }
         }
@@ -807,7 +863,7 @@ fn run_round(round: Round, size: Size, seed: u64, violations: &Arc<Violations>) 
         generation: (0..size.keys).map(|_| AtomicU64::new(0)).collect(),
         stale_polls: AtomicU64::new(0),
         started_beside_a_drop: AtomicU64::new(0),
-        exclusive: !round.capacity_bounded(),
+        exclusive: round.exclusive(),
         completed: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
         panics_injected: AtomicU64::new(0),
@@ -853,6 +909,9 @@ fn run_round(round: Round, size: Size, seed: u64, violations: &Arc<Violations>) 
                 }
                 if let Some(m) = round.max_in_flight {
                     layer = layer.max_in_flight(m);
+                }
+                if let Some(limit) = round.follower_timeout {
+                    layer = layer.follower_timeout(limit);
                 }
                 Target::Layer(layer.layer(Backend(Arc::clone(&tracker))))
             }
@@ -908,12 +967,15 @@ fn run_round(round: Round, size: Size, seed: u64, violations: &Arc<Violations>) 
         totals.lingered = stats.lingered;
         totals.retried = stats.retried;
         totals.over_capacity = stats.over_capacity;
-        // Every backend call that started belongs to a flight, a retry or a lone call.
+        totals.forgotten = stats.forgotten;
+        totals.timed_out = stats.timed_out;
+        // Every backend call that started belongs to a flight, a retry, or a request that
+        // called on its own (past a capacity bound or its wait limit).
         let started = tracker.calls.load(SeqCst);
-        if started > stats.leaders + stats.retried + stats.over_capacity {
+        if started > stats.leaders + stats.retried + stats.fell_through {
             violations.report(format!(
                 "{}: {started} backend calls for {} leaders, {} retries, {} lone calls",
-                round.name, stats.leaders, stats.retried, stats.over_capacity
+                round.name, stats.leaders, stats.retried, stats.fell_through
             ));
         }
         drop(target);
@@ -1043,6 +1105,12 @@ fn soak(size: Size) {
         if round.capacity_bounded() {
             assert!(t.over_capacity > 0, "{}: no capacity bound hit", round.name);
         }
+        if round.forget {
+            assert!(t.forgotten > 0, "{}: nothing forgotten", round.name);
+        }
+        if round.follower_timeout.is_some() {
+            assert!(t.timed_out > 0, "{}: no follower timed out", round.name);
+        }
         baseline.get_or_insert(after);
         last_rss = after;
         all.add(&t);
@@ -1059,20 +1127,22 @@ fn soak(size: Size) {
         all.errors, all.errors_injected
     );
     println!(
-        "  panics seen      {} ({} injected; followers share them)",
-        all.panics, all.panics_injected
+        "  panics seen      {} as errors, {} raised by followers calling alone past their wait \
+         limit ({} injected; followers share them)",
+        all.panics, all.raised, all.panics_injected
     );
     println!(
         "  backend calls    {} ({} dropped mid-call)",
         all.backend_calls, all.backend_dropped
     );
     println!(
-        "  coalescing       {} followers, {} lingered, {} retried, {} over capacity",
-        all.followers, all.lingered, all.retried, all.over_capacity
+        "  coalescing       {} followers, {} lingered, {} retried, {} over capacity, \
+         {} forgotten, {} followers timed out",
+        all.followers, all.lingered, all.retried, all.over_capacity, all.forgotten, all.timed_out
     );
     println!(
         "  beside others    {} polls beside a newer call of their key, {} calls started while \
-         a cancelled call of their key was being dropped (capacity rounds only)",
+         a cancelled call of their key was being dropped (capacity, forget and wait-limit rounds only)",
         all.overlaps, all.beside_drop
     );
     println!("  violations       {count}");
@@ -1103,7 +1173,7 @@ fn soak(size: Size) {
     }
 }
 
-/// Twelve rounds of Zipf load with cancellations, panics and errors, options on and off.
+/// Fourteen rounds of Zipf load with cancellations, panics and errors, options on and off.
 #[test]
 fn chaos_soak() {
     soak(default_size());
@@ -1122,7 +1192,6 @@ fn chaos_soak_large() {
 /// backend never sees two calls of one key.
 #[test]
 fn a_cancelled_call_is_dropped_before_its_key_is_freed() {
-    use futures::FutureExt;
     use std::sync::mpsc;
 
     /// Held by the first call's future: its `Drop` tells the other thread it has begun, then
