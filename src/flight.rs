@@ -277,6 +277,8 @@ struct State<T> {
     /// The inner future while nobody drives it: put here by a dropped driver, taken by the next
     /// follower that is polled.
     orphan: Option<BoxFuture<T>>,
+    /// The orphan's driver's `Run::gate`, handed on with the future.
+    orphan_gate: Option<u64>,
     /// One slot per follower, inserted when it joins, removed when it takes its output or
     /// drops. The driver fills every slot (it clones outside the lock, moves inside) before it
     /// sets `phase` to `Done`.
@@ -944,6 +946,7 @@ impl<T: Clone> Flight<T> {
                 phase: Phase::Running,
                 driven: true,
                 orphan: None,
+                orphan_gate: None,
                 followers: Slab::new(),
                 lingering: None,
                 retries_left: retries,
@@ -1342,6 +1345,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                                 state.followers.remove(key);
                                 state.makers -= usize::from(mem::take(&mut this.maker));
                                 state.driven = true;
+                                this.gate = state.orphan_gate.take();
                                 drop(guard);
                                 this.role = Role::Driver(orphan);
                                 continue;
@@ -1421,6 +1425,7 @@ impl<K, T: Send + 'static> Run<K, T> {
             if !state.followers.is_empty() {
                 drop(guard);
                 state.orphan = Some(fut);
+                state.orphan_gate = self.gate.take();
                 let waker = wake_one(&mut state.followers);
                 drop(state);
                 if let Some(waker) = waker {

@@ -57,7 +57,7 @@ const HANG: Duration = Duration::from_secs(60);
 /// `a_follower_taking_over_a_waiting_flight_waits_for_the_drop_too` (a follower taking over a
 /// waiting flight starts it at once; about one request in 4 million in release): until it is
 /// fixed those overlaps are counted and printed as a known defect. Turn it on with the fix.
-const DROP_OVERLAP_IS_VIOLATION: bool = false;
+const DROP_OVERLAP_IS_VIOLATION: bool = true;
 
 // ---------------------------------------------------------------------------------------------
 // Sizes
@@ -1271,7 +1271,6 @@ fn a_cancelled_call_is_dropped_before_its_key_is_freed() {
 /// wait must go with the call, or the follower starts it beside the old one (the soak's
 /// threaded rounds saw this about once in 4 million requests).
 #[test]
-#[ignore = "BUG (reported): a follower taking over a flight that waits for a cancelled call's drop starts it at once"]
 fn a_follower_taking_over_a_waiting_flight_waits_for_the_drop_too() {
     use std::sync::mpsc;
 
