@@ -86,12 +86,6 @@ impl<S: Service<Request<Body>>> Service<Request<Body>> for Entered<S> {
     }
 
     fn call(&mut self, req: Request<Body>) -> S::Future {
-        eprintln!(
-            "DEBUGREQ {:?} {:?} {:?}",
-            req.method(),
-            req.uri(),
-            req.headers()
-        );
         let fut = self.inner.call(req);
         self.count.send_modify(|n| *n += 1);
         fut
