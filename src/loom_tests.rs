@@ -217,3 +217,72 @@ fn loom_forget_races_join() {
         ledger.assert_balanced();
     });
 }
+
+/// A call that records, when first polled, whether another call of its key was running (made,
+/// polled and not yet dropped): the registry must never let that happen.
+struct Exclusive {
+    live: Arc<AtomicUsize>,
+    overlaps: Arc<AtomicUsize>,
+    started: bool,
+    value: u32,
+}
+
+impl Future for Exclusive {
+    type Output = u32;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<u32> {
+        if !self.started {
+            self.started = true;
+            if self.live.fetch_add(1, SeqCst) != 0 {
+                self.overlaps.fetch_add(1, SeqCst);
+            }
+            if self.value == 1 {
+                // The first call is still running when its driver leaves.
+                return std::task::Poll::Pending;
+            }
+        }
+        std::task::Poll::Ready(self.value)
+    }
+}
+
+impl Drop for Exclusive {
+    fn drop(&mut self) {
+        if self.started {
+            self.live.fetch_sub(1, SeqCst);
+        }
+    }
+}
+
+#[test]
+fn loom_no_call_starts_while_a_cancelled_one_is_dropped() {
+    loom::model(|| {
+        let group: Group<u8> = Group::new();
+        let live = Arc::new(AtomicUsize::new(0));
+        let overlaps = Arc::new(AtomicUsize::new(0));
+        let call = |value| {
+            let (live, overlaps) = (live.clone(), overlaps.clone());
+            move || Exclusive {
+                live,
+                overlaps,
+                started: false,
+                value,
+            }
+        };
+        // Started by its driver, which then leaves: cancelled, or handed to the other caller.
+        let mut first = group.run(1, call(1));
+        let g = group.clone();
+        let second = call(2);
+        let other = thread::spawn(move || block_on(g.run(1, second)).unwrap());
+        let polled = futures::FutureExt::now_or_never(&mut first);
+        drop(first);
+        let got = other.join().unwrap();
+        assert!(polled.is_none());
+        // Took the first call over (1), or made its own after the first was dropped (2).
+        assert!(got == 1 || got == 2);
+        assert_eq!(overlaps.load(SeqCst), 0, "a call started beside a live one");
+        assert_eq!(group.in_flight(), 0);
+    });
+}
