@@ -1076,6 +1076,14 @@ impl<K, T: Send + 'static> Run<K, T> {
         self.leader
     }
 
+    /// Whether this call runs alone, unregistered, because a capacity bound
+    /// ([`max_in_flight`](GroupBuilder::max_in_flight),
+    /// [`max_followers`](GroupBuilder::max_followers)) was reached: nobody can join it. It is
+    /// also its own [leader](Self::is_leader).
+    pub fn is_alone(&self) -> bool {
+        self.leader && !self.registered
+    }
+
     /// Whether the output was handed to more than one caller (Go's `shared`): always for a
     /// follower or a lingering hit; for the leader, once the output is ready, whether anybody
     /// else got it.

@@ -94,6 +94,16 @@ where
         matches!(&self.kind, Kind::Coalesced { run } if !run.is_leader())
     }
 
+    /// Whether this request calls the inner service beside any flight, unshared: over a
+    /// capacity bound, or a follower that stopped waiting at its wait limit.
+    pub fn is_alone(&self) -> bool {
+        match &self.kind {
+            Kind::Coalesced { run } => run.is_alone(),
+            Kind::Alone { .. } => true,
+            Kind::Bypass { .. } => false,
+        }
+    }
+
     /// Whether this request goes straight to the inner service: its key was `None`, or it
     /// stopped waiting and made its own call.
     pub fn is_bypass(&self) -> bool {
