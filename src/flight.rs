@@ -34,7 +34,7 @@ use slab::Slab;
 use tokio::time::Instant;
 
 use crate::stats::{Counters, Stats};
-use crate::sync::Mutex;
+use crate::sync::{Mutex, MutexGuard};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -200,7 +200,14 @@ struct Registry<K> {
     /// Randomly seeded per registry: keys come from the network, so a fixed seed would let a
     /// client aim collisions at one shard.
     hasher: foldhash::fast::RandomState,
-    shards: Box<[Mutex<Shard<K>>]>,
+    /// Each shard is reference-counted on its own: a waiter holds its shard, not the registry,
+    /// so concurrent requests do not all bump one counter.
+    shards: Box<[Arc<ShardCell<K>>]>,
+    common: Arc<Common>,
+}
+
+/// What every shard of a registry reads.
+struct Common {
     config: Config,
     /// Flights registered and not finished, over all shards; kept only under `max_in_flight`.
     running: AtomicUsize,
@@ -208,6 +215,39 @@ struct Registry<K> {
     bypassed: AtomicU64,
     timed_out: AtomicU64,
     retried: AtomicU64,
+}
+
+/// One shard and the registry's common part.
+struct ShardCell<K> {
+    shard: Mutex<Shard<K>>,
+    common: Arc<Common>,
+}
+
+impl<K> std::ops::Deref for Registry<K> {
+    type Target = Common;
+
+    fn deref(&self) -> &Common {
+        &self.common
+    }
+}
+
+impl<K> std::ops::Deref for ShardCell<K> {
+    type Target = Common;
+
+    fn deref(&self) -> &Common {
+        &self.common
+    }
+}
+
+impl<K> ShardCell<K> {
+    fn lock(&self) -> MutexGuard<'_, Shard<K>> {
+        self.shard.lock()
+    }
+
+    /// A waiter's registry is its shard.
+    fn shard(&self, _hash: u64) -> &Self {
+        self
+    }
 }
 
 /// Guarded by its mutex in `Registry::shards`.
@@ -348,26 +388,32 @@ where
         } else {
             (parallelism * 4).next_power_of_two().clamp(4, 256)
         };
+        let common = Arc::new(Common {
+            config,
+            running: AtomicUsize::new(0),
+            bypassed: AtomicU64::new(0),
+            timed_out: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+        });
         Group {
             registry: Arc::new(Registry {
                 hasher: foldhash::fast::RandomState::default(),
                 shards: (0..shards)
                     .map(|_| {
-                        Mutex::new(Shard {
-                            table: HashTable::new(),
-                            counters: Counters::default(),
-                            expiring_ok: VecDeque::new(),
-                            expiring_err: VecDeque::new(),
-                            next_id: 0,
-                            cancelling: 0,
+                        Arc::new(ShardCell {
+                            shard: Mutex::new(Shard {
+                                table: HashTable::new(),
+                                counters: Counters::default(),
+                                expiring_ok: VecDeque::new(),
+                                expiring_err: VecDeque::new(),
+                                next_id: 0,
+                                cancelling: 0,
+                            }),
+                            common: Arc::clone(&common),
                         })
                     })
                     .collect(),
-                config,
-                running: AtomicUsize::new(0),
-                bypassed: AtomicU64::new(0),
-                timed_out: AtomicU64::new(0),
-                retried: AtomicU64::new(0),
+                common,
             }),
         }
     }
@@ -461,7 +507,8 @@ where
             false => None,
         };
         let mut garbage = Vec::new();
-        let mut guard = registry.shard(hash).lock();
+        let cell = registry.shard(hash);
+        let mut guard = cell.lock();
         let shard = &mut *guard;
         if let Some(now) = now {
             shard.purge(now, &mut garbage);
@@ -490,7 +537,7 @@ where
                     .expect("set before the entry lingers");
                 let out = clone_n(flight.cloner, kept, 1).pop().expect("one clone");
                 drop(state);
-                return Run::ready(registry, out);
+                return Run::ready(cell, out);
             }
             let flight = match existing {
                 Some(flight) => flight,
@@ -513,7 +560,7 @@ where
                     shard.counters.over_capacity += 1;
                     drop(guard);
                     emit("tower_coalesce_over_capacity_total");
-                    return self.alone(make, is_err);
+                    return self.alone(hash, make, is_err);
                 }
                 let slot = state.followers.insert(Slot::Parked(None));
                 state.makers += usize::from(keep.is_some());
@@ -524,7 +571,7 @@ where
                 #[cfg(feature = "tracing")]
                 tracing::trace!(parent: &flight.span, "follower joined");
                 return Run {
-                    registry: Arc::clone(registry),
+                    registry: Arc::clone(cell),
                     hash,
                     id: flight.id,
                     registered: true,
@@ -561,7 +608,7 @@ where
                 shard.counters.over_capacity += 1;
                 drop(guard);
                 emit("tower_coalesce_over_capacity_total");
-                return self.alone(make, is_err);
+                return self.alone(hash, make, is_err);
             }
         }
         let id = shard.next_id;
@@ -603,7 +650,7 @@ where
         drop(garbage);
         emit("tower_coalesce_leaders_total");
         let mut run = Run {
-            registry: Arc::clone(registry),
+            registry: Arc::clone(cell),
             flight: None,
             hash,
             id,
@@ -627,7 +674,7 @@ where
         };
         // Detached: a task drives the flight; the caller waits as a follower of its own call.
         let driver = Run {
-            registry: Arc::clone(registry),
+            registry: Arc::clone(cell),
             flight: Some(Arc::clone(&flight)),
             hash,
             id,
@@ -651,14 +698,14 @@ where
     }
 
     /// Runs a call unregistered, because a capacity bound was reached.
-    fn alone<T, M, F>(&self, make: M, is_err: fn(&T) -> bool) -> Run<K, T>
+    fn alone<T, M, F>(&self, hash: u64, make: M, is_err: fn(&T) -> bool) -> Run<K, T>
     where
         T: Clone + Send + 'static,
         M: FnOnce() -> F,
         F: Future<Output = T> + Send + 'static,
     {
         let mut run = Run {
-            registry: Arc::clone(&self.registry),
+            registry: Arc::clone(self.registry.shard(hash)),
             flight: None,
             hash: 0,
             id: 0,
@@ -827,14 +874,16 @@ impl<K> Shard<K> {
 }
 
 impl<K> Registry<K> {
-    fn shard(&self, hash: u64) -> &Mutex<Shard<K>> {
+    fn shard(&self, hash: u64) -> &Arc<ShardCell<K>> {
         // The table uses the low bits for buckets and the top 7 for tags; the shard comes from
         // a remix of the whole hash (a Fibonacci multiply), so that runs of similar keys
         // spread evenly and neither table part loses entropy within a shard.
         let mixed = hash.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         &self.shards[(mixed >> 40) as usize & (self.shards.len() - 1)]
     }
+}
 
+impl<K> ShardCell<K> {
     /// The shared state of the flight registered as (`hash`, `id`), if a follower made it.
     fn flight_of<T: Send + 'static>(&self, hash: u64, id: u64) -> Option<Arc<Flight<T>>> {
         let shard = self.shard(hash).lock();
@@ -992,7 +1041,9 @@ impl<K> fmt::Debug for Group<K> {
 /// it does.
 #[must_use = "futures do nothing unless polled; dropping this leaves the flight"]
 pub struct Run<K, T: Send + 'static> {
-    registry: Arc<Registry<K>>,
+    /// The shard of the flight's entry (any shard for a call run alone), with the registry's
+    /// common part.
+    registry: Arc<ShardCell<K>>,
     /// The flight's shared state: a follower's from the start; a driver's once it looks it up
     /// (when it finishes, retries, or leaves).
     flight: Option<Arc<Flight<T>>>,
@@ -1035,7 +1086,7 @@ enum Role<T> {
 
 impl<K, T: Send + 'static> Run<K, T> {
     /// A lingering output served at once.
-    fn ready(registry: &Arc<Registry<K>>, out: Result<T, Panicked>) -> Self {
+    fn ready(registry: &Arc<ShardCell<K>>, out: Result<T, Panicked>) -> Self {
         Run {
             registry: Arc::clone(registry),
             flight: None,

@@ -3,9 +3,13 @@
 use std::sync::PoisonError;
 
 #[cfg(loom)]
-use loom::sync::{Mutex as Inner, MutexGuard};
+use loom::sync::Mutex as Inner;
+#[cfg(loom)]
+pub(crate) use loom::sync::MutexGuard;
 #[cfg(not(loom))]
-use std::sync::{Mutex as Inner, MutexGuard};
+use std::sync::Mutex as Inner;
+#[cfg(not(loom))]
+pub(crate) use std::sync::MutexGuard;
 
 /// A mutex that ignores poisoning.
 ///

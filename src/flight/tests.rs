@@ -92,7 +92,10 @@ fn a_new_flight_waits_for_a_cancelled_one_to_be_dropped() {
         poll(&mut second, &w).is_pending(),
         "it does not start while the old call is being dropped"
     );
-    group.registry.cancelled(first.hash, first.id);
+    group
+        .registry
+        .shard(first.hash)
+        .cancelled(first.hash, first.id);
     assert_eq!(
         w.0.load(Ordering::SeqCst),
         1,
