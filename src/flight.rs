@@ -243,11 +243,6 @@ impl<K> ShardCell<K> {
     fn lock(&self) -> MutexGuard<'_, Shard<K>> {
         self.shard.lock()
     }
-
-    /// A waiter's registry is its shard.
-    fn shard(&self, _hash: u64) -> &Self {
-        self
-    }
 }
 
 /// Guarded by its mutex in `Registry::shards`.
@@ -765,10 +760,7 @@ where
                 continue;
             }
             found.into_mut().forgotten = true;
-            shard.counters.running -= 1;
-            if registry.config.max_in_flight.is_some() {
-                registry.running.fetch_sub(1, Relaxed);
-            }
+            registry.common.release(&mut shard.counters);
         }
         shard.counters.forgotten += forgotten;
         drop(guard);
@@ -862,13 +854,31 @@ impl<K> Shard<K> {
         }
     }
 
-    /// Gives up a running entry's place in the counts (it finished, or was cancelled).
-    fn release(&mut self, entry: &Entry<K>, running: &AtomicUsize, bounded: bool) {
+    /// Removes the entry (`hash`, `id`), if it is still there, and gives up its place.
+    fn unlink(&mut self, hash: u64, id: u64, common: &Common) -> Option<Entry<K>> {
+        let (entry, _) = self.table.find_entry(hash, |e| e.id == id).ok()?.remove();
+        self.unlinked(&entry, common);
+        Some(entry)
+    }
+
+    /// Gives up the place of an entry just removed from the table.
+    fn unlinked(&mut self, entry: &Entry<K>, common: &Common) {
+        if entry.cancelling {
+            self.cancelling -= 1;
+        }
         if !entry.forgotten {
-            self.counters.running -= 1;
-            if bounded {
-                running.fetch_sub(1, Relaxed);
-            }
+            common.release(&mut self.counters);
+        }
+    }
+}
+
+impl Common {
+    /// Gives up a running flight's place in the counts (it finished, was cancelled, or was
+    /// forgotten).
+    fn release(&self, counters: &mut Counters) {
+        counters.running -= 1;
+        if self.config.max_in_flight.is_some() {
+            self.running.fetch_sub(1, Relaxed);
         }
     }
 }
@@ -886,7 +896,7 @@ impl<K> Registry<K> {
 impl<K> ShardCell<K> {
     /// The shared state of the flight registered as (`hash`, `id`), if a follower made it.
     fn flight_of<T: Send + 'static>(&self, hash: u64, id: u64) -> Option<Arc<Flight<T>>> {
-        let shard = self.shard(hash).lock();
+        let shard = self.lock();
         let flight = shard.table.find(hash, |e| e.id == id)?.flight.clone()?;
         drop(shard);
         flight.downcast().ok()
@@ -902,14 +912,13 @@ impl<K> ShardCell<K> {
         end: End,
         linger: Option<(Instant, Result<T, Panicked>)>,
     ) -> Option<Arc<Flight<T>>> {
-        let mut guard = self.shard(hash).lock();
+        let mut guard = self.lock();
         let shard = &mut *guard;
         shard.counters.count(end);
         let Ok(mut found) = shard.table.find_entry(hash, |e| e.id == id) else {
             return None;
         };
         let entry = found.get_mut();
-        let bounded = self.config.max_in_flight.is_some();
         let flight: Option<Arc<Flight<T>>> = entry.flight.clone().and_then(|f| f.downcast().ok());
         let (removed, flight) = match linger {
             Some((until, keep)) if !entry.forgotten => {
@@ -934,15 +943,12 @@ impl<K> ShardCell<K> {
                     hash,
                     id,
                 });
-                shard.counters.running -= 1;
-                if bounded {
-                    self.running.fetch_sub(1, Relaxed);
-                }
+                self.common.release(&mut shard.counters);
                 (None, Some(holder))
             }
             _ => {
                 let (entry, _) = found.remove();
-                shard.release(&entry, &self.running, bounded);
+                shard.unlinked(&entry, &self.common);
                 (Some(entry), flight)
             }
         };
@@ -966,17 +972,12 @@ impl<K> ShardCell<K> {
     /// Removes a cancelled flight's entry, once its future is dropped, and lets the flights
     /// waiting for that start.
     fn cancelled(&self, hash: u64, id: u64) {
-        let mut guard = self.shard(hash).lock();
+        let mut guard = self.lock();
         let shard = &mut *guard;
         shard.counters.count(End::Cancelled);
-        let Ok(found) = shard.table.find_entry(hash, |e| e.id == id) else {
+        let Some(mut entry) = shard.unlink(hash, id, &self.common) else {
             return;
         };
-        let (mut entry, _) = found.remove();
-        if entry.cancelling {
-            shard.cancelling -= 1;
-        }
-        shard.release(&entry, &self.running, self.config.max_in_flight.is_some());
         let gate = mem::take(&mut entry.gate);
         drop(guard);
         drop(entry);
@@ -1185,7 +1186,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             Ok(_) => End::Ok,
         };
         if !self.registered {
-            trace_end(self.span(), end, 1);
+            trace_end(self.span_ref(), end, 1);
             return out;
         }
         let mut out = out;
@@ -1196,7 +1197,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             if let Some(flight) = self.flight.clone() {
                 match self.retry(&flight, out) {
                     Ok(mine) => {
-                        self.registry.shard(self.hash).lock().counters.count(end);
+                        self.registry.lock().counters.count(end);
                         return mine;
                     }
                     Err(not_retried) => out = not_retried,
@@ -1217,7 +1218,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         let flight = self.registry.finish(self.hash, self.id, end, linger);
         let Some(flight) = flight.or_else(|| self.flight.clone()) else {
             // Nobody ever joined: no shared state to publish to.
-            trace_end(self.span(), end, 1);
+            trace_end(self.span_ref(), end, 1);
             return out;
         };
         let (out, shared) = publish(&flight, out, end);
@@ -1261,14 +1262,6 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         }
         Ok(out)
     }
-
-    #[cfg(feature = "tracing")]
-    fn span(&self) -> &tracing::Span {
-        &self.span
-    }
-
-    #[cfg(not(feature = "tracing"))]
-    fn span(&self) {}
 }
 
 /// Ends `flight` (already unregistered, or lingering): fills every follower's slot with a
@@ -1353,7 +1346,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
             match &mut this.role {
                 Role::Driver(fut) => {
                     if let Some(old) = this.gate {
-                        let mut shard = this.registry.shard(this.hash).lock();
+                        let mut shard = this.registry.lock();
                         if let Some(entry) = shard.table.find_mut(this.hash, |e| e.id == old) {
                             // The key's cancelled call is still being dropped.
                             entry.gate.push(cx.waker().clone());
@@ -1421,7 +1414,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                                 drop(failure);
                                 // A new call, started by a follower: a leader and a retry.
                                 let registry = &this.registry;
-                                registry.shard(this.hash).lock().counters.leaders += 1;
+                                registry.lock().counters.leaders += 1;
                                 registry.retried.fetch_add(1, Relaxed);
                                 let make = this.make.take().expect("checked above");
                                 match catch_unwind(AssertUnwindSafe(make)) {
@@ -1470,7 +1463,7 @@ impl<K, T: Send + 'static> Run<K, T> {
         if !self.registered {
             return drop(fut);
         }
-        let mut guard = self.registry.shard(self.hash).lock();
+        let mut guard = self.registry.lock();
         let shard = &mut *guard;
         let flight = shard
             .table
@@ -1525,7 +1518,7 @@ impl<K, T: Send + 'static> Run<K, T> {
             let orphan = state.orphan.take();
             drop(state);
             drop(failure);
-            let mut shard = self.registry.shard(self.hash).lock();
+            let mut shard = self.registry.lock();
             self.registry.cancelling(&mut shard, self.hash, self.id);
             drop(shard);
             let dropped = catch_unwind(AssertUnwindSafe(move || drop(orphan)));
@@ -1545,21 +1538,9 @@ impl<K, T: Send + 'static> Run<K, T> {
                     Ok(_) => End::Err,
                     Err(_) => End::Panicked,
                 };
-                let registry = &self.registry;
-                let mut shard = registry.shard(self.hash).lock();
+                let mut shard = self.registry.lock();
                 shard.counters.count(end);
-                let removed = shard
-                    .table
-                    .find_entry(self.hash, |e| e.id == self.id)
-                    .ok()
-                    .map(|found| found.remove().0);
-                if let Some(entry) = &removed {
-                    shard.release(
-                        entry,
-                        &registry.running,
-                        registry.config.max_in_flight.is_some(),
-                    );
-                }
+                let removed = shard.unlink(self.hash, self.id, &self.registry.common);
                 drop(shard);
                 drop(removed);
                 let _ = publish(&flight, failure, end);
