@@ -22,6 +22,7 @@ use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::mem;
+use std::num::NonZeroU64;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -313,7 +314,7 @@ struct State<T> {
     /// follower that is polled.
     orphan: Option<BoxFuture<T>>,
     /// The orphan's driver's `Run::gate`, handed on with the future.
-    orphan_gate: Option<u64>,
+    orphan_gate: Option<NonZeroU64>,
     /// One slot per follower, inserted when it joins, removed when it takes its output or
     /// drops. The driver fills every slot (it clones outside the lock, moves inside) before it
     /// sets `phase` to `Done`.
@@ -401,7 +402,8 @@ where
                                 counters: Counters::default(),
                                 expiring_ok: VecDeque::new(),
                                 expiring_err: VecDeque::new(),
-                                next_id: 0,
+                                // From 1: a `Run::gate` is never 0.
+                                next_id: 1,
                                 cancelling: 0,
                             }),
                             common: Arc::clone(&common),
@@ -530,7 +532,7 @@ where
                     .lingering
                     .as_ref()
                     .expect("set before the entry lingers");
-                let out = clone_n(flight.cloner, kept, 1).pop().expect("one clone");
+                let out = clone_one(flight.cloner, kept);
                 drop(state);
                 return Run::ready(cell, out);
             }
@@ -588,14 +590,14 @@ where
             let entry = found.into_mut();
             entry.cancelling = true;
             shard.cancelling += 1;
-            gate = Some(entry.id);
+            gate = NonZeroU64::new(entry.id);
         } else if shard.cancelling > 0 {
             gate = shard
                 .table
                 .find(hash, |e| {
                     e.cancelling && !e.forgotten && e.output == output && e.key == key
                 })
-                .map(|e| e.id);
+                .and_then(|e| NonZeroU64::new(e.id));
         }
         if let Some(max) = config.max_in_flight {
             if registry.running.fetch_add(1, Relaxed) >= max {
@@ -1068,7 +1070,7 @@ pub struct Run<K, T: Send + 'static> {
     make: Option<Make<T>>,
     /// The id of a cancelled entry of the same key whose future is still being dropped: this
     /// driver does not poll its own until that entry is gone.
-    gate: Option<u64>,
+    gate: Option<NonZeroU64>,
 }
 
 // No field is structurally pinned: the inner future is boxed, outputs are moved out whole.
@@ -1079,8 +1081,9 @@ enum Role<T> {
     Driver(BoxFuture<T>),
     /// Parked in `followers` under this slot key.
     Follower(usize),
-    /// Output known when the run was made (lingering, or `make` panicked).
-    Ready(Option<Result<T, Panicked>>),
+    /// Output known when the run was made (lingering, or `make` panicked); boxed so that
+    /// every waiter's size does not grow with the output's for this rare case.
+    Ready(Box<Result<T, Panicked>>),
     /// Returned its output, or is being constructed.
     Finished,
 }
@@ -1097,7 +1100,7 @@ impl<K, T: Send + 'static> Run<K, T> {
             is_err: |_| false,
             #[cfg(feature = "tracing")]
             span: tracing::Span::none(),
-            role: Role::Ready(Some(out)),
+            role: Role::Ready(Box::new(out)),
             leader: false,
             shared: true,
             maker: false,
@@ -1167,7 +1170,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             Ok(fut) => Some(Box::pin(fut)),
             Err(payload) => {
                 let out = self.complete(Err(Panicked::new(payload)));
-                self.role = Role::Ready(Some(out));
+                self.role = Role::Ready(Box::new(out));
                 None
             }
         }
@@ -1235,7 +1238,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         out: Result<T, Panicked>,
     ) -> Result<Result<T, Panicked>, Result<T, Panicked>> {
         // Cloned before locking: the clone is user code.
-        let spare = clone_n(flight.cloner, &out, 1).pop();
+        let spare = Some(clone_one(flight.cloner, &out));
         let mut state = flight.state.lock();
         if state.retries_left == 0 || state.makers == 0 || state.phase != Phase::Running {
             drop(state);
@@ -1264,52 +1267,129 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
     }
 }
 
+/// Followers served per lock section when an output is published. A batch's copies and
+/// wakers live on the stack, so publishing allocates nothing however many wait, and the lock
+/// is let go between batches, so followers woken early take their copies while the rest are
+/// made. (One under loom, so that its models see a publish span batches.)
+const BATCH: usize = if cfg!(loom) { 1 } else { 32 };
+
 /// Ends `flight` (already unregistered, or lingering): fills every follower's slot with a
-/// clone of `out` and wakes them all. Returns `out` and whether a follower got it.
+/// clone of `out` and wakes them, a batch at a time. Returns `out` and whether a follower got
+/// it.
 fn publish<T>(
     flight: &Arc<Flight<T>>,
     out: Result<T, Panicked>,
     end: End,
 ) -> (Result<T, Panicked>, bool) {
-    // No follower can join from here on, and `driven` keeps the ones that leave from
-    // cancelling the flight, so counting now and filling later is sound.
+    // No follower can join from here on (the entry is gone or lingers), and `driven` keeps
+    // the ones that leave from cancelling the flight, so counting now and filling later is
+    // sound; a slot that empties meanwhile is just skipped.
     let mut state = flight.state.lock();
     let wanted = state.followers.len();
     let failure = state.failure.take();
+    // A detached flight's driver is a task, not a waiter.
+    let waiters = wanted + usize::from(!state.detached);
     if wanted == 0 {
         state.phase = Phase::Done;
         state.driven = false;
         state.needs_driver = false;
-        let waiters = usize::from(!state.detached);
         drop(state);
         drop(failure);
         trace_end(flight.span(), end, waiters);
         return (out, false);
     }
+    state.published_to = wanted;
+    // Keys are stable and none is added from here on: one pass over them serves everybody.
+    let keys = state
+        .followers
+        .iter()
+        .next_back()
+        .map_or(0, |(key, _)| key + 1);
     drop(state);
     drop(failure);
-    let mut copies = clone_n(flight.cloner, &out, wanted);
-    let mut wakers = Vec::with_capacity(wanted);
-    let mut state = flight.state.lock();
-    for (_, slot) in state.followers.iter_mut() {
-        let Some(copy) = copies.pop() else { break };
-        if let Slot::Parked(waker) = mem::replace(slot, Slot::Ready(copy)) {
-            wakers.extend(waker);
+    let mut copier = Copier {
+        cloner: flight.cloner,
+        out: &out,
+        panicked: None,
+    };
+    let mut copies: [Option<Result<T, Panicked>>; BATCH] = std::array::from_fn(|_| None);
+    let mut wakers: [Option<Waker>; BATCH] = Default::default();
+    // Slots not served yet, counting those whose follower left as if they still waited.
+    let mut unserved = wanted;
+    let mut next = 0;
+    loop {
+        let batch = &mut copies[..unserved.min(BATCH)];
+        copier.fill(batch);
+        let mut state = flight.state.lock();
+        let mut served = 0;
+        while served < batch.len() && next < keys {
+            if let Some(slot @ Slot::Parked(_)) = state.followers.get_mut(next) {
+                let copy = batch[served].take().expect("one copy per slot");
+                if let Slot::Parked(waker) = mem::replace(slot, Slot::Ready(copy)) {
+                    wakers[served] = waker;
+                }
+                served += 1;
+            }
+            next += 1;
+        }
+        unserved -= served;
+        let last = unserved == 0 || next >= keys;
+        if last {
+            state.phase = Phase::Done;
+            state.driven = false;
+            state.needs_driver = false;
+        }
+        drop(state);
+        for waker in wakers[..served].iter_mut().filter_map(Option::take) {
+            waker.wake();
+        }
+        if last {
+            // Copies made for followers that left while this ran: dropped unlocked.
+            for copy in batch.iter_mut() {
+                drop(copy.take());
+            }
+            break;
         }
     }
-    state.phase = Phase::Done;
-    state.driven = false;
-    state.needs_driver = false;
-    state.published_to = wanted;
-    // A detached flight's driver is a task, not a waiter.
-    let waiters = wanted + usize::from(!state.detached);
-    drop(state);
-    drop(copies);
     trace_end(flight.span(), end, waiters);
-    for waker in wakers {
-        waker.wake();
-    }
     (out, true)
+}
+
+/// Makes a published output's copies. The response's `Clone` is user code: once it panics,
+/// every copy still to make is that panic instead, so every waiter still gets an answer.
+struct Copier<'a, T> {
+    cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
+    out: &'a Result<T, Panicked>,
+    panicked: Option<Panicked>,
+}
+
+impl<T> Copier<'_, T> {
+    fn fill(&mut self, copies: &mut [Option<Result<T, Panicked>>]) {
+        if self.panicked.is_none() {
+            let (cloner, out) = (self.cloner, self.out);
+            let made = catch_unwind(AssertUnwindSafe(|| {
+                for copy in copies.iter_mut() {
+                    *copy = Some(cloner(out));
+                }
+            }));
+            if let Err(payload) = made {
+                self.panicked = Some(Panicked::new(payload));
+            }
+        }
+        if let Some(panicked) = &self.panicked {
+            for copy in copies.iter_mut() {
+                *copy = Some(Err(panicked.clone()));
+            }
+        }
+    }
+}
+
+/// One copy of `out`, or the panic of its `Clone`.
+fn clone_one<T>(
+    cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
+    out: &Result<T, Panicked>,
+) -> Result<T, Panicked> {
+    catch_unwind(AssertUnwindSafe(|| cloner(out))).unwrap_or_else(|p| Err(Panicked::new(p)))
 }
 
 impl<T> Flight<T> {
@@ -1347,7 +1427,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                 Role::Driver(fut) => {
                     if let Some(old) = this.gate {
                         let mut shard = this.registry.lock();
-                        if let Some(entry) = shard.table.find_mut(this.hash, |e| e.id == old) {
+                        if let Some(entry) = shard.table.find_mut(this.hash, |e| e.id == old.get()) {
                             // The key's cancelled call is still being dropped.
                             entry.gate.push(cx.waker().clone());
                             return Poll::Pending;
@@ -1435,10 +1515,11 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                         }
                     }
                 }
-                Role::Ready(out) => {
-                    let out = out.take().expect("Run polled after completion");
-                    this.role = Role::Finished;
-                    return Poll::Ready(out);
+                Role::Ready(_) => {
+                    let Role::Ready(out) = mem::replace(&mut this.role, Role::Finished) else {
+                        unreachable!()
+                    };
+                    return Poll::Ready(*out);
                 }
                 Role::Finished => panic!("Run polled after completion"),
             }
@@ -1565,21 +1646,6 @@ impl<K, T: Send + 'static> Run<K, T> {
 
     #[cfg(not(feature = "tracing"))]
     fn span_ref(&self) {}
-}
-
-/// `n` clones of `out`. The response's `Clone` is user code: if it panics, every copy becomes
-/// that panic, so the waiters still get an answer.
-fn clone_n<T>(
-    cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
-    out: &Result<T, Panicked>,
-    n: usize,
-) -> Vec<Result<T, Panicked>> {
-    catch_unwind(AssertUnwindSafe(|| (0..n).map(|_| cloner(out)).collect())).unwrap_or_else(
-        |payload| {
-            let panic = Panicked::new(payload);
-            (0..n).map(|_| Err(panic.clone())).collect()
-        },
-    )
 }
 
 /// Bumps a `metrics` counter; never called under a lock (the recorder is user code).

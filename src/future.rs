@@ -29,15 +29,18 @@ pin_project! {
     {
         #[pin]
         kind: Kind<S, Req, K>,
-        // A follower's wait limit; boxed because only followers with the option pay for it.
-        deadline: Option<Deadline>,
+        // A follower's wait limit, boxed: only followers with the option pay for its room.
+        deadline: Option<Pin<Box<Deadline>>>,
     }
 }
 
-struct Deadline {
-    sleep: Pin<Box<Sleep>>,
-    limit: Duration,
-    action: OnTimeout,
+pin_project! {
+    struct Deadline {
+        #[pin]
+        sleep: Sleep,
+        limit: Duration,
+        action: OnTimeout,
+    }
 }
 
 pin_project! {
@@ -63,10 +66,12 @@ where
     pub(crate) fn coalesced(run: Waiter<S, Req, K>, options: Options) -> Self {
         let deadline = match run.is_leader() {
             true => None,
-            false => options.follower_timeout.map(|limit| Deadline {
-                sleep: Box::pin(tokio::time::sleep(limit)),
-                limit,
-                action: options.on_timeout,
+            false => options.follower_timeout.map(|limit| {
+                Box::pin(Deadline {
+                    sleep: tokio::time::sleep(limit),
+                    limit,
+                    action: options.on_timeout,
+                })
             }),
         };
         ResponseFuture {
@@ -166,8 +171,9 @@ where
             let Some(deadline) = this.deadline else {
                 return Poll::Pending;
             };
-            ready!(deadline.sleep.as_mut().poll(cx));
-            let Deadline { limit, action, .. } = this.deadline.take().expect("checked above");
+            ready!(deadline.as_mut().project().sleep.poll(cx));
+            let (limit, action) = (deadline.limit, deadline.action);
+            *this.deadline = None;
             run.note_timeout();
             match (action, run.take_make()) {
                 (OnTimeout::CallInner, Some(make)) => {

@@ -132,6 +132,33 @@ fn loom_follower_drop_races_complete() {
     });
 }
 
+/// A publish spans batches (one follower each under loom): a follower served by the first
+/// batch takes its copy, and another leaves, while the rest are still being served.
+#[test]
+fn loom_publish_in_batches_races_takers_and_quitters() {
+    loom::model(|| {
+        let group: Group<u8> = Group::new();
+        let ledger = Ledger::new();
+        let leader = group.run(1, ledger.make(5));
+        let taker = group.run(1, ledger.make(0));
+        let quitter = group.run(1, ledger.make(0));
+        let last = group.run(1, ledger.make(0));
+        let taker = thread::spawn(move || block_on(taker).unwrap());
+        let quitter = thread::spawn(move || drop(quitter));
+        assert_eq!(block_on(leader).unwrap(), 5);
+        assert_eq!(taker.join().unwrap(), 5);
+        quitter.join().unwrap();
+        assert_eq!(
+            block_on(last).unwrap(),
+            5,
+            "a later batch still serves the rest"
+        );
+        assert_eq!(ledger.made.load(SeqCst), 1);
+        assert_eq!(group.in_flight(), 0);
+        ledger.assert_balanced();
+    });
+}
+
 #[test]
 fn loom_panic_reaches_every_waiter_and_frees_the_key() {
     loom::model(|| {

@@ -1776,6 +1776,68 @@ async fn panicking_response_clone_does_not_hang_followers() {
     assert_eq!(bounded("again", again).await.unwrap().0, 3);
 }
 
+/// A response whose `Clone` panics once `CLONES_BEFORE_BOMB` clones were made.
+#[derive(Debug)]
+struct LateBomb(u32, Arc<AtomicUsize>);
+
+const CLONES_BEFORE_BOMB: usize = 70;
+
+impl Clone for LateBomb {
+    fn clone(&self) -> Self {
+        if self.1.fetch_add(1, SeqCst) >= CLONES_BEFORE_BOMB {
+            panic!("late clone bomb");
+        }
+        LateBomb(self.0, self.1.clone())
+    }
+}
+
+/// Hundreds of followers are served a batch at a time; when the response's `Clone` starts to
+/// panic part-way, the followers served before keep their copies, every later one gets the
+/// panic as an error, nobody hangs, and the key is freed.
+#[tokio::test(start_paused = true)]
+async fn a_clone_that_panics_part_way_through_a_large_fan_out_still_answers_everybody() {
+    let group: Group<&'static str> = Group::new();
+    let clones = Arc::new(AtomicUsize::new(0));
+    let (open, mut gate) = watch::channel(false);
+    let bomb = LateBomb(9, clones.clone());
+    let leader = group.run("k", move || async move {
+        let _ = gate.wait_for(|&o| o).await;
+        bomb
+    });
+    let followers: Vec<_> = (0..300)
+        .map(|_| tokio::spawn(group.run("k", std::future::pending::<LateBomb>)))
+        .collect();
+    let leader = tokio::spawn(leader);
+    tokio::task::yield_now().await;
+    open.send_replace(true);
+    assert_eq!(bounded("leader", leader).await.unwrap().unwrap().0, 9);
+    let (mut copies, mut panics) = (0, 0);
+    for f in followers {
+        match bounded("a follower of a large fan-out", f).await.unwrap() {
+            Ok(copy) => {
+                assert_eq!(copy.0, 9, "a copy of the leader's response");
+                copies += 1;
+            }
+            Err(panicked) => {
+                assert_eq!(panicked.message(), "late clone bomb");
+                panics += 1;
+            }
+        }
+    }
+    assert_eq!(copies + panics, 300);
+    assert!(
+        copies <= CLONES_BEFORE_BOMB,
+        "no copy is made after the panic"
+    );
+    assert!(panics >= 300 - CLONES_BEFORE_BOMB, "the rest get the panic");
+    assert_eq!(
+        clones.load(SeqCst),
+        CLONES_BEFORE_BOMB + 1,
+        "Clone is not called again once it panicked"
+    );
+    assert_eq!(group.in_flight(), 0);
+}
+
 /// Dropping the last waiter drops the call; if the call's destructor panics, that panic is
 /// the dropper's, but the key must still be freed and usable.
 #[test]

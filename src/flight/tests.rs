@@ -86,7 +86,7 @@ fn a_new_flight_waits_for_a_cancelled_one_to_be_dropped() {
     flight.state.lock().phase = Phase::Cancelled;
     let mut second = group.run(1, || async { 2u32 });
     assert!(second.is_leader(), "a cancelled flight is not joined");
-    assert_eq!(second.gate, Some(first.id));
+    assert_eq!(second.gate.map(NonZeroU64::get), Some(first.id));
     let w = Arc::new(CountWaker(0.into()));
     assert!(
         poll(&mut second, &w).is_pending(),
