@@ -257,6 +257,9 @@ struct Shard<K> {
     next_id: u64,
     /// Entries with `cancelling` set; a lookup for them is skipped while there are none.
     cancelling: usize,
+    /// New flights waiting for a cancelled entry (by `id`) to be gone; rare, so kept here
+    /// rather than in every entry.
+    gated: Vec<(u64, Waker)>,
 }
 
 /// A registered flight, or a lingering output. Guarded by its shard's lock.
@@ -271,15 +274,13 @@ struct Entry<K> {
     /// detached flight, or at the end to hold a lingering output). A flight nobody joins never
     /// allocates one, and its driver publishes without taking any lock but this shard's.
     flight: Option<Arc<dyn Any + Send + Sync>>,
-    /// Set when the flight finished and its output lingers until then.
-    lingers_until: Option<Instant>,
+    /// Set when the flight finished and its output lingers (until its `Expiry`).
+    lingering: bool,
     /// Set by `forget`: never joined again, removed when its driver finishes.
     forgotten: bool,
     /// Set when the last waiter left, until the call's future is dropped and the entry
     /// removed: never joined; a new flight of the key waits for it before it starts.
     cancelling: bool,
-    /// New flights of the key waiting for this cancelled one to be gone.
-    gate: Vec<Waker>,
     #[cfg(feature = "tracing")]
     span: tracing::Span,
 }
@@ -405,6 +406,7 @@ where
                                 // From 1: a `Run::gate` is never 0.
                                 next_id: 1,
                                 cancelling: 0,
+                                gated: Vec::new(),
                             }),
                             common: Arc::clone(&common),
                         })
@@ -521,7 +523,7 @@ where
                     .downcast::<Flight<T>>()
                     .unwrap_or_else(|_| unreachable!("entry output type checked above"))
             });
-            if entry.lingers_until.is_some() {
+            if entry.lingering {
                 let flight = existing.expect("a lingering entry holds its output's flight");
                 shard.counters.lingered += 1;
                 drop(guard);
@@ -616,10 +618,9 @@ where
             id,
             output,
             flight: None,
-            lingers_until: None,
+            lingering: false,
             forgotten: false,
             cancelling: false,
-            gate: Vec::new(),
             #[cfg(feature = "tracing")]
             span: tracing::debug_span!(
                 "coalesce.flight",
@@ -757,7 +758,7 @@ where
             .find_entry(hash, |e| !e.forgotten && e.key.borrow() == key)
         {
             forgotten += 1;
-            if found.get().lingers_until.is_some() {
+            if found.get().lingering {
                 removed.push(found.remove().0);
                 continue;
             }
@@ -935,7 +936,7 @@ impl<K> ShardCell<K> {
                 };
                 // Moved in, not cloned: no user code under the locks.
                 holder.state.lock().lingering = Some(keep);
-                entry.lingers_until = Some(until);
+                entry.lingering = true;
                 let queue = match end {
                     End::Ok => &mut shard.expiring_ok,
                     _ => &mut shard.expiring_err,
@@ -977,10 +978,18 @@ impl<K> ShardCell<K> {
         let mut guard = self.lock();
         let shard = &mut *guard;
         shard.counters.count(End::Cancelled);
-        let Some(mut entry) = shard.unlink(hash, id, &self.common) else {
+        let Some(entry) = shard.unlink(hash, id, &self.common) else {
             return;
         };
-        let gate = mem::take(&mut entry.gate);
+        let mut gate = Vec::new();
+        let mut i = 0;
+        while i < shard.gated.len() {
+            if shard.gated[i].0 == id {
+                gate.push(shard.gated.swap_remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
         drop(guard);
         drop(entry);
         for waker in gate {
@@ -1427,9 +1436,9 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                 Role::Driver(fut) => {
                     if let Some(old) = this.gate {
                         let mut shard = this.registry.lock();
-                        if let Some(entry) = shard.table.find_mut(this.hash, |e| e.id == old.get()) {
+                        if shard.table.find(this.hash, |e| e.id == old.get()).is_some() {
                             // The key's cancelled call is still being dropped.
-                            entry.gate.push(cx.waker().clone());
+                            shard.gated.push((old.get(), cx.waker().clone()));
                             return Poll::Pending;
                         }
                         drop(shard);
