@@ -21,6 +21,11 @@ type Waiter<S, Req, K> = Run<K, Output<S, Req>>;
 
 pin_project! {
     /// The response future of [`CoalesceService`](crate::CoalesceService).
+    ///
+    /// Its size does not depend on the inner service's future: a waiter of a flight holds
+    /// only its place in the flight, and a bypassed request's call is boxed. Under a
+    /// stampede every waiting request is a task holding one of these, so this keeps those
+    /// tasks small; a bypassed request pays one allocation instead.
     pub struct ResponseFuture<S, Req, K>
     where
         S: Service<Req>,
@@ -52,7 +57,8 @@ pin_project! {
         S::Response: 'static,
     {
         Coalesced { run: Waiter<S, Req, K> },
-        Bypass { #[pin] call: Oneshot<S, Req> },
+        // Boxed so that the inner future's size is not every waiter's.
+        Bypass { call: Pin<Box<Oneshot<S, Req>>> },
         // A follower that stopped waiting, making its own call.
         Alone { call: Pin<Box<dyn Future<Output = Output<S, Req>> + Send>> },
     }
@@ -82,7 +88,7 @@ where
 
     pub(crate) fn bypass(call: Oneshot<S, Req>) -> Self {
         ResponseFuture {
-            kind: Kind::Bypass { call },
+            kind: Kind::Bypass { call: Box::pin(call) },
             deadline: None,
         }
     }
@@ -154,7 +160,7 @@ where
         loop {
             let run = match this.kind.as_mut().project() {
                 KindProj::Bypass { call } => {
-                    return Poll::Ready(ready!(call.poll(cx)).map_err(CoalesceError::inner))
+                    return Poll::Ready(ready!(call.as_mut().poll(cx)).map_err(CoalesceError::inner))
                 }
                 KindProj::Alone { call } => return call.as_mut().poll(cx),
                 KindProj::Coalesced { run } => run,
