@@ -235,3 +235,31 @@ where
         Poll::Ready(ready!(self.project().call.poll(cx)).map_err(CoalesceError::inner))
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::convert::Infallible;
+
+    use tower::service_fn;
+    use tower_layer::Layer;
+    use tower_service::Service;
+
+    use crate::CoalesceLayer;
+
+    /// A waiting request's task holds its `ResponseFuture`: its size must not follow the inner
+    /// future's (a 4 KiB one here), or every follower of a stampede carries that much.
+    #[test]
+    fn response_future_does_not_embed_the_inner_future() {
+        let inner = service_fn(|key: u64| async move {
+            let buffer = [key as u8; 4096];
+            tokio::task::yield_now().await;
+            Ok::<_, Infallible>(u64::from(buffer[4095]))
+        });
+        let mut svc = CoalesceLayer::new(|key: &u64| (*key != 0).then_some(*key)).layer(inner);
+        let coalesced = svc.call(1);
+        let bypassed = svc.call(0);
+        assert!(coalesced.is_leader() && bypassed.is_bypass());
+        let size = std::mem::size_of_val(&coalesced);
+        assert!(size <= 256, "ResponseFuture is {size} bytes");
+    }
+}
