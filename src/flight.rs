@@ -1187,7 +1187,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
 
     /// Publishes the driver's output: unregisters the flight first (or makes it linger), so
     /// that a caller who comes after this point starts a new flight instead of joining a
-    /// finished one; then hands a clone to each follower and wakes them all in one pass.
+    /// finished one; then hands a clone to each follower and wakes them, a batch at a time.
     ///
     /// A failed output with retries left and a follower able to retry is not published: the
     /// flight stays registered and its followers are woken to elect the next driver.

@@ -88,7 +88,9 @@ where
 
     pub(crate) fn bypass(call: Oneshot<S, Req>) -> Self {
         ResponseFuture {
-            kind: Kind::Bypass { call: Box::pin(call) },
+            kind: Kind::Bypass {
+                call: Box::pin(call),
+            },
             deadline: None,
         }
     }
@@ -160,7 +162,9 @@ where
         loop {
             let run = match this.kind.as_mut().project() {
                 KindProj::Bypass { call } => {
-                    return Poll::Ready(ready!(call.as_mut().poll(cx)).map_err(CoalesceError::inner))
+                    return Poll::Ready(
+                        ready!(call.as_mut().poll(cx)).map_err(CoalesceError::inner),
+                    )
                 }
                 KindProj::Alone { call } => return call.as_mut().poll(cx),
                 KindProj::Coalesced { run } => run,

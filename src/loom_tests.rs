@@ -50,6 +50,19 @@ impl Ledger {
         }
     }
 
+    /// A `make` closure whose future never resolves: the call stays in flight until dropped.
+    fn make_pending(&self) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = u32> + Send>> {
+        let ledger = self.clone();
+        move || {
+            ledger.made.fetch_add(1, SeqCst);
+            let guard = Tracked(ledger.dropped.clone());
+            Box::pin(async move {
+                let _guard = guard;
+                std::future::pending::<u32>().await
+            })
+        }
+    }
+
     fn assert_balanced(&self) {
         assert_eq!(
             self.made.load(SeqCst),
@@ -242,6 +255,56 @@ fn loom_forget_races_join() {
         assert!(b == 1 || b == 2);
         assert_eq!(group.in_flight(), 0);
         ledger.assert_balanced();
+    });
+}
+
+/// `forget` races a new caller and the flight's own completion: the new caller joins the old
+/// flight or starts its own, every call made is dropped, and nothing is left registered.
+#[test]
+fn loom_forget_races_a_new_caller_and_completion() {
+    loom::model(|| {
+        let group: Group<u8> = Group::new();
+        let ledger = Ledger::new();
+        let first = group.run(1, ledger.make(1));
+        let (g, l) = (group.clone(), ledger.clone());
+        let newcomer = thread::spawn(move || block_on(g.run(1, l.make(2))).unwrap());
+        let g = group.clone();
+        let forgetter = thread::spawn(move || g.forget(&1));
+        assert_eq!(block_on(first).unwrap(), 1);
+        let got = newcomer.join().unwrap();
+        forgetter.join().unwrap();
+        let made = ledger.made.load(SeqCst);
+        // Joined the first flight (1, one call), or started its own (2, two calls).
+        assert!((got == 1 && made == 1) || (got == 2 && made == 2));
+        assert_eq!(group.in_flight(), 0);
+        assert!(group.is_empty(), "a forgotten entry was left behind");
+        ledger.assert_balanced();
+    });
+}
+
+/// The leader and the only follower of a pending call leave at the same time: the call is
+/// dropped exactly once, by whichever leaves last, and the key is free again.
+#[test]
+fn loom_leader_and_follower_leave_together() {
+    loom::model(|| {
+        let group: Group<u8> = Group::new();
+        let ledger = Ledger::new();
+        let mut leader = group.run(1, ledger.make_pending());
+        assert!(futures::FutureExt::now_or_never(&mut leader).is_none());
+        let follower = group.run(1, ledger.make_pending());
+        let quitter = thread::spawn(move || drop(follower));
+        drop(leader);
+        quitter.join().unwrap();
+        assert_eq!(ledger.made.load(SeqCst), 1);
+        ledger.assert_balanced();
+        assert_eq!(group.in_flight(), 0);
+        assert!(group.is_empty());
+        let again = group.run(1, ledger.make(3));
+        assert!(
+            again.is_leader(),
+            "the key is free after the cancelled call"
+        );
+        assert_eq!(block_on(again).unwrap(), 3);
     });
 }
 
