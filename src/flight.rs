@@ -1720,7 +1720,7 @@ pub struct Panicked {
 }
 
 impl Panicked {
-    fn new(payload: Box<dyn Any + Send>) -> Self {
+    pub(crate) fn new(payload: Box<dyn Any + Send>) -> Self {
         let message = if let Some(s) = payload.downcast_ref::<&'static str>() {
             Arc::from(*s)
         } else if let Some(s) = payload.downcast_ref::<String>() {

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -13,7 +14,7 @@ use tower::BoxError;
 use tower_service::Service;
 
 use crate::error::CoalesceError;
-use crate::flight::Run;
+use crate::flight::{Panicked, Run};
 use crate::service::{OnTimeout, Options};
 
 type Output<S, Req> = Result<<S as Service<Req>>::Response, CoalesceError>;
@@ -166,7 +167,16 @@ where
                         ready!(call.as_mut().poll(cx)).map_err(CoalesceError::inner),
                     )
                 }
-                KindProj::Alone { call } => return call.as_mut().poll(cx),
+                KindProj::Alone { call } => {
+                    // It came in with a key, so, as every call run for a key, its panic is
+                    // an error (only a request without a key is left untouched).
+                    return match catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(cx))) {
+                        Ok(poll) => poll,
+                        Err(payload) => {
+                            Poll::Ready(Err(CoalesceError::panicked(Panicked::new(payload))))
+                        }
+                    };
+                }
                 KindProj::Coalesced { run } => run,
             };
             if let Poll::Ready(out) = Pin::new(&mut *run).poll(cx) {
@@ -189,7 +199,13 @@ where
                 (OnTimeout::CallInner, Some(make)) => {
                     // Leaves the flight (dropping this waiter) and calls alone; the flight
                     // goes on for the others.
-                    this.kind.set(Kind::Alone { call: make() });
+                    match catch_unwind(AssertUnwindSafe(make)) {
+                        Ok(call) => this.kind.set(Kind::Alone { call }),
+                        Err(payload) => {
+                            let panicked = CoalesceError::panicked(Panicked::new(payload));
+                            return Poll::Ready(Err(panicked));
+                        }
+                    }
                 }
                 _ => return Poll::Ready(Err(CoalesceError::timed_out(limit))),
             }

@@ -52,6 +52,8 @@ impl Options {
 #[non_exhaustive]
 pub enum OnTimeout {
     /// Stop waiting and call the inner service itself (nginx's `proxy_cache_lock_timeout`).
+    /// Its response, error or panic is its own: a panic becomes a [`CoalesceError`] whose
+    /// [`is_panic`](CoalesceError::is_panic) is true, as for any call made for a key.
     #[default]
     CallInner,
     /// Stop waiting and fail with a [`CoalesceError`] whose

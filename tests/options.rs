@@ -304,6 +304,36 @@ async fn follower_timeout_defaults_to_calling_inner() {
     .await;
 }
 
+/// A follower past its limit calls the inner service on its own; if that call panics, the
+/// panic is its error (as for every request that came in with a key), and the flight it left
+/// goes on for the leader.
+#[tokio::test(start_paused = true)]
+async fn follower_calling_alone_after_its_limit_gets_its_panic_as_an_error() {
+    bounded("test", async {
+        let (backend, mut ctl) = backend();
+        let mut svc = layer()
+            .follower_timeout(Duration::from_secs(1))
+            .on_follower_timeout(OnTimeout::CallInner)
+            .layer(backend);
+        let leader = spawn(start(&mut svc, 1));
+        let follower = spawn(start(&mut svc, 1));
+        let first = ctl.next().await;
+        wait(Duration::from_secs(2)).await;
+        let own = ctl.next().await;
+        assert_eq!(own.n, 2, "the follower's own call");
+        own.panic("alone and panicking");
+        let err = done("follower", follower)
+            .await
+            .expect_err("its own call panicked");
+        assert!(err.is_panic(), "{err:?}");
+        assert_eq!(err.panic_message(), Some("alone and panicking"));
+        first.ok("first");
+        assert_eq!(ok(done("leader", leader).await), "first");
+        assert_eq!(svc.in_flight(), 0);
+    })
+    .await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn follower_past_its_limit_errors_with_timeout_flight_undisturbed() {
     bounded("test", async {
