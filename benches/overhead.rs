@@ -19,31 +19,17 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
-use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode};
-use tokio::runtime::Runtime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
 
+use support::waves::{heavy, run_wave_workloads, Ctx};
 use support::{
-    fanout, for_each, waiters_wave, wave, zipf_keys, Backend, CallLog, Client, Gate, Gated,
-    Immediate, Kind, Latency, Visit, YieldOnce,
+    fanout, for_each, waiters_wave, Backend, CallLog, Client, Gate, Gated, Immediate, Kind, Visit,
 };
 
-const UNIQUE_REQUESTS: usize = 100_000;
-const HOT_REQUESTS: usize = 10_000;
-const HOT_LATENCY: Duration = Duration::from_millis(5);
-const ZIPF_REQUESTS: usize = 100_000;
-const ZIPF_KEYS: usize = 1_000;
-const ZIPF_S: f64 = 1.0;
-const ZIPF_LATENCY: Duration = Duration::from_millis(1);
 const WAITERS: [usize; 5] = [10, 100, 1_000, 10_000, 100_000];
-
-struct Ctx<'a> {
-    rt: &'a Runtime,
-    log: &'static CallLog,
-}
 
 /// Runs `requests` sequentially from one task; criterion's iteration is one call.
 struct Solo<'a, 'g> {
@@ -72,47 +58,6 @@ impl<K: Kind> Visit<K> for Solo<'_, '_> {
                 // Each call is a "wave" of one request.
                 log.record("solo", name, 1, iters, backend.calls() - before);
                 elapsed
-            })
-        });
-    }
-}
-
-/// Runs waves of concurrent requests over `keys`; criterion's iteration is one wave.
-struct Waves<'a, 'g> {
-    ctx: &'a Ctx<'a>,
-    group: &'a mut BenchmarkGroup<'g, WallTime>,
-    workload: &'static str,
-    keys: Arc<[u64]>,
-}
-
-impl<K: Kind> Visit<K> for Waves<'_, '_> {
-    fn visit<C: Client>(&mut self, name: &'static str, client: C, backend: Backend<K>) {
-        let Ctx { rt, log } = *self.ctx;
-        let workload = self.workload;
-        let keys = &self.keys;
-        self.group.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let client = client.clone();
-                let keys = keys.clone();
-                rt.block_on(async move {
-                    tokio::spawn(async move {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            let before = backend.calls();
-                            total += wave(&client, &keys).await;
-                            log.record(
-                                workload,
-                                name,
-                                keys.len() as u64,
-                                1,
-                                backend.calls() - before,
-                            );
-                        }
-                        total
-                    })
-                    .await
-                    .expect("wave driver")
-                })
             })
         });
     }
@@ -178,36 +123,6 @@ impl Visit<Gated> for Fanout<'_, '_> {
     }
 }
 
-fn heavy(group: &mut BenchmarkGroup<'_, WallTime>, measurement: Duration) {
-    group
-        .sampling_mode(SamplingMode::Flat)
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(200))
-        .measurement_time(measurement);
-}
-
-fn run_waves<K: Kind>(
-    c: &mut Criterion,
-    ctx: &Ctx<'_>,
-    workload: &'static str,
-    keys: Arc<[u64]>,
-    kind: K,
-) {
-    let mut group = c.benchmark_group(workload);
-    heavy(&mut group, Duration::from_secs(1));
-    for_each(
-        kind,
-        true,
-        &mut Waves {
-            ctx,
-            group: &mut group,
-            workload,
-            keys,
-        },
-    );
-    group.finish();
-}
-
 fn main() {
     let rt = support::runtime();
     let log: &'static CallLog = Box::leak(Box::default());
@@ -233,12 +148,7 @@ fn main() {
         group.finish();
     }
 
-    let unique: Arc<[u64]> = (0..UNIQUE_REQUESTS as u64).collect();
-    let hot: Arc<[u64]> = vec![support::WAITERS_KEY; HOT_REQUESTS].into();
-    let zipf = zipf_keys(ZIPF_REQUESTS, ZIPF_KEYS, ZIPF_S, 0x5eed);
-    run_waves(&mut c, &ctx, "unique", unique, YieldOnce);
-    run_waves(&mut c, &ctx, "hot", hot, Latency(HOT_LATENCY));
-    run_waves(&mut c, &ctx, "zipf", zipf, Latency(ZIPF_LATENCY));
+    run_wave_workloads(&mut c, &ctx, ["unique", "hot", "zipf"]);
 
     {
         let gate = Gate::leak();

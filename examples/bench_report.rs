@@ -3,7 +3,8 @@
 //! markers).
 //!
 //! ```text
-//! cargo bench --bench overhead && cargo bench --bench memory
+//! cargo bench --bench overhead && cargo bench --bench memory && cargo bench --bench mimalloc
+//! bash benches/callgrind.sh   # optional: instruction counts (valgrind)
 //! cargo run --release --example bench_report
 //! ```
 //!
@@ -247,6 +248,47 @@ fn markdown(r: &Results) -> String {
             }
         }
         let _ = writeln!(w);
+    }
+
+    // The wave workloads again under mimalloc, when `cargo bench --bench mimalloc` was run.
+    if WORKLOADS[1..]
+        .iter()
+        .any(|(id, _, _)| r.time(&format!("mimalloc-{id}"), "bare").is_some())
+    {
+        let _ = writeln!(
+            w,
+            "\n### The same waves with mimalloc as the global allocator (`cargo bench --bench \
+             mimalloc`)\n\nUnder glibc's malloc, a task allocated on one worker and freed on \
+             the other waits for the allocating worker's arena lock. A coalescer completes a \
+             flight's waiters together, so their tasks are freed in bursts: in a zipf wave of \
+             `Group::run` most context switches are those waits in `free` (measured with \
+             `perf record -e context-switches --call-graph dwarf`). With a thread-caching \
+             allocator that cost goes away for every contender:\n"
+        );
+        let _ = write!(w, "| workload |");
+        for (_, n) in CONTENDERS {
+            let _ = write!(w, " {n} |");
+        }
+        let _ = writeln!(w, "\n|---|{}", "---:|".repeat(CONTENDERS.len()));
+        for (id, desc, _) in &WORKLOADS[1..] {
+            let group = format!("mimalloc-{id}");
+            let bare = r.time(&group, "bare");
+            let _ = write!(w, "| {desc} |");
+            for (c, _) in CONTENDERS {
+                let calls = r
+                    .calls(&group, c)
+                    .map_or(String::new(), |(mean, _, _)| format!("<br>{mean:.0} calls"));
+                match (r.time(&group, c), bare) {
+                    (Some(t), Some(b)) => {
+                        let _ = write!(w, " {} ({:.2}×){calls} |", fmt_ns(t), t / b);
+                    }
+                    _ => {
+                        let _ = write!(w, " – |");
+                    }
+                }
+            }
+            let _ = writeln!(w);
+        }
     }
 
     // Instructions per call, when `benches/callgrind.sh` was run.
@@ -667,6 +709,25 @@ fn readme_summary(r: &Results) -> String {
             )),
             ratio(layer, best.map(|b| b.1)),
             ratio(group, best.map(|b| b.1)),
+        );
+    }
+    for (id, desc, _) in &WORKLOADS[1..] {
+        let group = format!("mimalloc-{id}");
+        let desc = desc.split(':').next().unwrap_or(desc);
+        let bare = r.time(&group, "bare");
+        if bare.is_none() {
+            continue;
+        }
+        let (layer, ours) = (r.time(&group, OURS[0]), r.time(&group, OURS[1]));
+        let best = best_peer(|c| r.time(&group, c));
+        let _ = writeln!(
+            w,
+            "| {desc}, mimalloc as the global allocator | {} | {} | {} | {} | {} |",
+            ratio(layer, bare),
+            ratio(ours, bare),
+            best.map_or("–", |(c, _)| name(c)),
+            ratio(layer, best.map(|b| b.1)),
+            ratio(ours, best.map(|b| b.1)),
         );
     }
     for (group_id, desc) in [

@@ -25,6 +25,8 @@ use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 
+pub mod waves;
+
 // ---------------------------------------------------------------------------------------------
 // Backends
 
