@@ -38,12 +38,13 @@ use crate::flight::Panicked;
 /// ```
 #[derive(Clone)]
 pub struct CoalesceError {
-    kind: Kind,
+    // Shared: one pointer wide, so a `Result<Response, CoalesceError>` handed to every
+    // follower is no bigger than it must be; errors are rare, the allocation is theirs.
+    kind: Arc<Kind>,
 }
 
-#[derive(Clone)]
 enum Kind {
-    Inner(Arc<dyn Error + Send + Sync + 'static>),
+    Inner(Box<dyn Error + Send + Sync + 'static>),
     Panicked(Panicked),
     TimedOut(Duration),
 }
@@ -51,19 +52,19 @@ enum Kind {
 impl CoalesceError {
     pub(crate) fn inner(error: impl Into<tower::BoxError>) -> Self {
         CoalesceError {
-            kind: Kind::Inner(Arc::from(error.into())),
+            kind: Arc::new(Kind::Inner(error.into())),
         }
     }
 
     pub(crate) fn panicked(panic: Panicked) -> Self {
         CoalesceError {
-            kind: Kind::Panicked(panic),
+            kind: Arc::new(Kind::Panicked(panic)),
         }
     }
 
     pub(crate) fn timed_out(after: Duration) -> Self {
         CoalesceError {
-            kind: Kind::TimedOut(after),
+            kind: Arc::new(Kind::TimedOut(after)),
         }
     }
 
@@ -71,17 +72,17 @@ impl CoalesceError {
     /// ([`CoalesceLayer::follower_timeout`](crate::CoalesceLayer::follower_timeout) with
     /// [`OnTimeout::Error`](crate::OnTimeout::Error)).
     pub fn is_timeout(&self) -> bool {
-        matches!(self.kind, Kind::TimedOut(_))
+        matches!(*self.kind, Kind::TimedOut(_))
     }
 
     /// Whether the inner service panicked (in `call` or in its future).
     pub fn is_panic(&self) -> bool {
-        matches!(self.kind, Kind::Panicked(_))
+        matches!(*self.kind, Kind::Panicked(_))
     }
 
     /// The panic message, if the inner service panicked with a string payload.
     pub fn panic_message(&self) -> Option<&str> {
-        match &self.kind {
+        match &*self.kind {
             Kind::Panicked(p) => Some(p.message()),
             Kind::Inner(_) | Kind::TimedOut(_) => None,
         }
@@ -89,7 +90,7 @@ impl CoalesceError {
 
     /// The inner service's error, if it returned one.
     pub fn get_ref(&self) -> Option<&(dyn Error + Send + Sync + 'static)> {
-        match &self.kind {
+        match &*self.kind {
             Kind::Inner(e) => Some(&**e),
             Kind::Panicked(_) | Kind::TimedOut(_) => None,
         }
@@ -103,7 +104,7 @@ impl CoalesceError {
 
 impl fmt::Debug for CoalesceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.kind {
+        match &*self.kind {
             Kind::Inner(e) => f.debug_tuple("CoalesceError::Inner").field(e).finish(),
             Kind::Panicked(p) => f.debug_tuple("CoalesceError::Panicked").field(p).finish(),
             Kind::TimedOut(d) => f.debug_tuple("CoalesceError::TimedOut").field(d).finish(),
@@ -113,7 +114,7 @@ impl fmt::Debug for CoalesceError {
 
 impl fmt::Display for CoalesceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.kind {
+        match &*self.kind {
             Kind::Inner(e) => write!(f, "inner service failed: {e}"),
             Kind::Panicked(p) => write!(f, "inner service panicked: {}", p.message()),
             Kind::TimedOut(d) => write!(f, "gave up waiting for a coalesced call after {d:?}"),
@@ -123,7 +124,7 @@ impl fmt::Display for CoalesceError {
 
 impl Error for CoalesceError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
-        match &self.kind {
+        match &*self.kind {
             Kind::Inner(e) => Some(&**e),
             Kind::Panicked(p) => Some(p),
             Kind::TimedOut(_) => None,
