@@ -1437,8 +1437,16 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                     if let Some(old) = this.gate {
                         let mut shard = this.registry.lock();
                         if shard.table.find(this.hash, |e| e.id == old.get()).is_some() {
-                            // The key's cancelled call is still being dropped.
-                            shard.gated.push((old.get(), cx.waker().clone()));
+                            // The key's cancelled call is still being dropped. Polled again
+                            // meanwhile (a `select!` loop), it does not queue its waker twice.
+                            let waker = cx.waker();
+                            let queued = shard
+                                .gated
+                                .iter()
+                                .any(|(id, w)| *id == old.get() && w.will_wake(waker));
+                            if !queued {
+                                shard.gated.push((old.get(), waker.clone()));
+                            }
                             return Poll::Pending;
                         }
                         drop(shard);

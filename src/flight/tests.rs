@@ -92,6 +92,12 @@ fn a_new_flight_waits_for_a_cancelled_one_to_be_dropped() {
         poll(&mut second, &w).is_pending(),
         "it does not start while the old call is being dropped"
     );
+    assert!(
+        poll(&mut second, &w).is_pending(),
+        "polled again, still waiting"
+    );
+    let cell = group.registry.shard(first.hash);
+    assert_eq!(cell.lock().gated.len(), 1, "its waker is queued once");
     group
         .registry
         .shard(first.hash)
@@ -101,6 +107,7 @@ fn a_new_flight_waits_for_a_cancelled_one_to_be_dropped() {
         1,
         "woken when the old entry goes"
     );
+    assert!(cell.lock().gated.is_empty());
     assert!(matches!(poll(&mut second, &w), Poll::Ready(Ok(2))));
     flight.state.lock().phase = Phase::Running;
     drop(follower);
