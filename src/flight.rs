@@ -1233,7 +1233,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             trace_end(self.span_ref(), end, 1);
             return out;
         };
-        let (out, shared) = publish(&flight, out, end);
+        let (out, shared) = publish(&flight, out, end, Clone::clone);
         self.shared |= shared;
         out
     }
@@ -1285,10 +1285,14 @@ const BATCH: usize = if cfg!(loom) { 1 } else { 32 };
 /// Ends `flight` (already unregistered, or lingering): fills every follower's slot with a
 /// clone of `out` and wakes them, a batch at a time. Returns `out` and whether a follower got
 /// it.
+///
+/// `cloner` makes each copy: `Clone::clone` where `T: Clone` is known (inlined), the flight's
+/// stored `cloner` from a follower's `Drop`.
 fn publish<T>(
     flight: &Arc<Flight<T>>,
     out: Result<T, Panicked>,
     end: End,
+    cloner: impl Fn(&Result<T, Panicked>) -> Result<T, Panicked>,
 ) -> (Result<T, Panicked>, bool) {
     // No follower can join from here on (the entry is gone or lingers), and `driven` keeps
     // the ones that leave from cancelling the flight, so counting now and filling later is
@@ -1317,7 +1321,7 @@ fn publish<T>(
     drop(state);
     drop(failure);
     let mut copier = Copier {
-        cloner: flight.cloner,
+        cloner,
         out: &out,
         panicked: None,
     };
@@ -1366,16 +1370,16 @@ fn publish<T>(
 
 /// Makes a published output's copies. The response's `Clone` is user code: once it panics,
 /// every copy still to make is that panic instead, so every waiter still gets an answer.
-struct Copier<'a, T> {
-    cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
+struct Copier<'a, T, C> {
+    cloner: C,
     out: &'a Result<T, Panicked>,
     panicked: Option<Panicked>,
 }
 
-impl<T> Copier<'_, T> {
+impl<T, C: Fn(&Result<T, Panicked>) -> Result<T, Panicked>> Copier<'_, T, C> {
     fn fill(&mut self, copies: &mut [Option<Result<T, Panicked>>]) {
         if self.panicked.is_none() {
-            let (cloner, out) = (self.cloner, self.out);
+            let (cloner, out) = (&self.cloner, self.out);
             let made = catch_unwind(AssertUnwindSafe(|| {
                 for copy in copies.iter_mut() {
                     *copy = Some(cloner(out));
@@ -1641,7 +1645,7 @@ impl<K, T: Send + 'static> Run<K, T> {
                 let removed = shard.unlink(self.hash, self.id, &self.registry.common);
                 drop(shard);
                 drop(removed);
-                let _ = publish(&flight, failure, end);
+                let _ = publish(&flight, failure, end, flight.cloner);
             }
         } else {
             // This follower may have been the one woken to take over an orphan.
