@@ -13,7 +13,6 @@
 #[allow(dead_code)]
 mod support;
 
-use criterion::Criterion;
 use mimalloc::MiMalloc;
 
 use support::waves::{run_wave_workloads, Ctx};
@@ -26,9 +25,7 @@ fn main() {
     let rt = support::runtime();
     let log: &'static CallLog = Box::leak(Box::default());
     let ctx = Ctx { rt: &rt, log };
-    let mut c = Criterion::default()
-        .nresamples(20_000)
-        .configure_from_args();
+    let mut c = support::waves::criterion();
     run_wave_workloads(
         &mut c,
         &ctx,

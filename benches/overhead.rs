@@ -22,7 +22,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
-use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
+use criterion::{BenchmarkGroup, BenchmarkId};
 
 use support::waves::{heavy, run_wave_workloads, Ctx};
 use support::{
@@ -74,32 +74,16 @@ struct Waiters<'a, 'g> {
 
 impl Visit<Gated> for Waiters<'_, '_> {
     fn visit<C: Client>(&mut self, name: &'static str, client: C, backend: Backend<Gated>) {
-        let Ctx { rt, log } = *self.ctx;
-        let (gate, followers) = (self.gate, self.followers);
-        let workload = format!("waiters/{followers}");
+        let (ctx, gate, followers) = (self.ctx, self.gate, self.followers);
         self.group
             .bench_function(BenchmarkId::new(name, followers), |b| {
                 b.iter_custom(|iters| {
                     let client = client.clone();
-                    let workload = workload.clone();
-                    rt.block_on(async move {
-                        tokio::spawn(async move {
-                            let mut total = Duration::ZERO;
-                            for _ in 0..iters {
-                                let before = backend.calls();
-                                total += waiters_wave(&client, gate, followers).await;
-                                log.record(
-                                    &workload,
-                                    name,
-                                    followers as u64 + 1,
-                                    1,
-                                    backend.calls() - before,
-                                );
-                            }
-                            total
-                        })
-                        .await
-                        .expect("waiters driver")
+                    let workload = format!("waiters/{followers}");
+                    let requests = followers as u64 + 1;
+                    ctx.timed(workload, name, requests, backend, iters, move || {
+                        let client = client.clone();
+                        async move { waiters_wave(&client, gate, followers).await }
                     })
                 })
             });
@@ -127,10 +111,7 @@ fn main() {
     let rt = support::runtime();
     let log: &'static CallLog = Box::leak(Box::default());
     let ctx = Ctx { rt: &rt, log };
-    // Fewer bootstrap resamples than the default 100k: the suite stays within minutes.
-    let mut c = Criterion::default()
-        .nresamples(20_000)
-        .configure_from_args();
+    let mut c = support::waves::criterion();
 
     {
         let mut group = c.benchmark_group("solo");

@@ -1303,9 +1303,7 @@ fn publish<T>(
     // A detached flight's driver is a task, not a waiter.
     let waiters = wanted + usize::from(!state.detached);
     if wanted == 0 {
-        state.phase = Phase::Done;
-        state.driven = false;
-        state.needs_driver = false;
+        state.published();
         drop(state);
         drop(failure);
         trace_end(flight.span(), end, waiters);
@@ -1348,9 +1346,7 @@ fn publish<T>(
         unserved -= served;
         let last = unserved == 0 || next >= keys;
         if last {
-            state.phase = Phase::Done;
-            state.driven = false;
-            state.needs_driver = false;
+            state.published();
         }
         drop(state);
         for waker in wakers[..served].iter_mut().filter_map(Option::take) {
@@ -1366,6 +1362,15 @@ fn publish<T>(
     }
     trace_end(flight.span(), end, waiters);
     (out, true)
+}
+
+impl<T> State<T> {
+    /// Every follower has its copy: the flight is over, nobody drives or is to drive it.
+    fn published(&mut self) {
+        self.phase = Phase::Done;
+        self.driven = false;
+        self.needs_driver = false;
+    }
 }
 
 /// Makes a published output's copies. The response's `Clone` is user code: once it panics,

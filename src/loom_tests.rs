@@ -39,26 +39,30 @@ impl Ledger {
         &self,
         value: u32,
     ) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = u32> + Send>> {
-        let ledger = self.clone();
-        move || {
-            ledger.made.fetch_add(1, SeqCst);
-            let guard = Tracked(ledger.dropped.clone());
-            Box::pin(async move {
-                let _guard = guard;
-                value
-            })
-        }
+        self.make_with(Some(value))
     }
 
     /// A `make` closure whose future never resolves: the call stays in flight until dropped.
     fn make_pending(&self) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = u32> + Send>> {
+        self.make_with(None)
+    }
+
+    /// Counts the future made, and its drop; it resolves to `value` at its first poll, or
+    /// never.
+    fn make_with(
+        &self,
+        value: Option<u32>,
+    ) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = u32> + Send>> {
         let ledger = self.clone();
         move || {
             ledger.made.fetch_add(1, SeqCst);
             let guard = Tracked(ledger.dropped.clone());
             Box::pin(async move {
                 let _guard = guard;
-                std::future::pending::<u32>().await
+                match value {
+                    Some(value) => value,
+                    None => std::future::pending().await,
+                }
             })
         }
     }

@@ -1,6 +1,7 @@
 //! Waves of concurrent requests timed by criterion, shared by the benches that run them under
 //! different global allocators (`overhead`: the system's; `mimalloc`).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,35 +37,68 @@ struct Waves<'a, 'g> {
 
 impl<K: Kind> Visit<K> for Waves<'_, '_> {
     fn visit<C: Client>(&mut self, name: &'static str, client: C, backend: Backend<K>) {
-        let Ctx { rt, log } = *self.ctx;
-        let workload = self.workload;
-        let keys = &self.keys;
+        let (ctx, workload, keys) = (self.ctx, self.workload, &self.keys);
         self.group.bench_function(name, |b| {
             b.iter_custom(|iters| {
-                let client = client.clone();
-                let keys = keys.clone();
-                rt.block_on(async move {
-                    tokio::spawn(async move {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            let before = backend.calls();
-                            total += wave(&client, &keys).await;
-                            log.record(
-                                workload,
-                                name,
-                                keys.len() as u64,
-                                1,
-                                backend.calls() - before,
-                            );
-                        }
-                        total
-                    })
-                    .await
-                    .expect("wave driver")
-                })
+                let (client, keys) = (client.clone(), keys.clone());
+                let requests = keys.len() as u64;
+                ctx.timed(
+                    workload.to_string(),
+                    name,
+                    requests,
+                    backend,
+                    iters,
+                    move || {
+                        let (client, keys) = (client.clone(), keys.clone());
+                        async move { wave(&client, &keys).await }
+                    },
+                )
             })
         });
     }
+}
+
+impl Ctx<'_> {
+    /// Runs `iters` waves made by `wave`, one after the other from one spawned task (a
+    /// server's requests are tasks, not `block_on`), logging each wave's backend calls under
+    /// (`workload`, `name`). Returns the waves' summed time, as each wave measured it.
+    pub fn timed<K, W, F>(
+        &self,
+        workload: String,
+        name: &'static str,
+        requests: u64,
+        backend: Backend<K>,
+        iters: u64,
+        mut wave: W,
+    ) -> Duration
+    where
+        K: Kind,
+        W: FnMut() -> F + Send + 'static,
+        F: Future<Output = Duration> + Send,
+    {
+        let log = self.log;
+        self.rt.block_on(async move {
+            tokio::spawn(async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let before = backend.calls();
+                    total += wave().await;
+                    log.record(&workload, name, requests, 1, backend.calls() - before);
+                }
+                total
+            })
+            .await
+            .expect("wave driver")
+        })
+    }
+}
+
+/// Criterion as every bench here runs it: fewer bootstrap resamples than the default 100k,
+/// so the suite stays within minutes.
+pub fn criterion() -> Criterion {
+    Criterion::default()
+        .nresamples(20_000)
+        .configure_from_args()
 }
 
 /// Few samples of long iterations: a wave takes milliseconds to a second.
