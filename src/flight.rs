@@ -647,7 +647,10 @@ where
         drop(guard);
         drop(garbage);
         emit("tower_coalesce_leaders_total");
-        let mut run = Run {
+        // `make` is user code: called unlocked, its panic ends the flight at once. The `Run` is
+        // built once, with its role, after it.
+        let made = start(make);
+        let leader = |role| Run {
             registry: Arc::clone(cell),
             flight: None,
             hash,
@@ -655,22 +658,23 @@ where
             registered: true,
             is_err,
             #[cfg(feature = "tracing")]
-            span,
-            role: Role::Finished,
+            span: span.clone(),
+            role,
             leader: true,
             shared: false,
             maker: false,
             make: None,
             gate,
         };
-        let Some(fut) = run.make_future(make) else {
-            return run;
+        let fut = match made {
+            Ok(fut) => fut,
+            Err(panicked) => return leader(Role::Finished).failed(panicked),
         };
         let (Some(handle), Some((flight, slot))) = (detach, detached) else {
-            run.role = Role::Driver(fut);
-            return run;
+            return leader(Role::Driver(fut));
         };
         // Detached: a task drives the flight; the caller waits as a follower of its own call.
+        let mut run = leader(Role::Follower(slot));
         let driver = Run {
             registry: Arc::clone(cell),
             flight: Some(Arc::clone(&flight)),
@@ -691,7 +695,6 @@ where
             let _ = driver.await;
         });
         run.flight = Some(flight);
-        run.role = Role::Follower(slot);
         run
     }
 
@@ -702,7 +705,8 @@ where
         M: FnOnce() -> F,
         F: Future<Output = T> + Send + 'static,
     {
-        let mut run = Run {
+        let made = start(make);
+        let run = |role| Run {
             registry: Arc::clone(self.registry.shard(hash)),
             flight: None,
             hash: 0,
@@ -711,17 +715,17 @@ where
             is_err,
             #[cfg(feature = "tracing")]
             span: tracing::Span::none(),
-            role: Role::Finished,
+            role,
             leader: true,
             shared: false,
             maker: false,
             make: None,
             gate: None,
         };
-        if let Some(fut) = run.make_future(make) {
-            run.role = Role::Driver(fut);
+        match made {
+            Ok(fut) => run(Role::Driver(fut)),
+            Err(panicked) => run(Role::Finished).failed(panicked),
         }
-        run
     }
 
     /// Removes `key`'s flight (of every output type) from the registry, so that the next call
@@ -1168,21 +1172,25 @@ impl<K, T: Send + 'static> Run<K, T> {
     }
 }
 
+/// Calls a leader's `make` (user code: outside every lock) and boxes its future; a panic is
+/// caught, to end the flight at once.
+fn start<T, M, F>(make: M) -> Result<BoxFuture<T>, Panicked>
+where
+    M: FnOnce() -> F,
+    F: Future<Output = T> + Send + 'static,
+{
+    match catch_unwind(AssertUnwindSafe(make)) {
+        Ok(fut) => Ok(Box::pin(fut)),
+        Err(payload) => Err(Panicked::new(payload)),
+    }
+}
+
 impl<K, T: Clone + Send + 'static> Run<K, T> {
-    /// Calls the leader's `make` outside every lock; a panic ends the flight at once.
-    fn make_future<M, F>(&mut self, make: M) -> Option<BoxFuture<T>>
-    where
-        M: FnOnce() -> F,
-        F: Future<Output = T> + Send + 'static,
-    {
-        match catch_unwind(AssertUnwindSafe(make)) {
-            Ok(fut) => Some(Box::pin(fut)),
-            Err(payload) => {
-                let out = self.complete(Err(Panicked::new(payload)));
-                self.role = Role::Ready(Box::new(out));
-                None
-            }
-        }
+    /// A leader whose `make` panicked: its flight ends with that panic, for every waiter.
+    fn failed(mut self, panicked: Panicked) -> Self {
+        let out = self.complete(Err(panicked));
+        self.role = Role::Ready(Box::new(out));
+        self
     }
 
     /// Publishes the driver's output: unregisters the flight first (or makes it linger), so
@@ -1555,6 +1563,9 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
 
 impl<K, T: Send + 'static> Drop for Run<K, T> {
     fn drop(&mut self) {
+        if let Role::Finished = self.role {
+            return;
+        }
         match mem::replace(&mut self.role, Role::Finished) {
             Role::Finished | Role::Ready(_) => {}
             Role::Driver(fut) => self.leave_driving(fut),
