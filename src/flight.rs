@@ -645,56 +645,61 @@ where
         shard.counters.leaders += 1;
         shard.counters.running += 1;
         drop(guard);
-        drop(garbage);
         emit("tower_coalesce_leaders_total");
-        // `make` is user code: called unlocked, its panic ends the flight at once. The `Run` is
-        // built once, with its role, after it.
-        let made = start(make);
-        let leader = |role| Run {
-            registry: Arc::clone(cell),
-            flight: None,
-            hash,
-            id,
-            registered: true,
-            is_err,
-            #[cfg(feature = "tracing")]
-            span: span.clone(),
-            role,
-            leader: true,
-            shared: false,
-            maker: false,
-            make: None,
-            gate,
+        let run = 'lead: {
+            // `make` is user code: called unlocked, its panic ends the flight at once. The
+            // `Run` is built once, with its role, after it.
+            let made = start(make);
+            let leader = |role| Run {
+                registry: Arc::clone(cell),
+                flight: None,
+                hash,
+                id,
+                registered: true,
+                is_err,
+                #[cfg(feature = "tracing")]
+                span: span.clone(),
+                role,
+                leader: true,
+                shared: false,
+                maker: false,
+                make: None,
+                gate,
+            };
+            let fut = match made {
+                Ok(fut) => fut,
+                Err(panicked) => break 'lead leader(Role::Finished).failed(panicked),
+            };
+            let (Some(handle), Some((flight, slot))) = (detach, detached) else {
+                break 'lead leader(Role::Driver(fut));
+            };
+            // Detached: a task drives the flight; the caller waits as a follower of its own call.
+            let mut run = leader(Role::Follower(slot));
+            let driver = Run {
+                registry: Arc::clone(cell),
+                flight: Some(Arc::clone(&flight)),
+                hash,
+                id,
+                registered: true,
+                is_err,
+                #[cfg(feature = "tracing")]
+                span: run.span.clone(),
+                role: Role::Driver(fut),
+                leader: false,
+                shared: false,
+                maker: false,
+                make: None,
+                gate: run.gate.take(),
+            };
+            handle.spawn(async move {
+                let _ = driver.await;
+            });
+            run.flight = Some(flight);
+            run
         };
-        let fut = match made {
-            Ok(fut) => fut,
-            Err(panicked) => return leader(Role::Finished).failed(panicked),
-        };
-        let (Some(handle), Some((flight, slot))) = (detach, detached) else {
-            return leader(Role::Driver(fut));
-        };
-        // Detached: a task drives the flight; the caller waits as a follower of its own call.
-        let mut run = leader(Role::Follower(slot));
-        let driver = Run {
-            registry: Arc::clone(cell),
-            flight: Some(Arc::clone(&flight)),
-            hash,
-            id,
-            registered: true,
-            is_err,
-            #[cfg(feature = "tracing")]
-            span: run.span.clone(),
-            role: Role::Driver(fut),
-            leader: false,
-            shared: false,
-            maker: false,
-            make: None,
-            gate: run.gate.take(),
-        };
-        handle.spawn(async move {
-            let _ = driver.await;
-        });
-        run.flight = Some(flight);
+        // Expired entries (keys, outputs: user code) go once this flight has its waiter, whose
+        // `Drop` ends the flight if a destructor panics here.
+        drop(garbage);
         run
     }
 
@@ -911,19 +916,21 @@ impl<K> ShardCell<K> {
 
     /// Ends the flight registered as (`hash`, `id`): unregisters it, or makes it linger with
     /// `keep` until the given instant; counts how it ended. Returns its shared state, if a
-    /// follower (or this call, to hold `keep`) made one.
+    /// follower (or this call, to hold `keep`) made one, and the entry if it was removed: the
+    /// caller drops that (the key's destructor is user code) once the followers are served.
+    #[allow(clippy::type_complexity)]
     fn finish<T: Clone + Send + 'static>(
         &self,
         hash: u64,
         id: u64,
         end: End,
         linger: Option<(Instant, Result<T, Panicked>)>,
-    ) -> Option<Arc<Flight<T>>> {
+    ) -> (Option<Arc<Flight<T>>>, Option<Entry<K>>) {
         let mut guard = self.lock();
         let shard = &mut *guard;
         shard.counters.count(end);
         let Ok(mut found) = shard.table.find_entry(hash, |e| e.id == id) else {
-            return None;
+            return (None, None);
         };
         let entry = found.get_mut();
         let flight: Option<Arc<Flight<T>>> = entry.flight.clone().and_then(|f| f.downcast().ok());
@@ -960,9 +967,7 @@ impl<K> ShardCell<K> {
             }
         };
         drop(guard);
-        // The key's destructor is user code: run it unlocked.
-        drop(removed);
-        flight
+        (flight, removed)
     }
 
     /// Marks the entry (`hash`, `id`) as cancelling: from here on nobody joins it, and a new
@@ -995,10 +1000,11 @@ impl<K> ShardCell<K> {
             }
         }
         drop(guard);
-        drop(entry);
         for waker in gate {
             waker.wake();
         }
+        // User code (the key's destructor): after the flights waiting for it are woken.
+        drop(entry);
     }
 }
 
@@ -1235,14 +1241,18 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             let keep = catch_unwind(AssertUnwindSafe(|| out.clone())).ok()?;
             Some((Instant::now() + window, keep))
         });
-        let flight = self.registry.finish(self.hash, self.id, end, linger);
+        let (flight, removed) = self.registry.finish(self.hash, self.id, end, linger);
         let Some(flight) = flight.or_else(|| self.flight.clone()) else {
             // Nobody ever joined: no shared state to publish to.
             trace_end(self.span_ref(), end, 1);
+            drop(removed);
             return out;
         };
         let (out, shared) = publish(&flight, out, end, Clone::clone);
         self.shared |= shared;
+        // The key's destructor is user code: run unlocked, and after the followers have their
+        // copies, so that a panic in it is this driver's alone.
+        drop(removed);
         out
     }
 
@@ -1660,8 +1670,8 @@ impl<K, T: Send + 'static> Run<K, T> {
                 shard.counters.count(end);
                 let removed = shard.unlink(self.hash, self.id, &self.registry.common);
                 drop(shard);
-                drop(removed);
                 let _ = publish(&flight, failure, end, flight.cloner);
+                drop(removed);
             }
         } else {
             // This follower may have been the one woken to take over an orphan.
