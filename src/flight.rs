@@ -9,8 +9,8 @@
 //! Locks: each shard of the registry and each flight has a `std` mutex. The lock order is
 //! shard, then flight; nothing takes a shard lock while holding a flight lock. Neither is held
 //! across an `.await`, while the inner future is made, polled or dropped, or while an output is
-//! cloned for a follower. Only a key's `Hash`/`Eq` run inside a shard lock, as in any hash map,
-//! and a lingering output is cloned under its own flight's lock (see [`GroupBuilder::linger`]).
+//! cloned for a follower or a lingering hit. Only a key's `Hash`/`Eq` run inside a shard lock,
+//! as in any hash map.
 
 // Without `tracing` a span is `()`, passed along to keep one code path.
 #![cfg_attr(not(feature = "tracing"), allow(clippy::unit_arg))]
@@ -153,8 +153,9 @@ impl GroupBuilder {
     ///
     /// Memory stays bounded: expired outputs are dropped as the registry's shards are next
     /// used, oldest first, never by a sweep over the whole map (and at once by
-    /// [`Group::purge_expired`]). The output is cloned for each caller under that flight's own
-    /// lock (it need not be `Sync`), never under a registry lock.
+    /// [`Group::purge_expired`]). The output need not be `Sync`: a caller takes it out, clones
+    /// it with no lock held and puts it back; a caller that comes meanwhile waits (as a
+    /// future, woken when it is back) rather than cloning it at the same time.
     pub fn linger(mut self, window: Duration) -> Self {
         self.config.linger = Some(window);
         self
@@ -320,8 +321,12 @@ struct State<T> {
     /// drops. The driver fills every slot (it clones outside the lock, moves inside) before it
     /// sets `phase` to `Done`.
     followers: Slab<Slot<T>>,
-    /// Written once before the entry starts lingering; read by callers that find it lingering.
+    /// Set before the entry starts lingering. Taken out by a caller that finds it lingering,
+    /// to clone it unlocked, and put back at once (see `copy_lingering`).
     lingering: Option<Result<T, Panicked>>,
+    /// Callers that found `lingering` taken out, waiting for it to be put back; the one that
+    /// puts it back wakes one of them.
+    lingerers: Slab<Option<Waker>>,
     /// Retries this flight may still make (`retry_failed`).
     retries_left: u32,
     /// Set when an attempt failed and a follower holding a `Make` is to run the next one.
@@ -529,14 +534,15 @@ where
                 drop(guard);
                 drop(garbage);
                 emit("tower_coalesce_lingered_total");
-                let state = flight.state.lock();
-                let kept = state
-                    .lingering
-                    .as_ref()
-                    .expect("set before the entry lingers");
-                let out = clone_one(flight.cloner, kept);
-                drop(state);
-                return Run::ready(cell, out);
+                let mut state = flight.state.lock();
+                if state.lingering.is_none() {
+                    // Another caller is copying it right now: wait for it to be put back.
+                    let slot = state.lingerers.insert(None);
+                    drop(state);
+                    return Run::hit(cell, Role::Lingering(slot), Some(flight));
+                }
+                let out = copy_lingering(&flight, state);
+                return Run::hit(cell, Role::Ready(Box::new(out)), None);
             }
             let flight = match existing {
                 Some(flight) => flight,
@@ -1020,6 +1026,7 @@ impl<T: Clone> Flight<T> {
                 orphan_gate: None,
                 followers: Slab::new(),
                 lingering: None,
+                lingerers: Slab::new(),
                 retries_left: retries,
                 needs_driver: false,
                 makers: 0,
@@ -1103,23 +1110,27 @@ enum Role<T> {
     /// Output known when the run was made (lingering, or `make` panicked); boxed so that
     /// every waiter's size does not grow with the output's for this rare case.
     Ready(Box<Result<T, Panicked>>),
+    /// Parked in a lingering output's `lingerers` under this slot key, until the caller that
+    /// has the output out (to clone it) puts it back.
+    Lingering(usize),
     /// Returned its output, or is being constructed.
     Finished,
 }
 
 impl<K, T: Send + 'static> Run<K, T> {
-    /// A lingering output served at once.
-    fn ready(registry: &Arc<ShardCell<K>>, out: Result<T, Panicked>) -> Self {
+    /// A caller that found a lingering output: served at once (`Ready`), or waiting for it
+    /// (`Lingering`, with the output's `flight`).
+    fn hit(registry: &Arc<ShardCell<K>>, role: Role<T>, flight: Option<Arc<Flight<T>>>) -> Self {
         Run {
             registry: Arc::clone(registry),
-            flight: None,
+            flight,
             hash: 0,
             id: 0,
             registered: false,
             is_err: |_| false,
             #[cfg(feature = "tracing")]
             span: tracing::Span::none(),
-            role: Role::Ready(Box::new(out)),
+            role,
             leader: false,
             shared: true,
             maker: false,
@@ -1420,6 +1431,26 @@ impl<T, C: Fn(&Result<T, Panicked>) -> Result<T, Panicked>> Copier<'_, T, C> {
     }
 }
 
+/// One copy of a lingering output, made with no lock held: the output is taken out of `state`
+/// (which must hold it), cloned, and put back; then one caller that found it out meanwhile is
+/// woken to take its turn. The output need not be `Sync`: only one caller has it at a time.
+fn copy_lingering<T>(
+    flight: &Flight<T>,
+    mut state: MutexGuard<'_, State<T>>,
+) -> Result<T, Panicked> {
+    let kept = state.lingering.take().expect("checked by the caller");
+    drop(state);
+    let out = clone_one(flight.cloner, &kept);
+    let mut state = flight.state.lock();
+    state.lingering = Some(kept);
+    let waker = next_lingerer(&mut state.lingerers);
+    drop(state);
+    if let Some(waker) = waker {
+        waker.wake();
+    }
+    out
+}
+
 /// One copy of `out`, or the panic of its `Clone`.
 fn clone_one<T>(
     cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
@@ -1559,6 +1590,24 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                         }
                     }
                 }
+                Role::Lingering(key) => {
+                    let key = *key;
+                    let flight = this
+                        .flight
+                        .clone()
+                        .expect("a lingering waiter has its flight");
+                    let mut state = flight.state.lock();
+                    if state.lingering.is_none() {
+                        match &mut state.lingerers[key] {
+                            Some(w) if w.will_wake(cx.waker()) => {}
+                            waker => *waker = Some(cx.waker().clone()),
+                        }
+                        return Poll::Pending;
+                    }
+                    state.lingerers.remove(key);
+                    this.role = Role::Finished;
+                    return Poll::Ready(copy_lingering(&flight, state));
+                }
                 Role::Ready(_) => {
                     let Role::Ready(out) = mem::replace(&mut this.role, Role::Finished) else {
                         unreachable!()
@@ -1580,6 +1629,23 @@ impl<K, T: Send + 'static> Drop for Run<K, T> {
             Role::Finished | Role::Ready(_) => {}
             Role::Driver(fut) => self.leave_driving(fut),
             Role::Follower(key) => self.leave_following(key),
+            Role::Lingering(key) => {
+                // Woken to take the output next, it passes that turn on.
+                let flight = self
+                    .flight
+                    .as_ref()
+                    .expect("a lingering waiter has its flight");
+                let mut state = flight.state.lock();
+                state.lingerers.remove(key);
+                let waker = match state.lingering.is_some() {
+                    true => next_lingerer(&mut state.lingerers),
+                    false => None,
+                };
+                drop(state);
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+            }
         }
     }
 }
@@ -1702,6 +1768,11 @@ fn emit(_name: &'static str) {
     metrics::counter!(_name).increment(1);
 }
 
+/// The waker of one caller waiting for a lingering output to be put back, if any has one.
+fn next_lingerer(lingerers: &mut Slab<Option<Waker>>) -> Option<Waker> {
+    lingerers.iter_mut().find_map(|(_, waker)| waker.take())
+}
+
 fn wake_one<T>(followers: &mut Slab<Slot<T>>) -> Option<Waker> {
     followers.iter_mut().find_map(|(_, slot)| match slot {
         Slot::Parked(waker) => waker.take(),
@@ -1738,6 +1809,7 @@ impl<K, T: Send + 'static> fmt::Debug for Run<K, T> {
             Role::Driver(_) => "driver",
             Role::Follower(_) => "follower",
             Role::Ready(_) => "ready",
+            Role::Lingering(_) => "lingering",
             Role::Finished => "finished",
         };
         f.debug_struct("Run")

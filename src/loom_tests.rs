@@ -242,6 +242,31 @@ fn loom_linger_never_starts_a_second_call() {
     });
 }
 
+/// Lingering hits copy the output unlocked, one at a time: a hit that finds it taken out
+/// waits, and is woken when it is put back, or by a waiter that was woken for it and left.
+#[test]
+fn loom_lingering_hits_take_turns() {
+    loom::model(|| {
+        let group = crate::flight::GroupBuilder::new()
+            .linger(std::time::Duration::from_secs(3600))
+            .build::<u8>();
+        let ledger = Ledger::new();
+        assert_eq!(block_on(group.run(1, ledger.make(7))).unwrap(), 7);
+        let (g, l) = (group.clone(), ledger.clone());
+        let other = thread::spawn(move || block_on(g.run(1, l.make(8))).unwrap());
+        let early = group.run(1, ledger.make(9));
+        drop(early);
+        let mine = block_on(group.run(1, ledger.make(10))).unwrap();
+        assert_eq!((mine, other.join().unwrap()), (7, 7));
+        assert_eq!(
+            ledger.made.load(SeqCst),
+            1,
+            "every hit was served the output"
+        );
+        ledger.assert_balanced();
+    });
+}
+
 #[test]
 fn loom_forget_races_join() {
     loom::model(|| {

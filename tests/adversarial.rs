@@ -12,7 +12,7 @@ use std::hash::{Hash, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -650,57 +650,115 @@ async fn zero_linger_window_serves_nothing_stale() {
     assert!(group.is_empty());
 }
 
-/// An output whose `Clone` looks the same key up again in its registry (re-entrant user
-/// code, as the contract suite allows for the inner service).
-struct Reentrant {
-    group: Group<&'static str>,
-    armed: Arc<AtomicBool>,
+/// What a [`Hooked`] output's next clone runs.
+type Hook = Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>;
+
+/// An output whose `Clone` runs a hook, once, while its lingering copy is taken out.
+struct Hooked {
+    hook: Hook,
 }
 
-impl Clone for Reentrant {
+impl Clone for Hooked {
     fn clone(&self) -> Self {
-        // Only the outermost clone re-enters, once.
-        if self.armed.swap(false, SeqCst) {
-            let nested = self.group.run("k", std::future::pending::<Reentrant>);
-            assert!(!nested.is_leader(), "a lingering hit");
-            drop(nested);
+        let hook = self.hook.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook();
         }
-        Reentrant {
-            group: self.group.clone(),
-            armed: self.armed.clone(),
+        Hooked {
+            hook: self.hook.clone(),
         }
     }
 }
 
-/// Rule 8 ("no lock ... while user code runs (... response clone)"; lib.rs: "key `Eq`
-/// aside" only): a lingering output's `Clone` that re-enters the registry for its own key
-/// must not deadlock.
+/// A group whose output for "k" lingers, and the hook its next clone runs.
+fn lingering_hooked() -> (Group<&'static str>, Hook) {
+    let group: Group<&'static str> = GroupBuilder::new()
+        .linger(Duration::from_secs(3600))
+        .build();
+    let hook: Hook = Arc::new(Mutex::new(None));
+    let value = Hooked { hook: hook.clone() };
+    let first = futures::executor::block_on(group.run("k", move || async move { value }));
+    assert!(first.is_ok());
+    assert_eq!(
+        (group.in_flight(), group.len()),
+        (0, 1),
+        "the output lingers"
+    );
+    (group, hook)
+}
+
+/// Rule 8 (no lock held while a response is cloned): a lingering output's `Clone` that looks
+/// its own key up again neither deadlocks nor starts a call; that nested caller gets its copy
+/// once the output is back.
 #[test]
-#[ignore = "BUG: a lingering output is cloned while its flight's `state` mutex is held \
-            (src/flight.rs, Group::run_classified, lingering branch: `flight.state.lock()` \
-            then `clone_one`), so a Clone that calls `run` for the same key deadlocks on \
-            that std mutex; lib.rs rule 8 only excepts key `Eq`"]
 fn lingering_clone_may_reenter_the_registry() {
     let (tx, rx) = std::sync::mpsc::channel();
+    // On a thread of its own: on failure it deadlocks, and the bounded wait below reports it.
     std::thread::spawn(move || {
-        let group: Group<&'static str> = GroupBuilder::new()
-            .linger(Duration::from_secs(3600))
-            .build();
-        let armed = Arc::new(AtomicBool::new(false));
-        let value = Reentrant {
-            group: group.clone(),
-            armed: armed.clone(),
-        };
-        let first = futures::executor::block_on(group.run("k", move || async move { value }));
-        assert!(first.is_ok());
-        armed.store(true, SeqCst);
-        let hit = group.run("k", std::future::pending::<Reentrant>);
-        assert!(!hit.is_leader(), "a lingering hit");
-        assert!(futures::executor::block_on(hit).is_ok());
+        let (group, hook) = lingering_hooked();
+        let stash = Arc::new(Mutex::new(None));
+        let (g, st) = (group.clone(), stash.clone());
+        *hook.lock().unwrap() = Some(Box::new(move || {
+            let nested = g.run("k", std::future::pending::<Hooked>);
+            assert!(!nested.is_leader(), "a lingering hit, not a new call");
+            *st.lock().unwrap() = Some(nested);
+        }));
+        let outer = group.run("k", std::future::pending::<Hooked>);
+        assert!(!outer.is_leader());
+        let nested = stash
+            .lock()
+            .unwrap()
+            .take()
+            .expect("the clone ran its hook");
+        assert!(futures::executor::block_on(outer).is_ok());
+        assert!(futures::executor::block_on(nested).is_ok());
+        assert_eq!(group.in_flight(), 0);
         let _ = tx.send(());
     });
-    rx.recv_timeout(Duration::from_secs(10))
+    rx.recv_timeout(Duration::from_secs(30))
         .expect("deadlocked: a lingering clone re-entered its own flight's lock");
+}
+
+/// Rules 4 and 6: callers that find a lingering output taken out wait, and are woken one at
+/// a time as it is put back; one that is woken and leaves passes its turn on.
+#[test]
+fn lingering_waiters_take_turns_and_pass_them_on() {
+    let (group, hook) = lingering_hooked();
+    let stash = Arc::new(Mutex::new(Vec::new()));
+    let (g, st) = (group.clone(), stash.clone());
+    *hook.lock().unwrap() = Some(Box::new(move || {
+        // While the output is out: two more callers, each polled once.
+        for _ in 0..2 {
+            let mut hit = Box::pin(g.run("k", std::future::pending::<Hooked>));
+            let (count, waker) = counting_waker();
+            assert!(
+                poll_with(hit.as_mut(), &waker).is_pending(),
+                "the output is out"
+            );
+            st.lock().unwrap().push((hit, count, waker));
+        }
+    }));
+    let outer = group.run("k", std::future::pending::<Hooked>);
+    let mut waiting = std::mem::take(&mut *stash.lock().unwrap());
+    assert_eq!(waiting.len(), 2, "the clone ran its hook");
+    let wakes = |w: &Vec<(_, Arc<CountingWaker>, Waker)>| -> Vec<usize> {
+        w.iter().map(|(_, c, _)| c.0.load(SeqCst)).collect()
+    };
+    assert_eq!(wakes(&waiting), [1, 0], "put back: the first waiter's turn");
+    let (first, ..) = waiting.remove(0);
+    drop(first);
+    assert_eq!(
+        wakes(&waiting),
+        [1],
+        "left without taking it: the next one's turn"
+    );
+    let (mut second, _, waker) = waiting.remove(0);
+    assert!(matches!(
+        poll_with(second.as_mut(), &waker),
+        Poll::Ready(Ok(_))
+    ));
+    assert!(futures::executor::block_on(outer).is_ok());
+    assert_eq!((group.in_flight(), group.len()), (0, 1));
 }
 
 /// Rules 4 and 7: waiters aborted while they lead, follow or take over, on worker threads,
