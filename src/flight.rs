@@ -37,11 +37,77 @@ use tokio::time::Instant;
 use crate::stats::{Counters, Stats};
 use crate::sync::{Mutex, MutexGuard};
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+/// A call's future, as a follower's own `make` returns it.
+pub(crate) type PlainFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A flight's inner future, boxed together with its [`Meta`].
+type BoxFuture<T> = Pin<Box<dyn Call<T> + 'static>>;
 
 /// A follower's own way to make the call, kept when it may have to run it: to retry a failed
 /// flight, or to call alone after its wait limit.
-pub(crate) type Make<T> = Box<dyn FnOnce() -> BoxFuture<T> + Send>;
+pub(crate) type Make<T> = Box<dyn FnOnce() -> PlainFuture<T> + Send>;
+
+/// What the waiter that drives a flight needs to end it. Kept in the box of the inner future
+/// (so every waiter stays small, and it goes along when a follower takes the call over).
+struct Meta<T> {
+    /// The flight's entry (`id` 0 for a call run alone).
+    hash: u64,
+    id: u64,
+    /// Which outputs count as failures (for stats, `linger_errors`, `retry_failed`).
+    is_err: fn(&T) -> bool,
+    /// The id of a cancelled entry of the same key whose future is still being dropped: the
+    /// inner future is not polled until that entry is gone.
+    gate: Option<NonZeroU64>,
+}
+
+impl<T> Clone for Meta<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Meta<T> {}
+
+/// A flight's inner future with its [`Meta`].
+trait Call<T>: Future<Output = T> + Send {
+    fn meta(&self) -> &Meta<T>;
+    fn meta_mut(self: Pin<&mut Self>) -> &mut Meta<T>;
+}
+
+pin_project_lite::pin_project! {
+    struct Driven<T, F> {
+        meta: Meta<T>,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<T, F: Future<Output = T>> Future for Driven<T, F> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        self.project().fut.poll(cx)
+    }
+}
+
+impl<T, F: Future<Output = T> + Send> Call<T> for Driven<T, F> {
+    fn meta(&self) -> &Meta<T> {
+        &self.meta
+    }
+
+    fn meta_mut(self: Pin<&mut Self>) -> &mut Meta<T> {
+        self.project().meta
+    }
+}
+
+/// Boxes `fut` (one allocation) with its flight's `meta`.
+fn driven<T, F>(meta: Meta<T>, fut: F) -> BoxFuture<T>
+where
+    F: Future<Output = T> + Send + 'static,
+    T: 'static,
+{
+    Box::pin(Driven { meta, fut })
+}
 
 /// Boxes a caller's `make`; a function pointer so that only callers that can offer one (a
 /// `Send + 'static` closure) need those bounds.
@@ -53,7 +119,7 @@ where
     M: FnOnce() -> F + Send + 'static,
     F: Future<Output = T> + Send + 'static,
 {
-    Box::new(move || Box::pin(make()) as BoxFuture<T>)
+    Box::new(move || Box::pin(make()) as PlainFuture<T>)
 }
 
 /// A registry of in-flight calls, keyed by `K`: Go's `singleflight.Group` for futures.
@@ -295,8 +361,11 @@ struct Expiry {
 
 /// The state a flight's waiters share, once it has followers.
 struct Flight<T> {
-    /// The entry's id, for followers that may finish the flight.
+    /// The entry, for followers that may end the flight.
+    hash: u64,
     id: u64,
+    /// The first follower's: used when a follower runs a retry.
+    is_err: fn(&T) -> bool,
     /// `Clone` of the output, captured where `T: Clone` is known, so that a dropped follower
     /// (whose `Drop` cannot require it) can still publish.
     cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
@@ -315,8 +384,6 @@ struct State<T> {
     /// The inner future while nobody drives it: put here by a dropped driver, taken by the next
     /// follower that is polled.
     orphan: Option<BoxFuture<T>>,
-    /// The orphan's driver's `Run::gate`, handed on with the future.
-    orphan_gate: Option<NonZeroU64>,
     /// One slot per follower, inserted when it joins, removed when it takes its output or
     /// drops. The driver fills every slot (it clones outside the lock, moves inside) before it
     /// sets `phase` to `Done`.
@@ -548,7 +615,7 @@ where
                 Some(flight) => flight,
                 None => {
                     // The first follower: the flight gets its shared state now.
-                    let flight = Arc::new(Flight::new(entry, config.retries));
+                    let flight = Arc::new(Flight::new(entry, config.retries, is_err));
                     entry.flight = Some(Arc::clone(&flight) as Arc<dyn Any + Send + Sync>);
                     flight
                 }
@@ -577,10 +644,7 @@ where
                 tracing::trace!(parent: &flight.span, "follower joined");
                 return Run {
                     registry: Arc::clone(cell),
-                    hash,
-                    id: flight.id,
                     registered: true,
-                    is_err,
                     #[cfg(feature = "tracing")]
                     span: flight.span.clone(),
                     flight: Some(flight),
@@ -590,7 +654,6 @@ where
                     maker: keep.is_some(),
                     // Boxing is user-visible work only for callers that asked to keep `make`.
                     make: keep.map(|keep| keep(make)),
-                    gate: None,
                 };
             }
             drop(state);
@@ -637,7 +700,7 @@ where
         };
         // Detached: the flight's state is needed up front, for the caller waits as a follower.
         let detached = detach.as_ref().map(|_| {
-            let flight = Arc::new(Flight::<T>::new(&entry, config.retries));
+            let flight = Arc::new(Flight::<T>::new(&entry, config.retries, is_err));
             let mut state = flight.state.lock();
             state.detached = true;
             let slot = state.followers.insert(Slot::Parked(None));
@@ -655,14 +718,17 @@ where
         let run = 'lead: {
             // `make` is user code: called unlocked, its panic ends the flight at once. The
             // `Run` is built once, with its role, after it.
-            let made = start(make);
+            let meta = Meta {
+                hash,
+                id,
+                is_err,
+                gate,
+            };
+            let made = start(make, meta);
             let leader = |role| Run {
                 registry: Arc::clone(cell),
                 flight: None,
-                hash,
-                id,
                 registered: true,
-                is_err,
                 #[cfg(feature = "tracing")]
                 span: span.clone(),
                 role,
@@ -670,11 +736,10 @@ where
                 shared: false,
                 maker: false,
                 make: None,
-                gate,
             };
             let fut = match made {
                 Ok(fut) => fut,
-                Err(panicked) => break 'lead leader(Role::Finished).failed(panicked),
+                Err(panicked) => break 'lead leader(Role::Finished).failed(meta, panicked),
             };
             let (Some(handle), Some((flight, slot))) = (detach, detached) else {
                 break 'lead leader(Role::Driver(fut));
@@ -684,10 +749,7 @@ where
             let driver = Run {
                 registry: Arc::clone(cell),
                 flight: Some(Arc::clone(&flight)),
-                hash,
-                id,
                 registered: true,
-                is_err,
                 #[cfg(feature = "tracing")]
                 span: run.span.clone(),
                 role: Role::Driver(fut),
@@ -695,7 +757,6 @@ where
                 shared: false,
                 maker: false,
                 make: None,
-                gate: run.gate.take(),
             };
             handle.spawn(async move {
                 let _ = driver.await;
@@ -716,14 +777,17 @@ where
         M: FnOnce() -> F,
         F: Future<Output = T> + Send + 'static,
     {
-        let made = start(make);
+        let meta = Meta {
+            hash,
+            id: 0,
+            is_err,
+            gate: None,
+        };
+        let made = start(make, meta);
         let run = |role| Run {
             registry: Arc::clone(self.registry.shard(hash)),
             flight: None,
-            hash: 0,
-            id: 0,
             registered: false,
-            is_err,
             #[cfg(feature = "tracing")]
             span: tracing::Span::none(),
             role,
@@ -731,11 +795,10 @@ where
             shared: false,
             maker: false,
             make: None,
-            gate: None,
         };
         match made {
             Ok(fut) => run(Role::Driver(fut)),
-            Err(panicked) => run(Role::Finished).failed(panicked),
+            Err(panicked) => run(Role::Finished).failed(meta, panicked),
         }
     }
 
@@ -945,7 +1008,7 @@ impl<K> ShardCell<K> {
                 let holder = match flight {
                     Some(flight) => flight,
                     None => {
-                        let holder = Arc::new(Flight::new(entry, 0));
+                        let holder = Arc::new(Flight::new(entry, 0, |_| false));
                         holder.state.lock().phase = Phase::Done;
                         entry.flight = Some(Arc::clone(&holder) as Arc<dyn Any + Send + Sync>);
                         holder
@@ -1015,15 +1078,16 @@ impl<K> ShardCell<K> {
 }
 
 impl<T: Clone> Flight<T> {
-    fn new<K>(entry: &Entry<K>, retries: u32) -> Self {
+    fn new<K>(entry: &Entry<K>, retries: u32, is_err: fn(&T) -> bool) -> Self {
         Flight {
+            hash: entry.hash,
             id: entry.id,
+            is_err,
             cloner: Clone::clone,
             state: Mutex::new(State {
                 phase: Phase::Running,
                 driven: true,
                 orphan: None,
-                orphan_gate: None,
                 followers: Slab::new(),
                 lingering: None,
                 lingerers: Slab::new(),
@@ -1076,13 +1140,8 @@ pub struct Run<K, T: Send + 'static> {
     /// The flight's shared state: a follower's from the start; a driver's once it looks it up
     /// (when it finishes, retries, or leaves).
     flight: Option<Arc<Flight<T>>>,
-    /// The flight's entry.
-    hash: u64,
-    id: u64,
-    /// False for a call run alone past a capacity bound: it has no entry.
+    /// False for a call run alone past a capacity bound (it has no entry), or a lingering hit.
     registered: bool,
-    /// Which outputs count as failures (for stats, `linger_errors`, `retry_failed`).
-    is_err: fn(&T) -> bool,
     #[cfg(feature = "tracing")]
     span: tracing::Span,
     role: Role<T>,
@@ -1094,9 +1153,6 @@ pub struct Run<K, T: Send + 'static> {
     maker: bool,
     /// A follower's own way to make the call, if it kept one.
     make: Option<Make<T>>,
-    /// The id of a cancelled entry of the same key whose future is still being dropped: this
-    /// driver does not poll its own until that entry is gone.
-    gate: Option<NonZeroU64>,
 }
 
 // No field is structurally pinned: the inner future is boxed, outputs are moved out whole.
@@ -1124,10 +1180,7 @@ impl<K, T: Send + 'static> Run<K, T> {
         Run {
             registry: Arc::clone(registry),
             flight,
-            hash: 0,
-            id: 0,
             registered: false,
-            is_err: |_| false,
             #[cfg(feature = "tracing")]
             span: tracing::Span::none(),
             role,
@@ -1135,7 +1188,6 @@ impl<K, T: Send + 'static> Run<K, T> {
             shared: true,
             maker: false,
             make: None,
-            gate: None,
         }
     }
 
@@ -1191,21 +1243,22 @@ impl<K, T: Send + 'static> Run<K, T> {
 
 /// Calls a leader's `make` (user code: outside every lock) and boxes its future; a panic is
 /// caught, to end the flight at once.
-fn start<T, M, F>(make: M) -> Result<BoxFuture<T>, Panicked>
+fn start<T, M, F>(make: M, meta: Meta<T>) -> Result<BoxFuture<T>, Panicked>
 where
     M: FnOnce() -> F,
     F: Future<Output = T> + Send + 'static,
+    T: 'static,
 {
     match catch_unwind(AssertUnwindSafe(make)) {
-        Ok(fut) => Ok(Box::pin(fut)),
+        Ok(fut) => Ok(driven(meta, fut)),
         Err(payload) => Err(Panicked::new(payload)),
     }
 }
 
 impl<K, T: Clone + Send + 'static> Run<K, T> {
     /// A leader whose `make` panicked: its flight ends with that panic, for every waiter.
-    fn failed(mut self, panicked: Panicked) -> Self {
-        let out = self.complete(Err(panicked));
+    fn failed(mut self, meta: Meta<T>, panicked: Panicked) -> Self {
+        let out = self.complete(meta, Err(panicked));
         self.role = Role::Ready(Box::new(out));
         self
     }
@@ -1216,10 +1269,11 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
     ///
     /// A failed output with retries left and a follower able to retry is not published: the
     /// flight stays registered and its followers are woken to elect the next driver.
-    fn complete(&mut self, out: Result<T, Panicked>) -> Result<T, Panicked> {
+    fn complete(&mut self, meta: Meta<T>, out: Result<T, Panicked>) -> Result<T, Panicked> {
+        let Meta { hash, id, .. } = meta;
         let end = match &out {
             Err(_) => End::Panicked,
-            Ok(v) if (self.is_err)(v) => End::Err,
+            Ok(v) if (meta.is_err)(v) => End::Err,
             Ok(_) => End::Ok,
         };
         if !self.registered {
@@ -1229,7 +1283,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         let mut out = out;
         if !matches!(end, End::Ok) && self.registry.config.retries > 0 {
             if self.flight.is_none() {
-                self.flight = self.registry.flight_of(self.hash, self.id);
+                self.flight = self.registry.flight_of(hash, id);
             }
             if let Some(flight) = self.flight.clone() {
                 match self.retry(&flight, out) {
@@ -1252,7 +1306,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             let keep = catch_unwind(AssertUnwindSafe(|| out.clone())).ok()?;
             Some((Instant::now() + window, keep))
         });
-        let (flight, removed) = self.registry.finish(self.hash, self.id, end, linger);
+        let (flight, removed) = self.registry.finish(hash, id, end, linger);
         let Some(flight) = flight.or_else(|| self.flight.clone()) else {
             // Nobody ever joined: no shared state to publish to.
             trace_end(self.span_ref(), end, 1);
@@ -1492,9 +1546,13 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
         loop {
             match &mut this.role {
                 Role::Driver(fut) => {
-                    if let Some(old) = this.gate {
+                    if let Some(old) = fut.meta().gate {
                         let mut shard = this.registry.lock();
-                        if shard.table.find(this.hash, |e| e.id == old.get()).is_some() {
+                        if shard
+                            .table
+                            .find(fut.meta().hash, |e| e.id == old.get())
+                            .is_some()
+                        {
                             // The key's cancelled call is still being dropped. Polled again
                             // meanwhile (a `select!` loop), it does not queue its waker twice.
                             let waker = cx.waker();
@@ -1508,7 +1566,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                             return Poll::Pending;
                         }
                         drop(shard);
-                        this.gate = None;
+                        fut.as_mut().meta_mut().gate = None;
                     }
                     let polled = {
                         #[cfg(feature = "tracing")]
@@ -1520,12 +1578,13 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                         Ok(Poll::Ready(value)) => Ok(value),
                         Err(payload) => Err(Panicked::new(payload)),
                     };
+                    let meta = *fut.meta();
                     // Release what the inner future holds before the followers are woken. A
                     // future that panicked may panic again when dropped; that is its own.
                     if let Role::Driver(fut) = mem::replace(&mut this.role, Role::Finished) {
                         let _ = catch_unwind(AssertUnwindSafe(move || drop(fut)));
                     }
-                    return Poll::Ready(this.complete(out));
+                    return Poll::Ready(this.complete(meta, out));
                 }
                 Role::Follower(key) => {
                     let key = *key;
@@ -1552,7 +1611,6 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                                 state.followers.remove(key);
                                 state.makers -= usize::from(mem::take(&mut this.maker));
                                 state.driven = true;
-                                this.gate = state.orphan_gate.take();
                                 drop(guard);
                                 this.role = Role::Driver(orphan);
                                 continue;
@@ -1572,11 +1630,18 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                                 registry.lock().counters.leaders += 1;
                                 registry.retried.fetch_add(1, Relaxed);
                                 let make = this.make.take().expect("checked above");
+                                let flight = this.flight.as_ref().expect("a follower's");
+                                let meta = Meta {
+                                    hash: flight.hash,
+                                    id: flight.id,
+                                    is_err: flight.is_err,
+                                    gate: None,
+                                };
                                 match catch_unwind(AssertUnwindSafe(make)) {
-                                    Ok(fut) => this.role = Role::Driver(fut),
+                                    Ok(fut) => this.role = Role::Driver(driven(meta, fut)),
                                     Err(payload) => {
                                         this.role = Role::Finished;
-                                        let out = this.complete(Err(Panicked::new(payload)));
+                                        let out = this.complete(meta, Err(Panicked::new(payload)));
                                         return Poll::Ready(out);
                                     }
                                 }
@@ -1657,11 +1722,12 @@ impl<K, T: Send + 'static> Run<K, T> {
         if !self.registered {
             return drop(fut);
         }
+        let Meta { hash, id, .. } = *fut.meta();
         let mut guard = self.registry.lock();
         let shard = &mut *guard;
         let flight = shard
             .table
-            .find(self.hash, |e| e.id == self.id)
+            .find(hash, |e| e.id == id)
             .and_then(|e| e.flight.clone())
             .and_then(|f| f.downcast::<Flight<T>>().ok())
             .or_else(|| self.flight.clone());
@@ -1671,7 +1737,6 @@ impl<K, T: Send + 'static> Run<K, T> {
             if !state.followers.is_empty() {
                 drop(guard);
                 state.orphan = Some(fut);
-                state.orphan_gate = self.gate.take();
                 let waker = wake_one(&mut state.followers);
                 drop(state);
                 if let Some(waker) = waker {
@@ -1681,12 +1746,12 @@ impl<K, T: Send + 'static> Run<K, T> {
             }
             state.phase = Phase::Cancelled;
         }
-        self.registry.cancelling(shard, self.hash, self.id);
+        self.registry.cancelling(shard, hash, id);
         drop(guard);
         // Last waiter gone: cancel the call (drop the inner future), then free the key, even
         // if the future's destructor panics (that panic is the dropper's, passed on after).
         let dropped = catch_unwind(AssertUnwindSafe(move || drop(fut)));
-        self.registry.cancelled(self.hash, self.id);
+        self.registry.cancelled(hash, id);
         trace_end(self.span_ref(), End::Cancelled, 0);
         if let Err(panic) = dropped {
             std::panic::resume_unwind(panic);
@@ -1713,10 +1778,10 @@ impl<K, T: Send + 'static> Run<K, T> {
             drop(state);
             drop(failure);
             let mut shard = self.registry.lock();
-            self.registry.cancelling(&mut shard, self.hash, self.id);
+            self.registry.cancelling(&mut shard, flight.hash, flight.id);
             drop(shard);
             let dropped = catch_unwind(AssertUnwindSafe(move || drop(orphan)));
-            self.registry.cancelled(self.hash, self.id);
+            self.registry.cancelled(flight.hash, flight.id);
             trace_end(flight.span(), End::Cancelled, 0);
             if let Err(panic) = dropped {
                 std::panic::resume_unwind(panic);
@@ -1734,7 +1799,7 @@ impl<K, T: Send + 'static> Run<K, T> {
                 };
                 let mut shard = self.registry.lock();
                 shard.counters.count(end);
-                let removed = shard.unlink(self.hash, self.id, &self.registry.common);
+                let removed = shard.unlink(flight.hash, flight.id, &self.registry.common);
                 drop(shard);
                 let _ = publish(&flight, failure, end, flight.cloner);
                 drop(removed);

@@ -86,7 +86,11 @@ fn a_new_flight_waits_for_a_cancelled_one_to_be_dropped() {
     flight.state.lock().phase = Phase::Cancelled;
     let mut second = group.run(1, || async { 2u32 });
     assert!(second.is_leader(), "a cancelled flight is not joined");
-    assert_eq!(second.gate.map(NonZeroU64::get), Some(first.id));
+    let gate = match &second.role {
+        Role::Driver(fut) => fut.meta().gate,
+        _ => panic!("a leader drives its flight"),
+    };
+    assert_eq!(gate.map(NonZeroU64::get), Some(flight.id));
     let w = Arc::new(CountWaker(0.into()));
     assert!(
         poll(&mut second, &w).is_pending(),
@@ -96,12 +100,12 @@ fn a_new_flight_waits_for_a_cancelled_one_to_be_dropped() {
         poll(&mut second, &w).is_pending(),
         "polled again, still waiting"
     );
-    let cell = group.registry.shard(first.hash);
+    let cell = group.registry.shard(flight.hash);
     assert_eq!(cell.lock().gated.len(), 1, "its waker is queued once");
     group
         .registry
-        .shard(first.hash)
-        .cancelled(first.hash, first.id);
+        .shard(flight.hash)
+        .cancelled(flight.hash, flight.id);
     assert_eq!(
         w.0.load(Ordering::SeqCst),
         1,
@@ -123,4 +127,17 @@ fn equal_keys_of_different_output_types_do_not_meet() {
     let b = group.run(1, std::future::pending::<String>);
     assert!(a.is_leader() && b.is_leader());
     assert_eq!(group.in_flight(), 2);
+}
+
+/// Every waiting request holds a `Run` (in its task): what a driver alone needs (the entry's
+/// hash and id, the failure test, the gate) lives in the inner future's box instead.
+#[cfg(target_pointer_width = "64")]
+#[test]
+fn a_waiter_is_small() {
+    #[cfg(feature = "tracing")]
+    let span = std::mem::size_of::<tracing::Span>();
+    #[cfg(not(feature = "tracing"))]
+    let span = 0;
+    assert!(std::mem::size_of::<Run<u64, u64>>() <= 64 + span);
+    assert!(std::mem::size_of::<Run<u64, Result<String, std::io::Error>>>() <= 64 + span);
 }
