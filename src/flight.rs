@@ -648,12 +648,11 @@ where
                     #[cfg(feature = "tracing")]
                     span: flight.span.clone(),
                     flight: Some(flight),
-                    role: Role::Follower(slot),
+                    // Boxing is user-visible work only for callers that asked to keep `make`.
+                    role: Role::Follower(slot, keep.map(|keep| keep(make))),
                     leader: false,
                     shared: true,
                     maker: keep.is_some(),
-                    // Boxing is user-visible work only for callers that asked to keep `make`.
-                    make: keep.map(|keep| keep(make)),
                 };
             }
             drop(state);
@@ -735,7 +734,6 @@ where
                 leader: true,
                 shared: false,
                 maker: false,
-                make: None,
             };
             let fut = match made {
                 Ok(fut) => fut,
@@ -745,7 +743,7 @@ where
                 break 'lead leader(Role::Driver(fut));
             };
             // Detached: a task drives the flight; the caller waits as a follower of its own call.
-            let mut run = leader(Role::Follower(slot));
+            let mut run = leader(Role::Follower(slot, None));
             let driver = Run {
                 registry: Arc::clone(cell),
                 flight: Some(Arc::clone(&flight)),
@@ -756,7 +754,6 @@ where
                 leader: false,
                 shared: false,
                 maker: false,
-                make: None,
             };
             handle.spawn(async move {
                 let _ = driver.await;
@@ -794,7 +791,6 @@ where
             leader: true,
             shared: false,
             maker: false,
-            make: None,
         };
         match made {
             Ok(fut) => run(Role::Driver(fut)),
@@ -1151,8 +1147,6 @@ pub struct Run<K, T: Send + 'static> {
     shared: bool,
     /// Whether this follower is counted in `State::makers`.
     maker: bool,
-    /// A follower's own way to make the call, if it kept one.
-    make: Option<Make<T>>,
 }
 
 // No field is structurally pinned: the inner future is boxed, outputs are moved out whole.
@@ -1161,8 +1155,9 @@ impl<K, T: Send + 'static> Unpin for Run<K, T> {}
 enum Role<T> {
     /// Holds the inner future and polls it for every waiter.
     Driver(BoxFuture<T>),
-    /// Parked in `followers` under this slot key.
-    Follower(usize),
+    /// Parked in `followers` under this slot key, with its own way to make the call if it
+    /// kept one (to retry, or to call alone after its wait limit).
+    Follower(usize, Option<Make<T>>),
     /// Output known when the run was made (lingering, or `make` panicked); boxed so that
     /// every waiter's size does not grow with the output's for this rare case.
     Ready(Box<Result<T, Panicked>>),
@@ -1187,7 +1182,6 @@ impl<K, T: Send + 'static> Run<K, T> {
             leader: false,
             shared: true,
             maker: false,
-            make: None,
         }
     }
 
@@ -1204,7 +1198,10 @@ impl<K, T: Send + 'static> Run<K, T> {
 
     /// Takes this follower's own `make`, to call alone (after its wait limit).
     pub(crate) fn take_make(&mut self) -> Option<Make<T>> {
-        self.make.take()
+        match &mut self.role {
+            Role::Follower(_, make) => make.take(),
+            _ => None,
+        }
     }
 
     /// Whether this caller started the flight: its `make` made the future whose output every
@@ -1586,7 +1583,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                     }
                     return Poll::Ready(this.complete(meta, out));
                 }
-                Role::Follower(key) => {
+                Role::Follower(key, make) => {
                     let key = *key;
                     let flight = this.flight.as_ref().expect("a follower has its flight");
                     let mut guard = flight.state.lock();
@@ -1615,7 +1612,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                                 this.role = Role::Driver(orphan);
                                 continue;
                             }
-                            if state.needs_driver && this.make.is_some() {
+                            if state.needs_driver && make.is_some() {
                                 // The last attempt failed: run this follower's own call as
                                 // the next attempt, for everybody.
                                 state.followers.remove(key);
@@ -1629,7 +1626,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                                 let registry = &this.registry;
                                 registry.lock().counters.leaders += 1;
                                 registry.retried.fetch_add(1, Relaxed);
-                                let make = this.make.take().expect("checked above");
+                                let make = make.take().expect("checked above");
                                 let flight = this.flight.as_ref().expect("a follower's");
                                 let meta = Meta {
                                     hash: flight.hash,
@@ -1693,7 +1690,10 @@ impl<K, T: Send + 'static> Drop for Run<K, T> {
         match mem::replace(&mut self.role, Role::Finished) {
             Role::Finished | Role::Ready(_) => {}
             Role::Driver(fut) => self.leave_driving(fut),
-            Role::Follower(key) => self.leave_following(key),
+            Role::Follower(key, make) => {
+                self.leave_following(key);
+                drop(make);
+            }
             Role::Lingering(key) => {
                 // Woken to take the output next, it passes that turn on.
                 let flight = self
@@ -1872,7 +1872,7 @@ impl<K, T: Send + 'static> fmt::Debug for Run<K, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let role = match self.role {
             Role::Driver(_) => "driver",
-            Role::Follower(_) => "follower",
+            Role::Follower(..) => "follower",
             Role::Ready(_) => "ready",
             Role::Lingering(_) => "lingering",
             Role::Finished => "finished",
