@@ -606,7 +606,7 @@ where
                     // Another caller is copying it right now: wait for it to be put back.
                     let slot = state.lingerers.insert(None);
                     drop(state);
-                    return Run::hit(cell, Role::Lingering(slot), Some(flight));
+                    return Run::hit(cell, Role::Lingering(slot_key(slot)), Some(flight));
                 }
                 let out = copy_lingering(&flight, state);
                 return Run::hit(cell, Role::Ready(Box::new(out)), None);
@@ -649,7 +649,7 @@ where
                     span: flight.span.clone(),
                     flight: Some(flight),
                     // Boxing is user-visible work only for callers that asked to keep `make`.
-                    role: Role::Follower(slot, keep.map(|keep| keep(make))),
+                    role: Role::Follower(slot_key(slot), keep.map(|keep| keep(make))),
                     leader: false,
                     shared: true,
                     maker: keep.is_some(),
@@ -743,7 +743,7 @@ where
                 break 'lead leader(Role::Driver(fut));
             };
             // Detached: a task drives the flight; the caller waits as a follower of its own call.
-            let mut run = leader(Role::Follower(slot, None));
+            let mut run = leader(Role::Follower(slot_key(slot), None));
             let driver = Run {
                 registry: Arc::clone(cell),
                 flight: Some(Arc::clone(&flight)),
@@ -1157,13 +1157,13 @@ enum Role<T> {
     Driver(BoxFuture<T>),
     /// Parked in `followers` under this slot key, with its own way to make the call if it
     /// kept one (to retry, or to call alone after its wait limit).
-    Follower(usize, Option<Make<T>>),
+    Follower(u32, Option<Make<T>>),
     /// Output known when the run was made (lingering, or `make` panicked); boxed so that
     /// every waiter's size does not grow with the output's for this rare case.
     Ready(Box<Result<T, Panicked>>),
     /// Parked in a lingering output's `lingerers` under this slot key, until the caller that
     /// has the output out (to clone it) puts it back.
-    Lingering(usize),
+    Lingering(u32),
     /// Returned its output, or is being constructed.
     Finished,
 }
@@ -1584,7 +1584,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                     return Poll::Ready(this.complete(meta, out));
                 }
                 Role::Follower(key, make) => {
-                    let key = *key;
+                    let key = *key as usize;
                     let flight = this.flight.as_ref().expect("a follower has its flight");
                     let mut guard = flight.state.lock();
                     let state = &mut *guard;
@@ -1653,7 +1653,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                     }
                 }
                 Role::Lingering(key) => {
-                    let key = *key;
+                    let key = *key as usize;
                     let flight = this
                         .flight
                         .clone()
@@ -1691,7 +1691,7 @@ impl<K, T: Send + 'static> Drop for Run<K, T> {
             Role::Finished | Role::Ready(_) => {}
             Role::Driver(fut) => self.leave_driving(fut),
             Role::Follower(key, make) => {
-                self.leave_following(key);
+                self.leave_following(key as usize);
                 drop(make);
             }
             Role::Lingering(key) => {
@@ -1701,7 +1701,7 @@ impl<K, T: Send + 'static> Drop for Run<K, T> {
                     .as_ref()
                     .expect("a lingering waiter has its flight");
                 let mut state = flight.state.lock();
-                state.lingerers.remove(key);
+                state.lingerers.remove(key as usize);
                 let waker = match state.lingering.is_some() {
                     true => next_lingerer(&mut state.lingerers),
                     false => None,
@@ -1831,6 +1831,11 @@ impl<K, T: Send + 'static> Run<K, T> {
 fn emit(_name: &'static str) {
     #[cfg(feature = "metrics")]
     metrics::counter!(_name).increment(1);
+}
+
+/// A slab key as a waiter keeps it: 32 bits keep `Role`, and so every waiter, 8 bytes smaller.
+fn slot_key(key: usize) -> u32 {
+    u32::try_from(key).expect("fewer than 2^32 waiters of one flight")
 }
 
 /// The waker of one caller waiting for a lingering output to be put back, if any has one.

@@ -139,6 +139,6 @@ fn a_waiter_is_small() {
     let span = std::mem::size_of::<tracing::Span>();
     #[cfg(not(feature = "tracing"))]
     let span = 0;
-    assert!(std::mem::size_of::<Run<u64, u64>>() <= 56 + span);
-    assert!(std::mem::size_of::<Run<u64, Result<String, std::io::Error>>>() <= 56 + span);
+    assert!(std::mem::size_of::<Run<u64, u64>>() <= 48 + span);
+    assert!(std::mem::size_of::<Run<u64, Result<String, std::io::Error>>>() <= 48 + span);
 }
