@@ -283,8 +283,8 @@ mod tests {
         assert!(size <= 256, "ResponseFuture is {size} bytes");
         #[cfg(all(target_pointer_width = "64", not(feature = "tracing")))]
         assert!(
-            size <= 64,
-            "a waiter's future: 56 bytes of `Run` and the follower wait limit"
+            size <= 56,
+            "a waiter's future: 48 bytes of `Run` and the follower wait limit"
         );
     }
 }
