@@ -58,15 +58,45 @@ struct Meta<T> {
     /// The id of a cancelled entry of the same key whose future is still being dropped: the
     /// inner future is not polled until that entry is gone.
     gate: Option<NonZeroU64>,
+    /// The flight's span, entered while the inner future is polled. Only the driving waiter
+    /// holds it (and the flight's shared state): followers do not clone it each.
+    #[cfg(feature = "tracing")]
+    span: tracing::Span,
+}
+
+impl<T> Meta<T> {
+    fn new(hash: u64, id: u64, is_err: fn(&T) -> bool, gate: Option<NonZeroU64>) -> Self {
+        Meta {
+            hash,
+            id,
+            is_err,
+            gate,
+            #[cfg(feature = "tracing")]
+            span: tracing::Span::none(),
+        }
+    }
+
+    #[cfg(feature = "tracing")]
+    fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    #[cfg(not(feature = "tracing"))]
+    fn span(&self) {}
 }
 
 impl<T> Clone for Meta<T> {
     fn clone(&self) -> Self {
-        *self
+        Meta {
+            hash: self.hash,
+            id: self.id,
+            is_err: self.is_err,
+            gate: self.gate,
+            #[cfg(feature = "tracing")]
+            span: self.span.clone(),
+        }
     }
 }
-
-impl<T> Copy for Meta<T> {}
 
 /// A flight's inner future with its [`Meta`].
 trait Call<T>: Future<Output = T> + Send {
@@ -86,7 +116,10 @@ impl<T, F: Future<Output = T>> Future for Driven<T, F> {
     type Output = T;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        self.project().fut.poll(cx)
+        let this = self.project();
+        #[cfg(feature = "tracing")]
+        let _entered = this.meta.span.enter();
+        this.fut.poll(cx)
     }
 }
 
@@ -645,8 +678,6 @@ where
                 return Run {
                     registry: Arc::clone(cell),
                     registered: true,
-                    #[cfg(feature = "tracing")]
-                    span: flight.span.clone(),
                     flight: Some(flight),
                     // Boxing is user-visible work only for callers that asked to keep `make`.
                     role: Role::Follower(slot_key(slot), keep.map(|keep| keep(make))),
@@ -718,26 +749,22 @@ where
             // `make` is user code: called unlocked, its panic ends the flight at once. The
             // `Run` is built once, with its role, after it.
             let meta = Meta {
-                hash,
-                id,
-                is_err,
-                gate,
+                #[cfg(feature = "tracing")]
+                span,
+                ..Meta::new(hash, id, is_err, gate)
             };
-            let made = start(make, meta);
             let leader = |role| Run {
                 registry: Arc::clone(cell),
                 flight: None,
                 registered: true,
-                #[cfg(feature = "tracing")]
-                span: span.clone(),
                 role,
                 leader: true,
                 shared: false,
                 maker: false,
             };
-            let fut = match made {
+            let fut = match start(make, meta) {
                 Ok(fut) => fut,
-                Err(panicked) => break 'lead leader(Role::Finished).failed(meta, panicked),
+                Err((meta, panicked)) => break 'lead leader(Role::Finished).failed(meta, panicked),
             };
             let (Some(handle), Some((flight, slot))) = (detach, detached) else {
                 break 'lead leader(Role::Driver(fut));
@@ -748,8 +775,6 @@ where
                 registry: Arc::clone(cell),
                 flight: Some(Arc::clone(&flight)),
                 registered: true,
-                #[cfg(feature = "tracing")]
-                span: run.span.clone(),
                 role: Role::Driver(fut),
                 leader: false,
                 shared: false,
@@ -774,27 +799,18 @@ where
         M: FnOnce() -> F,
         F: Future<Output = T> + Send + 'static,
     {
-        let meta = Meta {
-            hash,
-            id: 0,
-            is_err,
-            gate: None,
-        };
-        let made = start(make, meta);
         let run = |role| Run {
             registry: Arc::clone(self.registry.shard(hash)),
             flight: None,
             registered: false,
-            #[cfg(feature = "tracing")]
-            span: tracing::Span::none(),
             role,
             leader: true,
             shared: false,
             maker: false,
         };
-        match made {
+        match start(make, Meta::new(hash, 0, is_err, None)) {
             Ok(fut) => run(Role::Driver(fut)),
-            Err(panicked) => run(Role::Finished).failed(meta, panicked),
+            Err((meta, panicked)) => run(Role::Finished).failed(meta, panicked),
         }
     }
 
@@ -1138,8 +1154,6 @@ pub struct Run<K, T: Send + 'static> {
     flight: Option<Arc<Flight<T>>>,
     /// False for a call run alone past a capacity bound (it has no entry), or a lingering hit.
     registered: bool,
-    #[cfg(feature = "tracing")]
-    span: tracing::Span,
     role: Role<T>,
     /// Whether this caller's `make` made the flight's future.
     leader: bool,
@@ -1176,8 +1190,6 @@ impl<K, T: Send + 'static> Run<K, T> {
             registry: Arc::clone(registry),
             flight,
             registered: false,
-            #[cfg(feature = "tracing")]
-            span: tracing::Span::none(),
             role,
             leader: false,
             shared: true,
@@ -1240,7 +1252,8 @@ impl<K, T: Send + 'static> Run<K, T> {
 
 /// Calls a leader's `make` (user code: outside every lock) and boxes its future; a panic is
 /// caught, to end the flight at once.
-fn start<T, M, F>(make: M, meta: Meta<T>) -> Result<BoxFuture<T>, Panicked>
+#[allow(clippy::type_complexity)]
+fn start<T, M, F>(make: M, meta: Meta<T>) -> Result<BoxFuture<T>, (Meta<T>, Panicked)>
 where
     M: FnOnce() -> F,
     F: Future<Output = T> + Send + 'static,
@@ -1248,7 +1261,7 @@ where
 {
     match catch_unwind(AssertUnwindSafe(make)) {
         Ok(fut) => Ok(driven(meta, fut)),
-        Err(payload) => Err(Panicked::new(payload)),
+        Err(payload) => Err((meta, Panicked::new(payload))),
     }
 }
 
@@ -1267,14 +1280,14 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
     /// A failed output with retries left and a follower able to retry is not published: the
     /// flight stays registered and its followers are woken to elect the next driver.
     fn complete(&mut self, meta: Meta<T>, out: Result<T, Panicked>) -> Result<T, Panicked> {
-        let Meta { hash, id, .. } = meta;
+        let (hash, id) = (meta.hash, meta.id);
         let end = match &out {
             Err(_) => End::Panicked,
             Ok(v) if (meta.is_err)(v) => End::Err,
             Ok(_) => End::Ok,
         };
         if !self.registered {
-            trace_end(self.span_ref(), end, 1);
+            trace_end(meta.span(), end, 1);
             return out;
         }
         let mut out = out;
@@ -1306,7 +1319,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         let (flight, removed) = self.registry.finish(hash, id, end, linger);
         let Some(flight) = flight.or_else(|| self.flight.clone()) else {
             // Nobody ever joined: no shared state to publish to.
-            trace_end(self.span_ref(), end, 1);
+            trace_end(meta.span(), end, 1);
             drop(removed);
             return out;
         };
@@ -1565,17 +1578,13 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                         drop(shard);
                         fut.as_mut().meta_mut().gate = None;
                     }
-                    let polled = {
-                        #[cfg(feature = "tracing")]
-                        let _entered = this.span.enter();
-                        catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)))
-                    };
+                    let polled = catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)));
                     let out = match polled {
                         Ok(Poll::Pending) => return Poll::Pending,
                         Ok(Poll::Ready(value)) => Ok(value),
                         Err(payload) => Err(Panicked::new(payload)),
                     };
-                    let meta = *fut.meta();
+                    let meta = fut.meta().clone();
                     // Release what the inner future holds before the followers are woken. A
                     // future that panicked may panic again when dropped; that is its own.
                     if let Role::Driver(fut) = mem::replace(&mut this.role, Role::Finished) {
@@ -1629,10 +1638,9 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                                 let make = make.take().expect("checked above");
                                 let flight = this.flight.as_ref().expect("a follower's");
                                 let meta = Meta {
-                                    hash: flight.hash,
-                                    id: flight.id,
-                                    is_err: flight.is_err,
-                                    gate: None,
+                                    #[cfg(feature = "tracing")]
+                                    span: flight.span.clone(),
+                                    ..Meta::new(flight.hash, flight.id, flight.is_err, None)
                                 };
                                 match catch_unwind(AssertUnwindSafe(make)) {
                                     Ok(fut) => this.role = Role::Driver(driven(meta, fut)),
@@ -1722,7 +1730,8 @@ impl<K, T: Send + 'static> Run<K, T> {
         if !self.registered {
             return drop(fut);
         }
-        let Meta { hash, id, .. } = *fut.meta();
+        let meta = fut.meta().clone();
+        let (hash, id) = (meta.hash, meta.id);
         let mut guard = self.registry.lock();
         let shard = &mut *guard;
         let flight = shard
@@ -1752,7 +1761,7 @@ impl<K, T: Send + 'static> Run<K, T> {
         // if the future's destructor panics (that panic is the dropper's, passed on after).
         let dropped = catch_unwind(AssertUnwindSafe(move || drop(fut)));
         self.registry.cancelled(hash, id);
-        trace_end(self.span_ref(), End::Cancelled, 0);
+        trace_end(meta.span(), End::Cancelled, 0);
         if let Err(panic) = dropped {
             std::panic::resume_unwind(panic);
         }
@@ -1816,14 +1825,6 @@ impl<K, T: Send + 'static> Run<K, T> {
             }
         }
     }
-
-    #[cfg(feature = "tracing")]
-    fn span_ref(&self) -> &tracing::Span {
-        &self.span
-    }
-
-    #[cfg(not(feature = "tracing"))]
-    fn span_ref(&self) {}
 }
 
 /// Bumps a `metrics` counter; never called under a lock (the recorder is user code).

@@ -281,7 +281,7 @@ mod tests {
         assert!(coalesced.is_leader() && bypassed.is_bypass());
         let size = std::mem::size_of_val(&coalesced);
         assert!(size <= 256, "ResponseFuture is {size} bytes");
-        #[cfg(all(target_pointer_width = "64", not(feature = "tracing")))]
+        #[cfg(target_pointer_width = "64")]
         assert!(
             size <= 56,
             "a waiter's future: 48 bytes of `Run` and the follower wait limit"
