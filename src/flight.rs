@@ -48,7 +48,8 @@ type BoxFuture<T> = Pin<Box<dyn Call<T> + 'static>>;
 pub(crate) type Make<T> = Box<dyn FnOnce() -> PlainFuture<T> + Send>;
 
 /// What the waiter that drives a flight needs to end it. Kept in the box of the inner future
-/// (so every waiter stays small, and it goes along when a follower takes the call over).
+/// (so every waiter stays small, and it goes along when a follower takes the call over); like
+/// the future, only the waiter holding the box reads or writes it, so no lock guards it.
 struct Meta<T> {
     /// The flight's entry (`id` 0 for a call run alone).
     hash: u64,
@@ -394,10 +395,12 @@ struct Expiry {
 
 /// The state a flight's waiters share, once it has followers.
 struct Flight<T> {
-    /// The entry, for followers that may end the flight.
+    /// The entry, for followers that may end the flight. Written once, before the flight is
+    /// shared; read without a lock.
     hash: u64,
     id: u64,
-    /// The first follower's: used when a follower runs a retry.
+    /// The failure test of the caller that made this shared state, for a follower that runs a
+    /// retry (the layer's is the same for all). Written once, like `id`.
     is_err: fn(&T) -> bool,
     /// `Clone` of the output, captured where `T: Clone` is known, so that a dropped follower
     /// (whose `Drop` cannot require it) can still publish.
