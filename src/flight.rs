@@ -45,7 +45,12 @@ type BoxFuture<T> = Pin<Box<dyn Call<T> + 'static>>;
 
 /// A follower's own way to make the call, kept when it may have to run it: to retry a failed
 /// flight, or to call alone after its wait limit.
-pub(crate) type Make<T> = Box<dyn FnOnce() -> PlainFuture<T> + Send>;
+/// It gives its caller's own failure test with the future: the output of a call is judged by
+/// the test of the caller whose `make` made it.
+pub(crate) type Make<T> = Box<dyn FnOnce() -> (PlainFuture<T>, IsErr<T>) + Send>;
+
+/// Which outputs count as failures (for stats, `linger_errors`, `retry_failed`).
+type IsErr<T> = fn(&T) -> bool;
 
 /// What the waiter that drives a flight needs to end it. Kept in the box of the inner future
 /// (so every waiter stays small, and it goes along when a follower takes the call over); like
@@ -145,15 +150,16 @@ where
 
 /// Boxes a caller's `make`; a function pointer so that only callers that can offer one (a
 /// `Send + 'static` closure) need those bounds.
-pub(crate) type Boxer<M, T> = fn(M) -> Make<T>;
+pub(crate) type Boxer<M, T> = fn(M, IsErr<T>) -> Make<T>;
 
 /// The [`Boxer`] for any `Send + 'static` closure.
-pub(crate) fn boxer<T, M, F>(make: M) -> Make<T>
+pub(crate) fn boxer<T, M, F>(make: M, is_err: IsErr<T>) -> Make<T>
 where
     M: FnOnce() -> F + Send + 'static,
     F: Future<Output = T> + Send + 'static,
+    T: 'static,
 {
-    Box::new(move || Box::pin(make()) as PlainFuture<T>)
+    Box::new(move || (Box::pin(make()) as PlainFuture<T>, is_err))
 }
 
 /// A registry of in-flight calls, keyed by `K`: Go's `singleflight.Group` for futures.
@@ -399,9 +405,6 @@ struct Flight<T> {
     /// shared; read without a lock.
     hash: u64,
     id: u64,
-    /// The failure test of the caller that made this shared state, for a follower that runs a
-    /// retry (the layer's is the same for all). Written once, like `id`.
-    is_err: fn(&T) -> bool,
     /// `Clone` of the output, captured where `T: Clone` is known, so that a dropped follower
     /// (whose `Drop` cannot require it) can still publish.
     cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
@@ -578,6 +581,8 @@ where
 
     /// [`run`](Self::run) for fallible calls: `Err` outputs count as errors in
     /// [`stats`](Self::stats) and linger only for [`linger_errors`](GroupBuilder::linger_errors).
+    /// A call's output is judged by the caller whose `make` made it (callers of `run` and
+    /// `run_result` may share a flight when key and output type are equal).
     pub fn run_result<V, E, M, F>(&self, key: K, make: M) -> Run<K, Result<V, E>>
     where
         V: Clone + Send + 'static,
@@ -651,7 +656,7 @@ where
                 Some(flight) => flight,
                 None => {
                     // The first follower: the flight gets its shared state now.
-                    let flight = Arc::new(Flight::new(entry, config.retries, is_err));
+                    let flight = Arc::new(Flight::new(entry, config.retries));
                     entry.flight = Some(Arc::clone(&flight) as Arc<dyn Any + Send + Sync>);
                     flight
                 }
@@ -683,7 +688,7 @@ where
                     registered: true,
                     flight: Some(flight),
                     // Boxing is user-visible work only for callers that asked to keep `make`.
-                    role: Role::Follower(slot_key(slot), keep.map(|keep| keep(make))),
+                    role: Role::Follower(slot_key(slot), keep.map(|keep| keep(make, is_err))),
                     leader: false,
                     shared: true,
                     maker: keep.is_some(),
@@ -733,7 +738,7 @@ where
         };
         // Detached: the flight's state is needed up front, for the caller waits as a follower.
         let detached = detach.as_ref().map(|_| {
-            let flight = Arc::new(Flight::<T>::new(&entry, config.retries, is_err));
+            let flight = Arc::new(Flight::<T>::new(&entry, config.retries));
             let mut state = flight.state.lock();
             state.detached = true;
             let slot = state.followers.insert(Slot::Parked(None));
@@ -1023,7 +1028,7 @@ impl<K> ShardCell<K> {
                 let holder = match flight {
                     Some(flight) => flight,
                     None => {
-                        let holder = Arc::new(Flight::new(entry, 0, |_| false));
+                        let holder = Arc::new(Flight::new(entry, 0));
                         holder.state.lock().phase = Phase::Done;
                         entry.flight = Some(Arc::clone(&holder) as Arc<dyn Any + Send + Sync>);
                         holder
@@ -1093,11 +1098,10 @@ impl<K> ShardCell<K> {
 }
 
 impl<T: Clone> Flight<T> {
-    fn new<K>(entry: &Entry<K>, retries: u32, is_err: fn(&T) -> bool) -> Self {
+    fn new<K>(entry: &Entry<K>, retries: u32) -> Self {
         Flight {
             hash: entry.hash,
             id: entry.id,
-            is_err,
             cloner: Clone::clone,
             state: Mutex::new(State {
                 phase: Phase::Running,
@@ -1209,6 +1213,12 @@ impl<K, T: Send + 'static> Run<K, T> {
     /// leader that left, or runs a retry): it must not be cut short by a follower's limit.
     pub(crate) fn is_driving(&self) -> bool {
         matches!(self.role, Role::Driver(_))
+    }
+
+    /// Whether this waiter waits for a call that another caller drives: a follower (not a
+    /// leader, nor a lingering hit, whose wait is only for another hit's copy to be made).
+    pub(crate) fn is_following(&self) -> bool {
+        !self.leader && matches!(self.role, Role::Follower(..))
     }
 
     /// Takes this follower's own `make`, to call alone (after its wait limit).
@@ -1640,14 +1650,18 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                                 registry.retried.fetch_add(1, Relaxed);
                                 let make = make.take().expect("checked above");
                                 let flight = this.flight.as_ref().expect("a follower's");
-                                let meta = Meta {
+                                let meta = |is_err| Meta {
                                     #[cfg(feature = "tracing")]
                                     span: flight.span.clone(),
-                                    ..Meta::new(flight.hash, flight.id, flight.is_err, None)
+                                    ..Meta::new(flight.hash, flight.id, is_err, None)
                                 };
                                 match catch_unwind(AssertUnwindSafe(make)) {
-                                    Ok(fut) => this.role = Role::Driver(driven(meta, fut)),
+                                    Ok((fut, is_err)) => {
+                                        this.role = Role::Driver(driven(meta(is_err), fut));
+                                    }
                                     Err(payload) => {
+                                        // A panic is a failure whatever the test.
+                                        let meta = meta(|_| false);
                                         this.role = Role::Finished;
                                         let out = this.complete(meta, Err(Panicked::new(payload)));
                                         return Poll::Ready(out);

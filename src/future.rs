@@ -71,9 +71,9 @@ where
     S::Response: Send + 'static,
 {
     pub(crate) fn coalesced(run: Waiter<S, Req, K>, options: Options) -> Self {
-        let deadline = match run.is_leader() {
-            true => None,
-            false => options.follower_timeout.map(|limit| {
+        let deadline = match run.is_following() {
+            false => None,
+            true => options.follower_timeout.map(|limit| {
                 Box::pin(Deadline {
                     sleep: tokio::time::sleep(limit),
                     limit,
@@ -200,7 +200,7 @@ where
                     // Leaves the flight (dropping this waiter) and calls alone; the flight
                     // goes on for the others.
                     match catch_unwind(AssertUnwindSafe(make)) {
-                        Ok(call) => this.kind.set(Kind::Alone { call }),
+                        Ok((call, _)) => this.kind.set(Kind::Alone { call }),
                         Err(payload) => {
                             let panicked = CoalesceError::panicked(Panicked::new(payload));
                             return Poll::Ready(Err(panicked));

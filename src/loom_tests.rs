@@ -267,6 +267,33 @@ fn loom_lingering_hits_take_turns() {
     });
 }
 
+/// A lingering hit that was woken to take its turn and leaves instead passes the turn on: the
+/// third caller is not left parked.
+#[test]
+fn loom_a_woken_lingerer_that_leaves_passes_its_turn() {
+    use std::pin::Pin;
+    use std::task::{Context, Waker};
+    loom::model(|| {
+        let group = crate::flight::GroupBuilder::new()
+            .linger(std::time::Duration::from_secs(3600))
+            .build::<u8>();
+        let ledger = Ledger::new();
+        assert_eq!(block_on(group.run(1, ledger.make(7))).unwrap(), 7);
+        let (g, l) = (group.clone(), ledger.clone());
+        let copier = thread::spawn(move || block_on(g.run(1, l.make(8))).unwrap());
+        let (g, l) = (group.clone(), ledger.clone());
+        let quitter = thread::spawn(move || {
+            let mut hit = g.run(1, l.make(9));
+            let _ = Pin::new(&mut hit).poll(&mut Context::from_waker(Waker::noop()));
+            drop(hit);
+        });
+        let mine = block_on(group.run(1, ledger.make(10))).unwrap();
+        quitter.join().unwrap();
+        assert_eq!((mine, copier.join().unwrap()), (7, 7));
+        assert_eq!(ledger.made.load(SeqCst), 1);
+    });
+}
+
 #[test]
 fn loom_forget_races_join() {
     loom::model(|| {

@@ -761,6 +761,85 @@ fn lingering_waiters_take_turns_and_pass_them_on() {
     assert_eq!((group.in_flight(), group.len()), (0, 1));
 }
 
+/// A lingering hit that waits for another hit's copy is not a follower: the layer's
+/// `follower_timeout` does not apply to it (it would fail a request whose answer is there).
+#[tokio::test(start_paused = true)]
+async fn a_lingering_hit_waiting_for_a_copy_is_not_timed_out() {
+    let hook: Hook = Arc::new(Mutex::new(None));
+    let h = hook.clone();
+    // A new output per call (not a clone: cloning one would run the hook).
+    let inner = service_fn(move |_: &'static str| {
+        let value = Hooked { hook: h.clone() };
+        async move { Ok::<_, Infallible>(value) }
+    });
+    let mut svc = CoalesceLayer::new(|k: &&'static str| Some(*k))
+        .linger(Duration::from_secs(3600))
+        .follower_timeout(Duration::from_millis(20))
+        .layer(inner);
+    assert!(svc.clone().oneshot("k").await.is_ok());
+    // The next copy of the lingering output blocks, on another thread, until `go`.
+    let (copying, in_copy) = std::sync::mpsc::channel();
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    *hook.lock().unwrap() = Some(Box::new(move || {
+        copying.send(()).unwrap();
+        wait.recv().unwrap();
+    }));
+    let mut other = svc.clone();
+    let copier = std::thread::spawn(move || futures::executor::block_on(other.call("k")).is_ok());
+    in_copy.recv().unwrap();
+    let mut hit = Box::pin(svc.call("k"));
+    assert!(hit.is_follower() && !hit.is_leader());
+    let (_, waker) = counting_waker();
+    assert!(
+        poll_with(hit.as_mut(), &waker).is_pending(),
+        "the output is out"
+    );
+    tokio::time::advance(Duration::from_millis(30)).await;
+    assert!(
+        poll_with(hit.as_mut(), &waker).is_pending(),
+        "past the follower limit, still waiting for the copy"
+    );
+    go.send(()).unwrap();
+    assert!(copier.join().unwrap());
+    assert!(matches!(
+        poll_with(hit.as_mut(), &waker),
+        Poll::Ready(Ok(_))
+    ));
+}
+
+/// Rule 3 with retries: a call is judged by the failure test of the caller whose `make` made
+/// it. A follower's retry that fails is an error (not kept without `linger_errors`), even when
+/// the flight's shared state was made by a plain `run` that counts nothing as a failure.
+#[tokio::test]
+async fn a_retried_call_is_judged_by_its_own_callers_failure_test() {
+    let group: Group<u8> = GroupBuilder::new()
+        .retry_failed(1)
+        .linger(Duration::from_secs(3600))
+        .build();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let g = gate.clone();
+    let leader = group.run_result(1, move || async move {
+        g.notified().await;
+        Err::<u32, &str>("a")
+    });
+    // A plain `run` joins first (it makes the flight's shared state), then a retrying one.
+    let plain = group.run(1, || async { Ok::<u32, &str>(0) });
+    let retrying = group.run_retryable(1, || async { Err::<u32, &str>("b") });
+    assert!(!plain.is_leader() && !retrying.is_leader());
+    let tasks = [
+        tokio::spawn(leader),
+        tokio::spawn(plain),
+        tokio::spawn(retrying),
+    ];
+    gate.notify_one();
+    let outs: Vec<_> = join_all(tasks).await;
+    assert_eq!(outs[0].as_ref().unwrap().as_ref().unwrap(), &Err("a"));
+    assert_eq!(outs[2].as_ref().unwrap().as_ref().unwrap(), &Err("b"));
+    assert_eq!(group.stats().retried, 1);
+    let later = group.run_result(1, || async { Ok::<u32, &str>(9) }).await;
+    assert_eq!(later.unwrap(), Ok(9), "the retry's error did not linger");
+}
+
 /// Rules 4 and 7: waiters aborted while they lead, follow or take over, on worker threads,
 /// never strand the call: the last one standing gets its flight's answer, the registry empties.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

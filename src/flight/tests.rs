@@ -120,6 +120,41 @@ fn a_new_flight_waits_for_a_cancelled_one_to_be_dropped() {
     assert!(group.is_empty());
 }
 
+/// A gated call (its key's cancelled call still being dropped) handed to a follower keeps its
+/// gate: the follower does not poll it before the old call is gone.
+#[test]
+fn a_gated_call_handed_over_keeps_its_gate() {
+    let group: Group<u8> = Group::new();
+    let first = group.run(1, std::future::pending::<u32>);
+    let follower = group.run(1, std::future::pending::<u32>);
+    let flight = follower
+        .flight
+        .clone()
+        .expect("a follower has the shared state");
+    flight.state.lock().phase = Phase::Cancelled;
+    let mut second = group.run(1, || async { 2u32 });
+    assert!(second.is_leader());
+    let mut taker = group.run(1, || async { 3u32 });
+    assert!(!taker.is_leader());
+    let w = Arc::new(CountWaker(0.into()));
+    assert!(poll(&mut second, &w).is_pending());
+    assert!(poll(&mut taker, &w).is_pending());
+    drop(second);
+    assert!(
+        poll(&mut taker, &w).is_pending(),
+        "taken over, still waiting for the old call"
+    );
+    group
+        .registry
+        .shard(flight.hash)
+        .cancelled(flight.hash, flight.id);
+    assert!(matches!(poll(&mut taker, &w), Poll::Ready(Ok(2))));
+    flight.state.lock().phase = Phase::Running;
+    drop(follower);
+    drop(first);
+    assert_eq!(group.in_flight(), 0);
+}
+
 #[test]
 fn equal_keys_of_different_output_types_do_not_meet() {
     let group: Group<u8> = Group::new();
