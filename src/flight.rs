@@ -82,6 +82,11 @@ impl<T> Meta<T> {
         }
     }
 
+    /// Moves this out of a future about to be dropped, leaving a blank (no span clone).
+    fn take(&mut self) -> Self {
+        mem::replace(self, Meta::new(0, 0, |_| false, None))
+    }
+
     #[cfg(feature = "tracing")]
     fn span(&self) -> &tracing::Span {
         &self.span
@@ -89,19 +94,6 @@ impl<T> Meta<T> {
 
     #[cfg(not(feature = "tracing"))]
     fn span(&self) {}
-}
-
-impl<T> Clone for Meta<T> {
-    fn clone(&self) -> Self {
-        Meta {
-            hash: self.hash,
-            id: self.id,
-            is_err: self.is_err,
-            gate: self.gate,
-            #[cfg(feature = "tracing")]
-            span: self.span.clone(),
-        }
-    }
 }
 
 /// A flight's inner future with its [`Meta`].
@@ -1597,7 +1589,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                         Ok(Poll::Ready(value)) => Ok(value),
                         Err(payload) => Err(Panicked::new(payload)),
                     };
-                    let meta = fut.meta().clone();
+                    let meta = fut.as_mut().meta_mut().take();
                     // Release what the inner future holds before the followers are woken. A
                     // future that panicked may panic again when dropped; that is its own.
                     if let Role::Driver(fut) = mem::replace(&mut this.role, Role::Finished) {
@@ -1679,10 +1671,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                 }
                 Role::Lingering(key) => {
                     let key = *key as usize;
-                    let flight = this
-                        .flight
-                        .clone()
-                        .expect("a lingering waiter has its flight");
+                    let flight = this.flight.as_ref().expect("a lingering waiter's");
                     let mut state = flight.state.lock();
                     if state.lingering.is_none() {
                         match &mut state.lingerers[key] {
@@ -1693,7 +1682,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                     }
                     state.lingerers.remove(key);
                     this.role = Role::Finished;
-                    return Poll::Ready(copy_lingering(&flight, state));
+                    return Poll::Ready(copy_lingering(flight, state));
                 }
                 Role::Ready(_) => {
                     let Role::Ready(out) = mem::replace(&mut this.role, Role::Finished) else {
@@ -1743,12 +1732,11 @@ impl<K, T: Send + 'static> Drop for Run<K, T> {
 impl<K, T: Send + 'static> Run<K, T> {
     /// A driver leaves: the future goes to a follower if there is one; otherwise the call is
     /// cancelled and the key freed.
-    fn leave_driving(&mut self, fut: BoxFuture<T>) {
+    fn leave_driving(&mut self, mut fut: BoxFuture<T>) {
         if !self.registered {
             return drop(fut);
         }
-        let meta = fut.meta().clone();
-        let (hash, id) = (meta.hash, meta.id);
+        let (hash, id) = (fut.meta().hash, fut.meta().id);
         let mut guard = self.registry.lock();
         let shard = &mut *guard;
         let flight = shard
@@ -1774,6 +1762,7 @@ impl<K, T: Send + 'static> Run<K, T> {
         }
         self.registry.cancelling(shard, hash, id);
         drop(guard);
+        let meta = fut.as_mut().meta_mut().take();
         // Last waiter gone: cancel the call (drop the inner future), then free the key, even
         // if the future's destructor panics (that panic is the dropper's, passed on after).
         let dropped = catch_unwind(AssertUnwindSafe(move || drop(fut)));

@@ -890,12 +890,42 @@ mod http_adapter {
 
     type Body = BoxBody<Bytes, BoxError>;
     type Req = Request<Full<Bytes>>;
-    /// A named way to build a request.
     /// Makes one of a test's requests, again for every caller.
     type MakeReq = Box<dyn Fn() -> Req>;
 
     fn get(uri: &str) -> Req {
         Request::get(uri).body(Full::new(Bytes::new())).unwrap()
+    }
+
+    fn text(text: String) -> Body {
+        Full::new(Bytes::from(text)).map_err(BoxError::from).boxed()
+    }
+
+    /// A backend that counts its calls and answers each after a second with `respond(n)`, `n`
+    /// counting calls from 0.
+    fn slow_backend<R>(
+        respond: R,
+    ) -> (
+        Arc<AtomicUsize>,
+        impl Service<Req, Response = Response<Body>, Error = Infallible, Future: Send>
+            + Clone
+            + Send
+            + 'static,
+    )
+    where
+        R: Fn(usize) -> Response<Body> + Clone + Send + Sync + 'static,
+    {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let inner = service_fn(move |_req: Req| {
+            let n = c.fetch_add(1, SeqCst);
+            let respond = respond.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok::<_, Infallible>(respond(n))
+            }
+        });
+        (calls, inner)
     }
 
     async fn read_body(res: Response<CoalesceBody<Body>>) -> (ServedBy, Result<String, String>) {
@@ -934,19 +964,7 @@ mod http_adapter {
     /// Every bypass rule: identical concurrent requests that must bypass each reach the backend.
     #[tokio::test(start_paused = true)]
     async fn http_every_bypass_rule_reaches_the_backend_per_request() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let c = calls.clone();
-        let inner = service_fn(move |_req: Req| {
-            let n = c.fetch_add(1, SeqCst);
-            async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                Ok::<_, Infallible>(Response::new(
-                    Full::new(Bytes::from(format!("call {n}")))
-                        .map_err(BoxError::from)
-                        .boxed(),
-                ))
-            }
-        });
+        let (calls, inner) = slow_backend(|n| Response::new(text(format!("call {n}"))));
         let layer = CoalesceHttpLayer::new();
         let mut svc = layer.layer(inner);
         // Requests that bypass by a header: (label, headers).
@@ -1069,9 +1087,7 @@ mod http_adapter {
             let n = c.fetch_add(1, SeqCst);
             let body = match first.lock().unwrap().take() {
                 Some(body) => body,
-                None => Full::new(Bytes::from(format!("own {n}")))
-                    .map_err(BoxError::from)
-                    .boxed(),
+                None => text(format!("own {n}")),
             };
             async move { Ok::<_, Infallible>(Response::new(body)) }
         });
@@ -1109,23 +1125,11 @@ mod http_adapter {
             ("cache-control", "no-store"),
             ("vary", "accept, *"),
         ] {
-            let calls = Arc::new(AtomicUsize::new(0));
-            let c = calls.clone();
-            let inner = service_fn(move |_req: Req| {
-                let n = c.fetch_add(1, SeqCst);
-                async move {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .header(name, value)
-                            .body(
-                                Full::new(Bytes::from(format!("for call {n}")))
-                                    .map_err(BoxError::from)
-                                    .boxed(),
-                            )
-                            .unwrap(),
-                    )
-                }
+            let (calls, inner) = slow_backend(move |n| {
+                Response::builder()
+                    .header(name, value)
+                    .body(text(format!("for call {n}")))
+                    .unwrap()
             });
             let layer = CoalesceHttpLayer::new();
             let mut svc = layer.layer(inner);
@@ -1155,24 +1159,16 @@ mod http_adapter {
     /// (and the trailers), the followers their own calls.
     #[tokio::test(start_paused = true)]
     async fn http_streamed_body_over_the_limit_reaches_the_leader_whole_with_trailers() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let c = calls.clone();
-        let inner = service_fn(move |_req: Req| {
-            let n = c.fetch_add(1, SeqCst);
-            async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert("x-checksum", n.to_string().parse().unwrap());
-                let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
-                    Ok(Frame::data(Bytes::from_static(b"0123456789"))),
-                    Ok(Frame::data(Bytes::from_static(b"abcdefghij"))),
-                    Ok(Frame::data(Bytes::from(format!("-{n}")))),
-                    Ok(Frame::trailers(trailers)),
-                ];
-                Ok::<_, Infallible>(Response::new(
-                    StreamBody::new(futures::stream::iter(frames)).boxed(),
-                ))
-            }
+        let (calls, inner) = slow_backend(|n| {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("x-checksum", n.to_string().parse().unwrap());
+            let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+                Ok(Frame::data(Bytes::from_static(b"0123456789"))),
+                Ok(Frame::data(Bytes::from_static(b"abcdefghij"))),
+                Ok(Frame::data(Bytes::from(format!("-{n}")))),
+                Ok(Frame::trailers(trailers)),
+            ];
+            Response::new(StreamBody::new(futures::stream::iter(frames)).boxed())
         });
         let layer = CoalesceHttpLayer::new().max_body_bytes(15);
         let mut svc = layer.layer(inner);

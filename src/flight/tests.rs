@@ -73,24 +73,56 @@ fn dropped_driver_hands_the_future_over() {
     assert_eq!(group.in_flight(), 0);
 }
 
+/// Key 1 caught in the window between "last waiter gone" and "its future dropped, entry
+/// removed": the next caller of the key leads a new flight gated on the old entry.
+struct CancelledKey {
+    group: Group<u8>,
+    /// The old flight's waiters and shared state, its phase forced to `Cancelled`.
+    waiters: (Run<u8, u32>, Run<u8, u32>),
+    flight: Arc<Flight<u32>>,
+}
+
+impl CancelledKey {
+    fn new() -> Self {
+        let group: Group<u8> = Group::new();
+        let first = group.run(1, std::future::pending::<u32>);
+        let follower = group.run(1, std::future::pending::<u32>);
+        let flight = follower
+            .flight
+            .clone()
+            .expect("a follower has the shared state");
+        flight.state.lock().phase = Phase::Cancelled;
+        CancelledKey {
+            group,
+            waiters: (first, follower),
+            flight,
+        }
+    }
+
+    /// The old call's future is dropped: its entry goes.
+    fn dropped(&self) {
+        let (hash, id) = (self.flight.hash, self.flight.id);
+        self.group.registry.shard(hash).cancelled(hash, id);
+    }
+
+    /// Ends the old flight for real; returns the group, for its last checks.
+    fn end(self) -> Group<u8> {
+        self.flight.state.lock().phase = Phase::Running;
+        drop(self.waiters);
+        self.group
+    }
+}
+
 #[test]
 fn a_new_flight_waits_for_a_cancelled_one_to_be_dropped() {
-    let group: Group<u8> = Group::new();
-    let first = group.run(1, std::future::pending::<u32>);
-    let follower = group.run(1, std::future::pending::<u32>);
-    let flight = follower
-        .flight
-        .clone()
-        .expect("a follower has the shared state");
-    // The window between "last waiter gone" and "its future dropped, entry removed".
-    flight.state.lock().phase = Phase::Cancelled;
-    let mut second = group.run(1, || async { 2u32 });
+    let old = CancelledKey::new();
+    let mut second = old.group.run(1, || async { 2u32 });
     assert!(second.is_leader(), "a cancelled flight is not joined");
     let gate = match &second.role {
         Role::Driver(fut) => fut.meta().gate,
         _ => panic!("a leader drives its flight"),
     };
-    assert_eq!(gate.map(NonZeroU64::get), Some(flight.id));
+    assert_eq!(gate.map(NonZeroU64::get), Some(old.flight.id));
     let w = Arc::new(CountWaker(0.into()));
     assert!(
         poll(&mut second, &w).is_pending(),
@@ -100,12 +132,9 @@ fn a_new_flight_waits_for_a_cancelled_one_to_be_dropped() {
         poll(&mut second, &w).is_pending(),
         "polled again, still waiting"
     );
-    let cell = group.registry.shard(flight.hash);
+    let cell = old.group.registry.shard(old.flight.hash);
     assert_eq!(cell.lock().gated.len(), 1, "its waker is queued once");
-    group
-        .registry
-        .shard(flight.hash)
-        .cancelled(flight.hash, flight.id);
+    old.dropped();
     assert_eq!(
         w.0.load(Ordering::SeqCst),
         1,
@@ -113,9 +142,7 @@ fn a_new_flight_waits_for_a_cancelled_one_to_be_dropped() {
     );
     assert!(cell.lock().gated.is_empty());
     assert!(matches!(poll(&mut second, &w), Poll::Ready(Ok(2))));
-    flight.state.lock().phase = Phase::Running;
-    drop(follower);
-    drop(first);
+    let group = old.end();
     assert_eq!(group.in_flight(), 0);
     assert!(group.is_empty());
 }
@@ -124,17 +151,10 @@ fn a_new_flight_waits_for_a_cancelled_one_to_be_dropped() {
 /// gate: the follower does not poll it before the old call is gone.
 #[test]
 fn a_gated_call_handed_over_keeps_its_gate() {
-    let group: Group<u8> = Group::new();
-    let first = group.run(1, std::future::pending::<u32>);
-    let follower = group.run(1, std::future::pending::<u32>);
-    let flight = follower
-        .flight
-        .clone()
-        .expect("a follower has the shared state");
-    flight.state.lock().phase = Phase::Cancelled;
-    let mut second = group.run(1, || async { 2u32 });
+    let old = CancelledKey::new();
+    let mut second = old.group.run(1, || async { 2u32 });
     assert!(second.is_leader());
-    let mut taker = group.run(1, || async { 3u32 });
+    let mut taker = old.group.run(1, || async { 3u32 });
     assert!(!taker.is_leader());
     let w = Arc::new(CountWaker(0.into()));
     assert!(poll(&mut second, &w).is_pending());
@@ -144,15 +164,9 @@ fn a_gated_call_handed_over_keeps_its_gate() {
         poll(&mut taker, &w).is_pending(),
         "taken over, still waiting for the old call"
     );
-    group
-        .registry
-        .shard(flight.hash)
-        .cancelled(flight.hash, flight.id);
+    old.dropped();
     assert!(matches!(poll(&mut taker, &w), Poll::Ready(Ok(2))));
-    flight.state.lock().phase = Phase::Running;
-    drop(follower);
-    drop(first);
-    assert_eq!(group.in_flight(), 0);
+    assert_eq!(old.end().in_flight(), 0);
 }
 
 #[test]
