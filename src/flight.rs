@@ -434,6 +434,10 @@ struct State<T> {
     /// The failed attempt's output while `needs_driver`: published to the followers if every
     /// one that could retry leaves.
     failure: Option<Result<T, Panicked>>,
+    /// The gate of a failed attempt that never got past it (its `make` panicked while the
+    /// key's cancelled call was still being dropped), while `needs_driver`: the retry waits
+    /// for that call too.
+    retry_gate: Option<NonZeroU64>,
     /// Whether a spawned task drives the flight (its registering caller then waits as a
     /// follower). Set before the task is spawned.
     detached: bool,
@@ -764,7 +768,16 @@ where
             };
             let fut = match start(make, meta) {
                 Ok(fut) => fut,
-                Err((meta, panicked)) => break 'lead leader(Role::Finished).failed(meta, panicked),
+                Err((meta, panicked)) => {
+                    if let Some((flight, slot)) = &detached {
+                        // No task will drive it: the caller is its driver, not a follower
+                        // waiting in a slot (nor counted as one, for `is_shared`).
+                        let mut state = flight.state.lock();
+                        state.followers.remove(*slot);
+                        state.detached = false;
+                    }
+                    break 'lead leader(Role::Finished).failed(meta, panicked);
+                }
             };
             let (Some(handle), Some((flight, slot))) = (detach, detached) else {
                 break 'lead leader(Role::Driver(fut));
@@ -1106,6 +1119,7 @@ impl<T: Clone> Flight<T> {
                 needs_driver: false,
                 makers: 0,
                 failure: None,
+                retry_gate: None,
                 detached: false,
                 published_to: 0,
             }),
@@ -1301,7 +1315,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
                 self.flight = self.registry.flight_of(hash, id);
             }
             if let Some(flight) = self.flight.clone() {
-                match self.retry(&flight, out) {
+                match self.retry(&flight, out, meta.gate) {
                     Ok(mine) => {
                         self.registry.lock().counters.count(end);
                         return mine;
@@ -1343,6 +1357,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         &mut self,
         flight: &Arc<Flight<T>>,
         out: Result<T, Panicked>,
+        gate: Option<NonZeroU64>,
     ) -> Result<Result<T, Panicked>, Result<T, Panicked>> {
         // Cloned before locking: the clone is user code.
         let spare = Some(clone_one(flight.cloner, &out));
@@ -1356,6 +1371,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         state.needs_driver = true;
         state.driven = false;
         state.failure = spare;
+        state.retry_gate = gate;
         let wakers: Vec<_> = state
             .followers
             .iter_mut()
@@ -1634,6 +1650,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                                 state.needs_driver = false;
                                 state.driven = true;
                                 let failure = state.failure.take();
+                                let gate = state.retry_gate.take();
                                 drop(guard);
                                 drop(failure);
                                 // A new call, started by a follower: a leader and a retry.
@@ -1645,7 +1662,7 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                                 let meta = |is_err| Meta {
                                     #[cfg(feature = "tracing")]
                                     span: flight.span.clone(),
-                                    ..Meta::new(flight.hash, flight.id, is_err, None)
+                                    ..Meta::new(flight.hash, flight.id, is_err, gate)
                                 };
                                 match catch_unwind(AssertUnwindSafe(make)) {
                                     Ok((fut, is_err)) => {

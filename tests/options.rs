@@ -1566,6 +1566,38 @@ async fn shared_flag_of_a_detached_leader() {
     .await;
 }
 
+/// A detached leader whose `make` panics has no task to wait for: it gets the panic at once,
+/// shared with nobody unless somebody joined.
+#[tokio::test(start_paused = true)]
+async fn detached_leader_whose_make_panics() {
+    bounded("test", async {
+        let group: Group<u8> = GroupBuilder::new().detached(true).build();
+        let mut alone = group.run(1, || -> std::future::Ready<u8> { panic!("no call") });
+        let err = (&mut alone).await.expect_err("make panicked");
+        assert_eq!(err.message(), "no call");
+        assert!(alone.is_leader());
+        assert!(!alone.is_shared(), "nobody else got the panic");
+
+        let joined = Arc::new(std::sync::Mutex::new(None));
+        let (g, slot) = (group.clone(), joined.clone());
+        let mut leader = group.run(1, move || -> std::future::Ready<u8> {
+            // `make` runs unlocked, after registration: a follower may join meanwhile.
+            *slot.lock().unwrap() = Some(g.run(1, || std::future::ready(2u8)));
+            panic!("no call")
+        });
+        let follower = joined.lock().unwrap().take().expect("joined inside make");
+        assert!((&mut leader).await.is_err());
+        assert!(leader.is_shared(), "the follower got the panic too");
+        assert_eq!(
+            follower.await.expect_err("shared panic").message(),
+            "no call"
+        );
+        assert!(group.is_empty());
+        assert_eq!(group.stats().panics, 2);
+    })
+    .await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn core_run_roles_and_shared_flag() {
     bounded("test", async {

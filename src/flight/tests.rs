@@ -75,18 +75,23 @@ fn dropped_driver_hands_the_future_over() {
 
 /// Key 1 caught in the window between "last waiter gone" and "its future dropped, entry
 /// removed": the next caller of the key leads a new flight gated on the old entry.
-struct CancelledKey {
+struct CancelledKey<T: Send + 'static = u32> {
     group: Group<u8>,
     /// The old flight's waiters and shared state, its phase forced to `Cancelled`.
-    waiters: (Run<u8, u32>, Run<u8, u32>),
-    flight: Arc<Flight<u32>>,
+    waiters: (Run<u8, T>, Run<u8, T>),
+    flight: Arc<Flight<T>>,
 }
 
 impl CancelledKey {
     fn new() -> Self {
-        let group: Group<u8> = Group::new();
-        let first = group.run(1, std::future::pending::<u32>);
-        let follower = group.run(1, std::future::pending::<u32>);
+        Self::in_group(Group::new())
+    }
+}
+
+impl<T: Clone + Send + 'static> CancelledKey<T> {
+    fn in_group(group: Group<u8>) -> Self {
+        let first = group.run(1, std::future::pending::<T>);
+        let follower = group.run(1, std::future::pending::<T>);
         let flight = follower
             .flight
             .clone()
@@ -166,6 +171,39 @@ fn a_gated_call_handed_over_keeps_its_gate() {
     );
     old.dropped();
     assert!(matches!(poll(&mut taker, &w), Poll::Ready(Ok(2))));
+    assert_eq!(old.end().in_flight(), 0);
+}
+
+/// A gated leader whose `make` panics hands the retry to a follower with its gate: the retry
+/// does not start before the key's cancelled call is gone either.
+#[test]
+fn a_retry_after_a_gated_make_panicked_keeps_the_gate() {
+    type Out = Result<u32, ()>;
+    let old = CancelledKey::<Out>::in_group(GroupBuilder::new().retry_failed(1).build());
+    let joined: Arc<std::sync::Mutex<Option<Run<u8, Out>>>> = Arc::default();
+    let (group, slot) = (old.group.clone(), joined.clone());
+    let mut leader = old.group.run_retryable(1, move || {
+        // `make` runs unlocked, after registration: a follower able to retry joins here.
+        *slot.lock().unwrap() = Some(group.run_retryable(1, || async { Ok::<u32, ()>(3) }));
+        panic!("make failed");
+        #[allow(unreachable_code)]
+        async {
+            Ok::<u32, ()>(2)
+        }
+    });
+    let mut retrier = joined.lock().unwrap().take().expect("joined inside make");
+    assert!(leader.is_leader() && !retrier.is_leader());
+    let w = Arc::new(CountWaker(0.into()));
+    assert!(
+        matches!(poll(&mut leader, &w), Poll::Ready(Err(_))),
+        "the leader gets its own panic"
+    );
+    assert!(
+        poll(&mut retrier, &w).is_pending(),
+        "the retry waits for the old call to be dropped"
+    );
+    old.dropped();
+    assert!(matches!(poll(&mut retrier, &w), Poll::Ready(Ok(Ok(3)))));
     assert_eq!(old.end().in_flight(), 0);
 }
 
