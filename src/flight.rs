@@ -1027,10 +1027,11 @@ impl<K> ShardCell<K> {
             return (None, None);
         };
         let entry = found.get_mut();
-        let flight: Option<Arc<Flight<T>>> = entry.flight.clone().and_then(|f| f.downcast().ok());
+        let downcast = |f: Arc<dyn Any + Send + Sync>| f.downcast::<Flight<T>>().ok();
         let (removed, flight) = match linger {
             Some((until, keep)) if !entry.forgotten => {
-                let holder = match flight {
+                // The entry keeps its flight, to hold the output.
+                let holder = match entry.flight.clone().and_then(downcast) {
                     Some(flight) => flight,
                     None => {
                         let holder = Arc::new(Flight::new(entry, 0));
@@ -1055,8 +1056,10 @@ impl<K> ShardCell<K> {
                 (None, Some(holder))
             }
             _ => {
-                let (entry, _) = found.remove();
+                let (mut entry, _) = found.remove();
                 shard.unlinked(&entry, &self.common);
+                // Moved out, not cloned: no reference count traffic on the flight's line.
+                let flight = entry.flight.take().and_then(downcast);
                 (Some(entry), flight)
             }
         };
