@@ -14,13 +14,13 @@ use super::{
     WAITERS_KEY,
 };
 
-const UNIQUE_REQUESTS: usize = 100_000;
-const HOT_REQUESTS: usize = 10_000;
-const HOT_LATENCY: Duration = Duration::from_millis(5);
-const ZIPF_REQUESTS: usize = 100_000;
-const ZIPF_KEYS: usize = 1_000;
-const ZIPF_S: f64 = 1.0;
-const ZIPF_LATENCY: Duration = Duration::from_millis(1);
+pub const UNIQUE_REQUESTS: usize = 100_000;
+pub const HOT_REQUESTS: usize = 10_000;
+pub const HOT_LATENCY: Duration = Duration::from_millis(5);
+pub const ZIPF_REQUESTS: usize = 100_000;
+pub const ZIPF_KEYS: usize = 1_000;
+pub const ZIPF_S: f64 = 1.0;
+pub const ZIPF_LATENCY: Duration = Duration::from_millis(1);
 
 pub struct Ctx<'a> {
     pub rt: &'a Runtime,

@@ -1,0 +1,196 @@
+//! The solo, unique, hot and zipf workloads of `overhead` again, as paired rounds: each round
+//! runs one batch (solo: 20,000 sequential calls; the others: one wave) of every contender,
+//! back to back, starting with a different contender each round. A ratio is taken within a
+//! round, between runs seconds apart, and the report gives the median over the rounds.
+//!
+//! Criterion (in `overhead`) times each contender for a few seconds, one after the other, so
+//! a shared machine's load can shift between the baseline and the contender; here every ratio
+//! compares runs made under the same load. Writes
+//! `target/criterion/tower-coalesce-paired.json`, which
+//! `cargo run --release --example bench_report` reports.
+//!
+//! `cargo bench --bench paired` (about a minute; `PAIRED_ROUNDS` sets the rounds, 15 by
+//! default)
+
+#[allow(dead_code)]
+mod support;
+
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::runtime::Runtime;
+
+use support::waves::{
+    HOT_LATENCY, HOT_REQUESTS, UNIQUE_REQUESTS, ZIPF_KEYS, ZIPF_LATENCY, ZIPF_REQUESTS, ZIPF_S,
+};
+use support::{
+    for_each, wave, zipf_keys, Backend, Client, Immediate, Kind, Latency, Visit, YieldOnce,
+    WAITERS_KEY,
+};
+
+/// Sequential calls per solo batch: long enough (about a millisecond) that the clock's cost
+/// and a stray preemption do not count.
+const SOLO_CALLS: u64 = 20_000;
+
+type Batch = Pin<Box<dyn Future<Output = Duration> + Send>>;
+
+/// What one batch of a workload is.
+#[derive(Clone)]
+enum Work {
+    /// `SOLO_CALLS` sequential calls from one task, distinct keys.
+    Solo,
+    /// One wave of concurrent requests, one task each.
+    Wave(Arc<[u64]>),
+}
+
+/// One contender on one workload.
+struct Runner {
+    name: &'static str,
+    /// Makes the future that runs and times one batch.
+    batch: Box<dyn Fn() -> Batch>,
+    backend_calls: Box<dyn Fn() -> u64>,
+}
+
+struct Collect {
+    work: Work,
+    runners: Vec<Runner>,
+}
+
+impl<K: Kind> Visit<K> for Collect {
+    fn visit<C: Client>(&mut self, name: &'static str, client: C, backend: Backend<K>) {
+        let work = self.work.clone();
+        let batch = move || -> Batch {
+            let (client, work) = (client.clone(), work.clone());
+            Box::pin(async move {
+                match work {
+                    Work::Solo => {
+                        let start = Instant::now();
+                        for key in 0..SOLO_CALLS {
+                            black_box(client.clone().call(key).await);
+                        }
+                        start.elapsed()
+                    }
+                    Work::Wave(keys) => wave(&client, &keys).await,
+                }
+            })
+        };
+        self.runners.push(Runner {
+            name,
+            batch: Box::new(batch),
+            backend_calls: Box::new(move || backend.calls()),
+        });
+    }
+}
+
+/// Runs `rounds` rounds of one batch per contender and returns, per contender, the time of
+/// each round's batch (per call for solo) and the backend calls per batch.
+fn rounds_of<K: Kind>(rt: &Runtime, work: Work, kind: K, rounds: usize) -> Value {
+    let per_call = match &work {
+        Work::Solo => SOLO_CALLS as f64,
+        Work::Wave(_) => 1.0,
+    };
+    let mut collect = Collect {
+        work,
+        runners: Vec::new(),
+    };
+    for_each(kind, true, &mut collect);
+    let runners = collect.runners;
+    // A batch is spawned, as a server's requests are tasks (not `block_on`).
+    let run = |runner: &Runner| {
+        let batch = (runner.batch)();
+        rt.block_on(async move { tokio::spawn(batch).await.expect("batch task") })
+    };
+    for runner in &runners {
+        run(runner); // warm-up: allocator, runtime, registry
+    }
+    let before: Vec<u64> = runners.iter().map(|r| (r.backend_calls)()).collect();
+    let n = runners.len();
+    let mut times = vec![Vec::with_capacity(rounds); n];
+    for round in 0..rounds {
+        for i in 0..n {
+            let which = (round + i) % n;
+            let elapsed = run(&runners[which]);
+            times[which].push(elapsed.as_nanos() as f64 / per_call);
+        }
+    }
+    let mut out = serde_json::Map::new();
+    for (i, runner) in runners.iter().enumerate() {
+        let calls = ((runner.backend_calls)() - before[i]) as f64 / rounds as f64;
+        out.insert(
+            runner.name.to_string(),
+            json!({ "ns": times[i], "backend_calls_per_batch": calls }),
+        );
+    }
+    Value::Object(out)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    match v.len() % 2 {
+        1 => v[mid],
+        _ => (v[mid - 1] + v[mid]) / 2.0,
+    }
+}
+
+fn main() {
+    // `cargo test --benches` runs this once without `--bench`: one round shows it works.
+    let rounds: usize = match support::bench_mode() {
+        true => std::env::var("PAIRED_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(15),
+        false => 1,
+    };
+    let rt = support::runtime();
+    let unique: Arc<[u64]> = (0..UNIQUE_REQUESTS as u64).collect();
+    let hot: Arc<[u64]> = vec![WAITERS_KEY; HOT_REQUESTS].into();
+    let zipf = zipf_keys(ZIPF_REQUESTS, ZIPF_KEYS, ZIPF_S, 0x5eed);
+    let results = [
+        ("solo", rounds_of(&rt, Work::Solo, Immediate, rounds)),
+        (
+            "unique",
+            rounds_of(&rt, Work::Wave(unique), YieldOnce, rounds),
+        ),
+        (
+            "hot",
+            rounds_of(&rt, Work::Wave(hot), Latency(HOT_LATENCY), rounds),
+        ),
+        (
+            "zipf",
+            rounds_of(&rt, Work::Wave(zipf), Latency(ZIPF_LATENCY), rounds),
+        ),
+    ];
+    let mut doc = serde_json::Map::new();
+    for (workload, result) in results {
+        println!("{workload} ({rounds} rounds; median of the per-round ratios to bare):");
+        let bare: Vec<f64> =
+            serde_json::from_value(result[support::BARE]["ns"].clone()).expect("bare times");
+        for name in support::CONTENDERS {
+            let row = &result[name];
+            let ns: Vec<f64> = serde_json::from_value(row["ns"].clone()).expect("times");
+            let ratios = ns.iter().zip(&bare).map(|(t, b)| t / b).collect();
+            println!(
+                "  {name:<28} median {:>12.0} ns   {:>6.2}x bare   {:>9.1} backend calls",
+                median(ns.clone()),
+                median(ratios),
+                row["backend_calls_per_batch"].as_f64().unwrap_or(0.0),
+            );
+        }
+        doc.insert(workload.to_string(), result);
+    }
+    if support::bench_mode() {
+        doc.insert("rounds".to_string(), json!(rounds));
+        doc.insert("machine".to_string(), support::machine());
+        let dir = support::criterion_dir();
+        std::fs::create_dir_all(&dir).expect("criterion dir");
+        let path = dir.join("tower-coalesce-paired.json");
+        let text = serde_json::to_string_pretty(&Value::Object(doc)).expect("json");
+        std::fs::write(&path, text).expect("write paired results");
+        println!("wrote {}", path.display());
+    }
+}
