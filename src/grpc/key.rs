@@ -96,6 +96,8 @@ pub(crate) struct KeyHead {
     path: Box<str>,
     /// `:authority` and `Host`: the inner service may serve several virtual hosts.
     authority: Option<http::uri::Authority>,
+    /// The authority's userinfo, byte for byte (`Authority` compares ignoring case).
+    userinfo: Option<Box<str>>,
     host: Box<[HeaderValue]>,
     /// `application/grpc` vs `application/grpc+json` and the like: the message format.
     content_type: HeaderValue,
@@ -152,7 +154,9 @@ pub(crate) fn classify(config: &Config, parts: &Parts) -> Result<KeyHead, Bypass
         .identity
         .as_ref()
         .and_then(|identify| identify(parts));
-    let has_credentials = CREDENTIALS.iter().any(|name| headers.contains_key(name));
+    let userinfo = crate::http::key::userinfo(&parts.uri);
+    let has_credentials =
+        CREDENTIALS.iter().any(|name| headers.contains_key(name)) || userinfo.is_some();
     if has_credentials && identity.is_none() {
         return Err(Bypass::Credentials);
     }
@@ -163,6 +167,7 @@ pub(crate) fn classify(config: &Config, parts: &Parts) -> Result<KeyHead, Bypass
     Ok(KeyHead {
         path: path.into(),
         authority: parts.uri.authority().cloned(),
+        userinfo: userinfo.map(Into::into),
         host: values(headers, &header::HOST),
         content_type,
         encoding: values(headers, &GRPC_ENCODING),

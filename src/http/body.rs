@@ -50,7 +50,8 @@ impl<B: Body> fmt::Debug for Buffered<B> {
 ///
 /// A body whose size hint already says it is larger is returned untouched, without reading a
 /// byte. Otherwise frames are read until the end (→ [`Buffered::Complete`]), until the data
-/// read exceeds `limit` or the body fails (→ [`Buffered::Incomplete`], which loses nothing).
+/// read exceeds `limit`, a frame follows the trailers, or the body fails
+/// (→ [`Buffered::Incomplete`], which loses nothing).
 /// At most `limit` bytes plus one frame are held in memory.
 ///
 /// The caller checks `Content-Length` itself when it applies (not for `HEAD` responses, whose
@@ -76,7 +77,7 @@ pub(crate) async fn buffer<B: Body>(body: B, limit: usize) -> Buffered<B> {
             None => {
                 return Buffered::Complete {
                     data: concat(&mut frames, read),
-                    trailers: merge_trailers(frames),
+                    trailers: trailers(frames),
                 }
             }
             Some(Ok(frame)) => {
@@ -84,8 +85,13 @@ pub(crate) async fn buffer<B: Body>(body: B, limit: usize) -> Buffered<B> {
                 if let Some(data) = frame.data_ref() {
                     read += data.len() as u64;
                 }
+                // Anything after the trailers (more trailers, more data) cannot be rebuilt as
+                // one body of data then trailers without merging or reordering, which could
+                // turn a failure into a success (an earlier `grpc-status` overwritten): such
+                // a body is replayed to its own caller as it came, and not shared.
+                let after_trailers = frames.back().is_some_and(Frame::is_trailers);
                 frames.push_back(frame);
-                if read > limit {
+                if read > limit || after_trailers {
                     return Buffered::Incomplete(CoalesceBody::replay(frames, None, body));
                 }
             }
@@ -137,14 +143,11 @@ fn concat(frames: &mut VecDeque<Frame<Bytes>>, len: u64) -> Bytes {
     }
 }
 
-fn merge_trailers(frames: VecDeque<Frame<Bytes>>) -> Option<HeaderMap> {
+/// The trailers frame, the last one if any (nothing follows it: see [`buffer`]).
+fn trailers(frames: VecDeque<Frame<Bytes>>) -> Option<HeaderMap> {
     frames
         .into_iter()
-        .filter_map(|frame| frame.into_trailers().ok())
-        .reduce(|mut all, more| {
-            all.extend(more);
-            all
-        })
+        .find_map(|frame| frame.into_trailers().ok())
 }
 
 pin_project! {

@@ -22,6 +22,9 @@ pub(crate) struct Key {
     /// The values of every keyed header present, in the layer's order, each with its name so
     /// that values cannot slide from one header to the next.
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// The URI's userinfo, byte for byte: `Uri` compares authorities ignoring case, right for
+    /// the host but not for credentials.
+    userinfo: Option<Box<str>>,
     identity: Option<Bytes>,
 }
 
@@ -62,8 +65,9 @@ pub(crate) type IdentityFn = Arc<dyn Fn(&Parts) -> Option<Bytes> + Send + Sync>;
 
 /// Headers always in the key whatever the configuration: conditional requests get different
 /// answers (`304`, `412`, `206`), and the authority may arrive through a proxy's headers.
-/// Leaving `X-Forwarded-Host` out would let one client poison the links in everybody's page.
-pub(crate) const ALWAYS_KEYED: [HeaderName; 9] = [
+/// Leaving `X-Forwarded-Host` out would let one client poison the links in everybody's page;
+/// `X-Forwarded-Port` and `X-Forwarded-Prefix` go into absolute links and redirects the same way.
+pub(crate) const ALWAYS_KEYED: [HeaderName; 11] = [
     header::IF_NONE_MATCH,
     header::IF_MODIFIED_SINCE,
     header::IF_MATCH,
@@ -73,6 +77,8 @@ pub(crate) const ALWAYS_KEYED: [HeaderName; 9] = [
     header::FORWARDED,
     HeaderName::from_static("x-forwarded-host"),
     HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
 ];
 
 /// The configurable part of the keyed headers, by default.
@@ -157,9 +163,11 @@ impl KeyRules {
         {
             return Err(Bypass::Body);
         }
+        let userinfo = userinfo(&parts.uri);
         let credentials = headers.contains_key(header::AUTHORIZATION)
             || headers.contains_key(header::COOKIE)
-            || headers.contains_key(header::PROXY_AUTHORIZATION);
+            || headers.contains_key(header::PROXY_AUTHORIZATION)
+            || userinfo.is_some();
         let identity = self.identity.as_ref().and_then(|identify| identify(parts));
         if credentials && identity.is_none() {
             return Err(Bypass::Credentials);
@@ -174,9 +182,17 @@ impl KeyRules {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             headers: keyed,
+            userinfo: userinfo.map(Into::into),
             identity,
         })
     }
+}
+
+/// The userinfo of `uri`'s authority (`user:password` in `http://user:password@host/`):
+/// credentials, like `Authorization`.
+pub(crate) fn userinfo(uri: &Uri) -> Option<&str> {
+    let authority = uri.authority()?.as_str();
+    authority.rsplit_once('@').map(|(userinfo, _)| userinfo)
 }
 
 /// Whether a comma-separated header (all its lines) has `token`, case-insensitively.
@@ -283,7 +299,13 @@ mod tests {
     fn forwarding_headers_are_in_the_key() {
         let rules = KeyRules::default();
         let k = |r| key(&rules, r).unwrap();
-        for name in ["x-forwarded-host", "x-forwarded-proto", "forwarded"] {
+        for name in [
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "forwarded",
+        ] {
             assert_ne!(
                 k(get("/a")),
                 k(get("/a").header(name, "evil.test")),
@@ -370,6 +392,30 @@ mod tests {
                 "{name}"
             );
         }
+        assert_eq!(
+            key(&rules, get("http://alice:secret@one.test/me")),
+            Err(Bypass::Credentials),
+            "a password in the URI"
+        );
+    }
+
+    /// `Uri` compares the authority ignoring case: right for the host, not for userinfo.
+    #[test]
+    fn userinfo_is_keyed_byte_for_byte_and_the_host_ignoring_case() {
+        let rules = KeyRules {
+            identity: Some(Arc::new(|_: &Parts| Some(Bytes::from_static(b"same")))),
+            ..KeyRules::default()
+        };
+        let k = |uri| key(&rules, get(uri)).unwrap();
+        assert_ne!(
+            k("http://alice:secret@one.test/me"),
+            k("http://alice:SECRET@one.test/me")
+        );
+        assert_eq!(
+            k("http://alice:secret@one.test/me"),
+            k("http://alice:secret@ONE.test/me")
+        );
+        assert_ne!(k("http://alice@one.test/me"), k("http://one.test/me"));
     }
 
     #[test]

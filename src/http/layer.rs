@@ -94,7 +94,7 @@ impl CoalesceHttpLayer {
     /// credentials (see [`identity`](Self::identity)). The conditional headers
     /// (`If-None-Match`, `If-Modified-Since`, `If-Match`, `If-Unmodified-Since`, `If-Range`)
     /// and the headers that carry the authority (`Host`, `Forwarded`, `X-Forwarded-Host`,
-    /// `X-Forwarded-Proto`) are always in the key.
+    /// `X-Forwarded-Proto`, `X-Forwarded-Port`, `X-Forwarded-Prefix`) are always in the key.
     ///
     /// ```
     /// use http::header::{ACCEPT, HeaderName};
@@ -115,8 +115,8 @@ impl CoalesceHttpLayer {
     /// Adds a caller identity to the key, so that requests with credentials are coalesced
     /// with requests of the same identity only.
     ///
-    /// Without an identity, requests with `Authorization`, `Cookie` or `Proxy-Authorization`
-    /// bypass the layer. With one, `identify` is called for every coalescible request; its
+    /// Without an identity, requests with `Authorization`, `Cookie`, `Proxy-Authorization` or
+    /// userinfo in the URI bypass the layer. With one, `identify` is called for every coalescible request; its
     /// result becomes part of the key; a request with credentials for which it returns `None`
     /// bypasses. The identity must determine everything the credentials change about the
     /// response: derive it from what authentication *verified* (a user id an authentication
