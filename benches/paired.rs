@@ -1,7 +1,8 @@
-//! The solo, unique, hot and zipf workloads of `overhead` again, as paired rounds: each round
-//! runs one batch (solo: 20,000 sequential calls; the others: one wave) of every contender,
-//! back to back, starting with a different contender each round. A ratio is taken within a
-//! round, between runs seconds apart, and the report gives the median over the rounds.
+//! The solo, unique, hot, zipf and waiters workloads of `overhead` again, as paired rounds:
+//! each round runs one batch (solo: 20,000 sequential calls; waiters: 21 waves, of which the
+//! median counts; the others: one wave) of every contender, back to back, starting with a
+//! different contender each round. A ratio is taken within a round, between runs seconds
+//! apart, and the report gives the median over the rounds.
 //!
 //! Criterion (in `overhead`) times each contender for a few seconds, one after the other, so
 //! a shared machine's load can shift between the baseline and the contender; here every ratio
@@ -28,9 +29,13 @@ use support::waves::{
     HOT_LATENCY, HOT_REQUESTS, UNIQUE_REQUESTS, ZIPF_KEYS, ZIPF_LATENCY, ZIPF_REQUESTS, ZIPF_S,
 };
 use support::{
-    for_each, wave, zipf_keys, Backend, Client, Immediate, Kind, Latency, Visit, YieldOnce,
-    WAITERS_KEY,
+    for_each, waiters_wave, wave, zipf_keys, Backend, Client, Gate, Gated, Immediate, Kind,
+    Latency, Visit, YieldOnce, WAITERS_KEY,
 };
+
+/// Waiters waves per batch: one wave at small N takes microseconds, at the mercy of a worker's
+/// wake-up; the batch counts its median wave.
+const WAITERS_WAVES: usize = 21;
 
 /// Sequential calls per solo batch: long enough (about a millisecond) that the clock's cost
 /// and a stray preemption do not count.
@@ -45,6 +50,9 @@ enum Work {
     Solo,
     /// One wave of concurrent requests, one task each.
     Wave(Arc<[u64]>),
+    /// `WAITERS_WAVES` waves of a leader and this many followers of one gated flight, each
+    /// timed from the gate opening to the last waiter's answer.
+    Waiters(&'static Gate, usize),
 }
 
 /// One contender on one workload.
@@ -75,6 +83,14 @@ impl<K: Kind> Visit<K> for Collect {
                         start.elapsed()
                     }
                     Work::Wave(keys) => wave(&client, &keys).await,
+                    Work::Waiters(gate, followers) => {
+                        let mut waves = Vec::with_capacity(WAITERS_WAVES);
+                        for _ in 0..WAITERS_WAVES {
+                            waves.push(waiters_wave(&client, gate, followers).await);
+                        }
+                        waves.sort();
+                        waves[WAITERS_WAVES / 2]
+                    }
                 }
             })
         };
@@ -89,15 +105,17 @@ impl<K: Kind> Visit<K> for Collect {
 /// Runs `rounds` rounds of one batch per contender and returns, per contender, the time of
 /// each round's batch (per call for solo) and the backend calls per batch.
 fn rounds_of<K: Kind>(rt: &Runtime, work: Work, kind: K, rounds: usize) -> Value {
-    let per_call = match &work {
-        Work::Solo => SOLO_CALLS as f64,
-        Work::Wave(_) => 1.0,
+    let (per_call, with_bare) = match &work {
+        Work::Solo => (SOLO_CALLS as f64, true),
+        Work::Wave(_) => (1.0, true),
+        // Nothing to coalesce without a coalescer: no bare service.
+        Work::Waiters(..) => (1.0, false),
     };
     let mut collect = Collect {
         work,
         runners: Vec::new(),
     };
-    for_each(kind, true, &mut collect);
+    for_each(kind, with_bare, &mut collect);
     let runners = collect.runners;
     // A batch is spawned, as a server's requests are tasks (not `block_on`).
     let run = |runner: &Runner| {
@@ -150,34 +168,52 @@ fn main() {
     let unique: Arc<[u64]> = (0..UNIQUE_REQUESTS as u64).collect();
     let hot: Arc<[u64]> = vec![WAITERS_KEY; HOT_REQUESTS].into();
     let zipf = zipf_keys(ZIPF_REQUESTS, ZIPF_KEYS, ZIPF_S, 0x5eed);
-    let results = [
-        ("solo", rounds_of(&rt, Work::Solo, Immediate, rounds)),
+    let gate = Gate::leak();
+    let waiters = |n| rounds_of(&rt, Work::Waiters(gate, n), Gated(gate), rounds);
+    // `PAIRED_ONLY=waiters` (a prefix) runs only the matching workloads.
+    let only = std::env::var("PAIRED_ONLY").unwrap_or_default();
+    type Run<'a> = Box<dyn Fn() -> Value + 'a>;
+    let workloads: Vec<(&str, Run)> = vec![
+        (
+            "solo",
+            Box::new(|| rounds_of(&rt, Work::Solo, Immediate, rounds)),
+        ),
         (
             "unique",
-            rounds_of(&rt, Work::Wave(unique), YieldOnce, rounds),
+            Box::new(|| rounds_of(&rt, Work::Wave(unique.clone()), YieldOnce, rounds)),
         ),
         (
             "hot",
-            rounds_of(&rt, Work::Wave(hot), Latency(HOT_LATENCY), rounds),
+            Box::new(|| rounds_of(&rt, Work::Wave(hot.clone()), Latency(HOT_LATENCY), rounds)),
         ),
         (
             "zipf",
-            rounds_of(&rt, Work::Wave(zipf), Latency(ZIPF_LATENCY), rounds),
+            Box::new(|| rounds_of(&rt, Work::Wave(zipf.clone()), Latency(ZIPF_LATENCY), rounds)),
         ),
+        ("waiters/10", Box::new(|| waiters(10))),
+        ("waiters/100", Box::new(|| waiters(100))),
+        ("waiters/1000", Box::new(|| waiters(1_000))),
     ];
+    let results = workloads
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(&only))
+        .map(|(name, run)| (name, run()));
     let mut doc = serde_json::Map::new();
     for (workload, result) in results {
         println!("{workload} ({rounds} rounds; median of the per-round ratios to bare):");
-        let bare: Vec<f64> =
-            serde_json::from_value(result[support::BARE]["ns"].clone()).expect("bare times");
+        let bare: Option<Vec<f64>> =
+            serde_json::from_value(result[support::BARE]["ns"].clone()).ok();
         for name in support::CONTENDERS {
             let row = &result[name];
-            let ns: Vec<f64> = serde_json::from_value(row["ns"].clone()).expect("times");
-            let ratios = ns.iter().zip(&bare).map(|(t, b)| t / b).collect();
+            let Ok(ns) = serde_json::from_value::<Vec<f64>>(row["ns"].clone()) else {
+                continue;
+            };
+            let ratio = bare.as_ref().map_or(f64::NAN, |bare| {
+                median(ns.iter().zip(bare).map(|(t, b)| t / b).collect())
+            });
             println!(
-                "  {name:<28} median {:>12.0} ns   {:>6.2}x bare   {:>9.1} backend calls",
+                "  {name:<28} median {:>12.0} ns   {ratio:>6.2}x bare   {:>9.1} backend calls",
                 median(ns.clone()),
-                median(ratios),
                 row["backend_calls_per_batch"].as_f64().unwrap_or(0.0),
             );
         }

@@ -68,6 +68,22 @@ const WORKLOADS: [(&str, &str, u64); 4] = [
 ];
 const WAITERS: [u64; 5] = [10, 100, 1_000, 10_000, 100_000];
 
+/// Workloads of the paired rounds (`cargo bench --bench paired`): the four above, then waiters
+/// at small N (no bare service there).
+fn paired_workloads() -> Vec<(String, String)> {
+    let mut all: Vec<(String, String)> = WORKLOADS
+        .iter()
+        .map(|(id, desc, _)| (id.to_string(), desc.to_string()))
+        .collect();
+    for n in [10, 100, 1_000] {
+        all.push((
+            format!("waiters/{n}"),
+            format!("waiters, N = {n} (answer → last follower, median of 21 waves)"),
+        ));
+    }
+    all
+}
+
 const COLORS: [RGBColor; 7] = [
     RGBColor(120, 120, 120),
     RGBColor(214, 39, 40),
@@ -376,14 +392,17 @@ fn markdown(r: &Results) -> String {
             let _ = write!(w, " {n} |");
         }
         let _ = writeln!(w, "\n|---|{}", "---:|".repeat(CONTENDERS.len()));
-        for (id, desc, _) in WORKLOADS {
+        for (id, desc) in paired_workloads() {
             let _ = write!(w, "| {desc} |");
             for (c, _) in CONTENDERS {
-                let time = r.paired_times(id, c).and_then(quartiles);
-                let ratio = r.paired_ratio(id, c, Baseline::Bare);
+                let time = r.paired_times(&id, c).and_then(quartiles);
+                let ratio = r.paired_ratio(&id, c, Baseline::Bare);
                 match (time, ratio) {
                     (Some((t, _, _)), Some((m, lo, hi))) => {
                         let _ = write!(w, " {}<br>{m:.2}× [{lo:.2}–{hi:.2}] |", fmt_ns(t));
+                    }
+                    (Some((t, _, _)), None) => {
+                        let _ = write!(w, " {} |", fmt_ns(t));
                     }
                     _ => {
                         let _ = write!(w, " – |");
@@ -397,8 +416,8 @@ fn markdown(r: &Results) -> String {
             "\nOurs over the fastest peer of each round:\n\n\
              | workload | layer / fastest peer | `Group::run` / fastest peer |\n|---|---:|---:|"
         );
-        for (id, desc, _) in WORKLOADS {
-            let cell = |c: &str| paired_cell(r.paired_ratio(id, c, Baseline::FastestPeer));
+        for (id, desc) in paired_workloads() {
+            let cell = |c: &str| paired_cell(r.paired_ratio(&id, c, Baseline::FastestPeer));
             let _ = writeln!(w, "| {desc} | {} | {} |", cell(OURS[0]), cell(OURS[1]));
         }
     }
@@ -898,9 +917,12 @@ fn readme_summary(r: &Results) -> String {
             paired_field(r, "commit"),
             r.paired["rounds"],
         );
-        for (id, desc, _) in WORKLOADS {
-            let desc = desc.split(':').next().unwrap_or(desc);
-            let cell = |c: &str, b| paired_cell(r.paired_ratio(id, c, b));
+        for (id, _) in paired_workloads() {
+            let desc = match id.strip_prefix("waiters/") {
+                Some(n) => format!("waiters, N = {n}"),
+                None => id.clone(),
+            };
+            let cell = |c: &str, b| paired_cell(r.paired_ratio(&id, c, b));
             let _ = writeln!(
                 w,
                 "| {desc} | {} | {} | {} | {} |",
