@@ -238,6 +238,9 @@ impl GroupBuilder {
     /// gone (a cache fill, work that must not be wasted, a leader with a short deadline that
     /// must not cancel followers with longer ones).
     ///
+    /// A [retry](Self::retry_failed) of a detached flight runs on a spawned task too, made by
+    /// the follower elected to retry, who then waits for it like the others.
+    ///
     /// Without it (the default) a flight is driven by its waiters and dropped when the last
     /// one leaves. Outside a tokio runtime, flights are driven by their waiters regardless.
     pub fn detached(mut self, detached: bool) -> Self {
@@ -784,18 +787,7 @@ where
             };
             // Detached: a task drives the flight; the caller waits as a follower of its own call.
             let mut run = leader(Role::Follower(slot_key(slot), None));
-            let driver = Run {
-                registry: Arc::clone(cell),
-                flight: Some(Arc::clone(&flight)),
-                registered: true,
-                role: Role::Driver(fut),
-                leader: false,
-                shared: false,
-                maker: false,
-            };
-            handle.spawn(async move {
-                let _ = driver.await;
-            });
+            spawn_driver(&handle, cell, &flight, fut);
             run.flight = Some(flight);
             run
         };
@@ -1009,20 +1001,23 @@ impl<K> ShardCell<K> {
     }
 
     /// Ends the flight registered as (`hash`, `id`): unregisters it, or makes it linger with
-    /// `keep` until the given instant; counts how it ended. Returns its shared state, if a
-    /// follower (or this call, to hold `keep`) made one, and the entry if it was removed: the
+    /// `keep` until the given instant; counts how it ended if `count` (a failure handed to
+    /// followers to retry was counted then). Returns its shared state, if a follower (or this
+    /// call, to hold `keep`, with `cloner`) made one, and the entry if it was removed: the
     /// caller drops that (the key's destructor is user code) once the followers are served.
     #[allow(clippy::type_complexity)]
-    fn finish<T: Clone + Send + 'static>(
+    fn finish<T: Send + 'static>(
         &self,
-        hash: u64,
-        id: u64,
-        end: End,
+        (hash, id): (u64, u64),
+        (end, count): (End, bool),
         linger: Option<(Instant, Result<T, Panicked>)>,
+        cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
     ) -> (Option<Arc<Flight<T>>>, Option<Entry<K>>) {
         let mut guard = self.lock();
         let shard = &mut *guard;
-        shard.counters.count(end);
+        if count {
+            shard.counters.count(end);
+        }
         let Ok(mut found) = shard.table.find_entry(hash, |e| e.id == id) else {
             return (None, None);
         };
@@ -1034,7 +1029,7 @@ impl<K> ShardCell<K> {
                 let holder = match entry.flight.clone().and_then(downcast) {
                     Some(flight) => flight,
                     None => {
-                        let holder = Arc::new(Flight::new(entry, 0));
+                        let holder = Arc::new(Flight::with_cloner(entry, 0, cloner));
                         holder.state.lock().phase = Phase::Done;
                         entry.flight = Some(Arc::clone(&holder) as Arc<dyn Any + Send + Sync>);
                         holder
@@ -1107,10 +1102,20 @@ impl<K> ShardCell<K> {
 
 impl<T: Clone> Flight<T> {
     fn new<K>(entry: &Entry<K>, retries: u32) -> Self {
+        Flight::with_cloner(entry, retries, Clone::clone)
+    }
+}
+
+impl<T> Flight<T> {
+    fn with_cloner<K>(
+        entry: &Entry<K>,
+        retries: u32,
+        cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
+    ) -> Self {
         Flight {
             hash: entry.hash,
             id: entry.id,
-            cloner: Clone::clone,
+            cloner,
             state: Mutex::new(State {
                 phase: Phase::Running,
                 driven: true,
@@ -1272,6 +1277,31 @@ impl<K, T: Send + 'static> Run<K, T> {
     }
 }
 
+/// Drives a detached flight's call (`fut`) on a task of its own: it completes even if every
+/// waiter leaves.
+fn spawn_driver<K, T>(
+    handle: &tokio::runtime::Handle,
+    registry: &Arc<ShardCell<K>>,
+    flight: &Arc<Flight<T>>,
+    fut: BoxFuture<T>,
+) where
+    K: Send + 'static,
+    T: Clone + Send + 'static,
+{
+    let driver = Run {
+        registry: Arc::clone(registry),
+        flight: Some(Arc::clone(flight)),
+        registered: true,
+        role: Role::Driver(fut),
+        leader: false,
+        shared: false,
+        maker: false,
+    };
+    handle.spawn(async move {
+        let _ = driver.await;
+    });
+}
+
 /// Calls a leader's `make` (user code: outside every lock) and boxes its future; a panic is
 /// caught, to end the flight at once.
 #[allow(clippy::type_complexity)]
@@ -1338,7 +1368,9 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             let keep = catch_unwind(AssertUnwindSafe(|| out.clone())).ok()?;
             Some((Instant::now() + window, keep))
         });
-        let (flight, removed) = self.registry.finish(hash, id, end, linger);
+        let (flight, removed) = self
+            .registry
+            .finish((hash, id), (end, true), linger, Clone::clone);
         let Some(flight) = flight.or_else(|| self.flight.clone()) else {
             // Nobody ever joined: no shared state to publish to.
             trace_end(meta.span(), end, 1);
@@ -1572,7 +1604,7 @@ fn trace_end(_span: (), _end: End, _waiters: usize) {
     metrics::counter!("tower_coalesce_flights_total", "outcome" => _end.name()).increment(1);
 }
 
-impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
+impl<K: Send + 'static, T: Clone + Send + 'static> Future for Run<K, T> {
     type Output = Result<T, Panicked>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -1647,8 +1679,16 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                             }
                             if state.needs_driver && make.is_some() {
                                 // The last attempt failed: run this follower's own call as
-                                // the next attempt, for everybody.
-                                state.followers.remove(key);
+                                // the next attempt, for everybody. A detached flight's attempt
+                                // runs on a task of its own, as its first did (it completes even
+                                // if every waiter leaves), and this follower waits in its slot.
+                                let spawn = match state.detached {
+                                    true => tokio::runtime::Handle::try_current().ok(),
+                                    false => None,
+                                };
+                                if spawn.is_none() {
+                                    state.followers.remove(key);
+                                }
                                 state.makers -= usize::from(mem::take(&mut this.maker));
                                 state.needs_driver = false;
                                 state.driven = true;
@@ -1669,9 +1709,19 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
                                 };
                                 match catch_unwind(AssertUnwindSafe(make)) {
                                     Ok((fut, is_err)) => {
-                                        this.role = Role::Driver(driven(meta(is_err), fut));
+                                        let fut = driven(meta(is_err), fut);
+                                        let Some(handle) = spawn else {
+                                            this.role = Role::Driver(fut);
+                                            continue;
+                                        };
+                                        spawn_driver(&handle, &this.registry, flight, fut);
                                     }
                                     Err(payload) => {
+                                        if spawn.is_some() {
+                                            // No task drives it: this follower ends it, out of
+                                            // its slot (nobody else could have served that).
+                                            flight.state.lock().followers.remove(key);
+                                        }
                                         // A panic is a failure whatever the test.
                                         let meta = meta(|_| false);
                                         this.role = Role::Finished;
@@ -1718,6 +1768,14 @@ impl<K, T: Clone + Send + 'static> Future for Run<K, T> {
 
 impl<K, T: Send + 'static> Drop for Run<K, T> {
     fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+impl<K, T: Send + 'static> Run<K, T> {
+    /// Leaves the flight now, as dropping this waiter would, keeping what it can still tell
+    /// (`is_leader`, `is_shared`): for a waiter that stops waiting but whose future is kept.
+    pub(crate) fn leave(&mut self) {
         if let Role::Finished = self.role {
             return;
         }
@@ -1832,10 +1890,16 @@ impl<K, T: Send + 'static> Run<K, T> {
                     Ok(_) => End::Err,
                     Err(_) => End::Panicked,
                 };
-                let mut shard = self.registry.lock();
-                shard.counters.count(end);
-                let removed = shard.unlink(flight.hash, flight.id, &self.registry.common);
-                drop(shard);
+                // Ended as `complete` ends a flight, but not counted again: this failed call
+                // was counted when it was handed on to be retried.
+                let linger = self.registry.config.linger_errors.and_then(|window| {
+                    let keep = catch_unwind(AssertUnwindSafe(|| (flight.cloner)(&failure)));
+                    Some((Instant::now() + window, keep.ok()?))
+                });
+                let ends = (flight.hash, flight.id);
+                let (_, removed) = self
+                    .registry
+                    .finish(ends, (end, false), linger, flight.cloner);
                 let _ = publish(&flight, failure, end, flight.cloner);
                 drop(removed);
             }

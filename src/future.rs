@@ -155,6 +155,7 @@ where
     S: Service<Req>,
     S::Response: Clone + Send + 'static,
     S::Error: Into<BoxError>,
+    K: Send + 'static,
 {
     type Output = Output<S, Req>;
 
@@ -195,10 +196,13 @@ where
             let (limit, action) = (deadline.limit, deadline.action);
             *this.deadline = None;
             run.note_timeout();
-            match (action, run.take_make()) {
+            let make = run.take_make();
+            // Out of the flight now, not when this future is dropped: a caller may keep it (to
+            // ask `is_shared`, say), and its place must not hold up the others.
+            run.leave();
+            match (action, make) {
                 (OnTimeout::CallInner, Some(make)) => {
-                    // Leaves the flight (dropping this waiter) and calls alone; the flight
-                    // goes on for the others.
+                    // Calls alone; the flight goes on for the others.
                     match catch_unwind(AssertUnwindSafe(make)) {
                         Ok((call, _)) => this.kind.set(Kind::Alone { call }),
                         Err(payload) => {
