@@ -1005,7 +1005,10 @@ impl<K> ShardCell<K> {
     /// followers to retry was counted then). Returns its shared state, if a follower (or this
     /// call, to hold `keep`, with `cloner`) made one, and the entry if it was removed: the
     /// caller drops that (the key's destructor is user code) once the followers are served.
+    // Inlined into `complete`, the path of every flight: a call moves the removed entry
+    // through memory (measured: ~20 more instructions per solo call).
     #[allow(clippy::type_complexity)]
+    #[inline(always)]
     fn finish<T: Send + 'static>(
         &self,
         (hash, id): (u64, u64),
