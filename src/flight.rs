@@ -1419,7 +1419,6 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             })
             .collect();
         drop(state);
-        emit("tower_coalesce_retried_total");
         // This driver's error goes to nobody else: the followers retry.
         for waker in wakers {
             waker.wake();
@@ -1703,6 +1702,9 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Future for Run<K, T> {
                                 let registry = &this.registry;
                                 registry.lock().counters.leaders += 1;
                                 registry.retried.fetch_add(1, Relaxed);
+                                // As `stats()` counts them: when the retry starts.
+                                emit("tower_coalesce_leaders_total");
+                                emit("tower_coalesce_retried_total");
                                 let make = make.take().expect("checked above");
                                 let flight = this.flight.as_ref().expect("a follower's");
                                 let meta = |is_err| Meta {

@@ -68,7 +68,14 @@
 //! - `grpc`: `grpc::CoalesceGrpcLayer`, coalescing of allow-listed unary gRPC
 //!   methods (tonic).
 //! - `tracing`: a `coalesce.flight` span per call.
-//! - `metrics`: `tower_coalesce_*` counters for the `metrics` crate.
+//! - `metrics`: counters for the `metrics` crate, each matching a [`Stats`] field:
+//!   `tower_coalesce_leaders_total` (calls started, retries included),
+//!   `tower_coalesce_followers_total`, `tower_coalesce_lingered_total`,
+//!   `tower_coalesce_bypassed_total` (`CoalesceLayer` only), `tower_coalesce_over_capacity_total`,
+//!   `tower_coalesce_timed_out_total`, `tower_coalesce_retried_total` (counted when a retry
+//!   starts); and `tower_coalesce_flights_total{outcome}` (`ok`, `error`, `panicked`,
+//!   `cancelled`), one per flight when it ends: a failed attempt that is retried counts in
+//!   [`Stats::errors`] but ends no flight.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -1638,66 +1638,13 @@ async fn core_run_roles_and_shared_flag() {
 // ---------------------------------------------------------------------------------------------
 
 #[cfg(feature = "metrics")]
+#[path = "counting_recorder/mod.rs"]
+mod counting;
+
+#[cfg(feature = "metrics")]
 mod metrics_counters {
+    use super::counting::Counting;
     use super::*;
-    use metrics::{
-        Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
-    };
-    use std::collections::BTreeMap;
-    use std::sync::Mutex;
-
-    type Totals = Arc<Mutex<BTreeMap<String, u64>>>;
-
-    /// Counts every counter increment by name and labels (`name{k=v}`).
-    #[derive(Default)]
-    struct Counting {
-        totals: Totals,
-    }
-
-    struct One {
-        name: String,
-        totals: Totals,
-    }
-
-    impl CounterFn for One {
-        fn increment(&self, value: u64) {
-            *self
-                .totals
-                .lock()
-                .unwrap()
-                .entry(self.name.clone())
-                .or_default() += value;
-        }
-        fn absolute(&self, value: u64) {
-            self.totals.lock().unwrap().insert(self.name.clone(), value);
-        }
-    }
-
-    impl Recorder for Counting {
-        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-            let mut name = key.name().to_string();
-            let labels: Vec<_> = key
-                .labels()
-                .map(|l| format!("{}={}", l.key(), l.value()))
-                .collect();
-            if !labels.is_empty() {
-                name = format!("{name}{{{}}}", labels.join(","));
-            }
-            Counter::from_arc(Arc::new(One {
-                name,
-                totals: self.totals.clone(),
-            }))
-        }
-        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
-            Gauge::noop()
-        }
-        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
-            Histogram::noop()
-        }
-    }
 
     #[test]
     fn counters_for_leaders_followers_bypasses_and_outcomes() {
@@ -1729,7 +1676,7 @@ mod metrics_counters {
                 boom(done("key 2", w).await);
             }));
         });
-        let totals = recorder.totals.lock().unwrap().clone();
+        let totals = recorder.totals();
         let get = |name: &str| totals.get(name).copied().unwrap_or(0);
         assert_eq!(get("tower_coalesce_leaders_total"), 2, "{totals:?}");
         assert_eq!(get("tower_coalesce_followers_total"), 1, "{totals:?}");

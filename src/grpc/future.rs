@@ -131,10 +131,13 @@ where
         let (tx, rx) = oneshot::channel();
         let limit = shared.config.response_limit;
         let mut call = Some((inner, request, tx));
-        let run = shared.group.run(key, || {
+        let make = || {
             let (inner, request, tx) = call.take().expect("make runs once");
             lead(inner, request, limit, tx)
-        });
+        };
+        let run = shared
+            .group
+            .run_classified(key, make, Outcome::failed, None);
         match call {
             None => State::Waiting {
                 run,
@@ -249,7 +252,7 @@ where
                             state.set(State::Done);
                             return Poll::Ready(Ok(served(response.rebuild(), ServedBy::Follower)));
                         }
-                        Ok(Outcome::Released) | Err(_) => {
+                        Ok(Outcome::Released { .. }) | Err(_) => {
                             let (inner, request) =
                                 own.take().expect("a follower keeps its own request");
                             State::Calling {
@@ -298,8 +301,16 @@ enum Outcome {
     /// A successful response, buffered whole: rebuilt for each follower.
     Shared(Arc<SharedResponse>),
     /// Not shareable (failed, errored, panicked, too large, not gRPC): followers make their own
-    /// calls.
-    Released,
+    /// calls. `failed` when the call failed: an inner error, an HTTP status other than `200`, or
+    /// a `grpc-status` other than `OK`.
+    Released { failed: bool },
+}
+
+impl Outcome {
+    /// Whether the flight failed (stats, span outcome, metrics).
+    fn failed(&self) -> bool {
+        matches!(self, Outcome::Released { failed: true })
+    }
 }
 
 struct SharedResponse {
@@ -340,19 +351,21 @@ where
         Ok(response) => response,
         Err(error) => {
             let _ = reply.send(Err(error));
-            return Outcome::Released;
+            return Outcome::Released { failed: true };
         }
     };
     let (parts, body) = response.into_parts();
     if !status::head_may_share(&parts) {
+        let failed = status::head_failed(&parts);
         let _ = reply.send(Ok(Response::from_parts(
             parts,
             CoalesceBody::original(body),
         )));
-        return Outcome::Released;
+        return Outcome::Released { failed };
     }
     let (body, outcome) = match buffer(body, limit).await {
-        Buffered::Incomplete(body) => (body, Outcome::Released),
+        // Too large, or the body failed midway: not shared; not known to be a failed call.
+        Buffered::Incomplete(body) => (body, Outcome::Released { failed: false }),
         Buffered::Complete { data, trailers } => {
             let outcome = if status::is_ok(&parts.headers, trailers.as_ref()) {
                 Outcome::Shared(Arc::new(SharedResponse {
@@ -363,7 +376,7 @@ where
                     trailers: trailers.clone(),
                 }))
             } else {
-                Outcome::Released
+                Outcome::Released { failed: true }
             };
             (CoalesceBody::full(data, trailers), outcome)
         }

@@ -28,6 +28,12 @@ pub(crate) fn head_may_share(parts: &Parts) -> bool {
         && all_ok(&parts.headers)
 }
 
+/// Whether a response head says the call failed: an HTTP status other than `200`, or a
+/// trailers-only response whose `grpc-status` is not `OK`.
+pub(crate) fn head_failed(parts: &Parts) -> bool {
+    parts.status != StatusCode::OK || !all_ok(&parts.headers)
+}
+
 /// Whether a fully read response succeeded: it carries a `grpc-status` (in its headers or its
 /// trailers) and every `grpc-status` it carries is exactly `0`.
 pub(crate) fn is_ok(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> bool {

@@ -111,7 +111,7 @@ where
         // Taken only by `make`, which runs only for the leader: whoever still holds the
         // request afterwards is a follower and can make its own call if it must.
         let mut own = Some(req);
-        let run = self.group.run(key, || {
+        let make = || {
             let req = own.take().expect("the flight is made once");
             flight(
                 self.inner.clone(),
@@ -119,7 +119,9 @@ where
                 Arc::downgrade(&slot),
                 config.max_body_bytes,
             )
-        });
+        };
+        // An inner error counts as a failed flight (stats, span outcome, metrics).
+        let run = self.group.run_classified(key, make, Outcome::failed, None);
         match own {
             None => ResponseFuture::leader(run, slot, config.cache_status),
             Some(req) => {

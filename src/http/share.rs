@@ -22,6 +22,14 @@ pub(crate) enum Outcome {
     Released(Release),
 }
 
+impl Outcome {
+    /// Whether the flight failed: the inner service returned an error. (A panic is one too,
+    /// known to the core by itself; a response that is not shared did not fail.)
+    pub(crate) fn failed(&self) -> bool {
+        matches!(self, Outcome::Released(Release::Error))
+    }
+}
+
 /// Why a flight's response was not shared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Release {
