@@ -126,7 +126,13 @@ enum Baseline {
     Bare,
     /// The fastest of the four peers in that round.
     FastestPeer,
+    /// The fastest in that round of the peers whose followers sleep until woken (all but
+    /// tower-resilience-coalesce, whose followers re-poll themselves).
+    FastestSleepingPeer,
 }
+
+/// The peer whose followers never sleep: they wake themselves to poll again.
+const BUSY_PEER: &str = "tower-resilience-coalesce";
 
 /// The median and the quartiles of a sample.
 fn quartiles(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
@@ -192,9 +198,11 @@ impl Results {
         let ours = self.paired_times(workload, id)?;
         let base: Vec<f64> = match baseline {
             Baseline::Bare => self.paired_times(workload, "bare")?,
-            Baseline::FastestPeer => {
+            Baseline::FastestPeer | Baseline::FastestSleepingPeer => {
+                let sleeping_only = matches!(baseline, Baseline::FastestSleepingPeer);
                 let peers: Vec<Vec<f64>> = PEERS
                     .iter()
+                    .filter(|c| !(sleeping_only && **c == BUSY_PEER))
                     .filter_map(|c| self.paired_times(workload, c))
                     .collect();
                 (0..ours.len())
@@ -413,12 +421,21 @@ fn markdown(r: &Results) -> String {
         }
         let _ = writeln!(
             w,
-            "\nOurs over the fastest peer of each round:\n\n\
-             | workload | layer / fastest peer | `Group::run` / fastest peer |\n|---|---:|---:|"
+            "\nOurs over the fastest peer of each round, and over the fastest of those whose \
+             followers sleep until woken (all but tower-resilience-coalesce):\n\n\
+             | workload | layer / fastest peer | `Group::run` / fastest peer | layer / fastest \
+             sleeping peer | `Group::run` / fastest sleeping peer |\n|---|---:|---:|---:|---:|"
         );
         for (id, desc) in paired_workloads() {
-            let cell = |c: &str| paired_cell(r.paired_ratio(&id, c, Baseline::FastestPeer));
-            let _ = writeln!(w, "| {desc} | {} | {} |", cell(OURS[0]), cell(OURS[1]));
+            let cell = |c: &str, b| paired_cell(r.paired_ratio(&id, c, b));
+            let _ = writeln!(
+                w,
+                "| {desc} | {} | {} | {} | {} |",
+                cell(OURS[0], Baseline::FastestPeer),
+                cell(OURS[1], Baseline::FastestPeer),
+                cell(OURS[0], Baseline::FastestSleepingPeer),
+                cell(OURS[1], Baseline::FastestSleepingPeer),
+            );
         }
     }
 
@@ -932,6 +949,24 @@ fn readme_summary(r: &Results) -> String {
                 cell(OURS[1], Baseline::FastestPeer),
             );
         }
+        let sleeping = |c: &str| {
+            [10, 100, 1_000]
+                .iter()
+                .map(|n| {
+                    r.paired_ratio(&format!("waiters/{n}"), c, Baseline::FastestSleepingPeer)
+                        .map_or("–".into(), |(m, _, _)| format!("{m:.2}×"))
+                })
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let _ = writeln!(
+            w,
+            "\nWaiters against the fastest peer whose followers sleep until woken (all but \
+             tower-resilience-coalesce, whose followers poll themselves again and again), at \
+             N = 10 / 100 / 1,000: layer {}, `Group::run` {}.",
+            sleeping(OURS[0]),
+            sleeping(OURS[1]),
+        );
     }
     let calls = |workload: &str, id: &str| {
         r.calls(workload, id)
