@@ -691,6 +691,7 @@ where
                     leader: false,
                     shared: true,
                     maker: keep.is_some(),
+                    retrying: false,
                 };
             }
             drop(state);
@@ -768,6 +769,7 @@ where
                 leader: true,
                 shared: false,
                 maker: false,
+                retrying: false,
             };
             let fut = match start(make, meta) {
                 Ok(fut) => fut,
@@ -812,6 +814,7 @@ where
             leader: true,
             shared: false,
             maker: false,
+            retrying: false,
         };
         match start(make, Meta::new(hash, 0, is_err, None)) {
             Ok(fut) => run(Role::Driver(fut)),
@@ -1185,6 +1188,9 @@ pub struct Run<K, T: Send + 'static> {
     shared: bool,
     /// Whether this follower is counted in `State::makers`.
     maker: bool,
+    /// Whether this follower's own call is the attempt a spawned task runs (a detached
+    /// flight's retry): it waits for its own call, so no follower's wait limit applies.
+    retrying: bool,
 }
 
 // No field is structurally pinned: the inner future is boxed, outputs are moved out whole.
@@ -1218,6 +1224,7 @@ impl<K, T: Send + 'static> Run<K, T> {
             leader: false,
             shared: true,
             maker: false,
+            retrying: false,
         }
     }
 
@@ -1227,9 +1234,10 @@ impl<K, T: Send + 'static> Run<K, T> {
     }
 
     /// Whether this waiter polls the inner future for everybody (it led, took over from a
-    /// leader that left, or runs a retry): it must not be cut short by a follower's limit.
+    /// leader that left, or runs a retry), or waits for its own call run by a spawned task (a
+    /// detached flight's retry): it must not be cut short by a follower's limit.
     pub(crate) fn is_driving(&self) -> bool {
-        matches!(self.role, Role::Driver(_))
+        matches!(self.role, Role::Driver(_)) || self.retrying
     }
 
     /// Whether this waiter waits for a call that another caller drives: a follower (not a
@@ -1299,6 +1307,7 @@ fn spawn_driver<K, T>(
         leader: false,
         shared: false,
         maker: false,
+        retrying: false,
     };
     handle.spawn(async move {
         let _ = driver.await;
@@ -1720,6 +1729,7 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Future for Run<K, T> {
                                             continue;
                                         };
                                         spawn_driver(&handle, &this.registry, flight, fut);
+                                        this.retrying = true;
                                     }
                                     Err(payload) => {
                                         if spawn.is_some() {
@@ -1778,9 +1788,15 @@ impl<K, T: Send + 'static> Drop for Run<K, T> {
 }
 
 impl<K, T: Send + 'static> Run<K, T> {
-    /// Leaves the flight now, as dropping this waiter would, keeping what it can still tell
-    /// (`is_leader`, `is_shared`): for a waiter that stops waiting but whose future is kept.
-    pub(crate) fn leave(&mut self) {
+    /// Gives up waiting: leaves the flight now, as dropping this waiter would, for a waiter
+    /// whose future is kept. It got no output, so none was shared with it.
+    pub(crate) fn give_up(&mut self) {
+        self.leave();
+        self.shared = false;
+    }
+
+    /// Leaves the flight, as dropping this waiter does.
+    fn leave(&mut self) {
         if let Role::Finished = self.role {
             return;
         }

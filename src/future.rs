@@ -180,26 +180,34 @@ where
                 }
                 KindProj::Coalesced { run } => run,
             };
+            // The limit is looked at before the flight: an output that is in by then is taken,
+            // not dropped for a timeout.
+            let expired = match this.deadline.as_mut() {
+                Some(deadline) => deadline.as_mut().project().sleep.poll(cx).is_ready(),
+                None => false,
+            };
             if let Poll::Ready(out) = Pin::new(&mut *run).poll(cx) {
                 return Poll::Ready(
                     out.unwrap_or_else(|panic| Err(CoalesceError::panicked(panic))),
                 );
             }
             if run.is_driving() {
-                // It took over the call for everybody: its own limit no longer applies.
+                // It took over the call for everybody (or waits for its own, run by a task):
+                // its own limit no longer applies.
                 *this.deadline = None;
             }
-            let Some(deadline) = this.deadline else {
+            if !expired {
+                return Poll::Pending;
+            }
+            let Some(deadline) = this.deadline.take() else {
                 return Poll::Pending;
             };
-            ready!(deadline.as_mut().project().sleep.poll(cx));
             let (limit, action) = (deadline.limit, deadline.action);
-            *this.deadline = None;
             run.note_timeout();
             let make = run.take_make();
             // Out of the flight now, not when this future is dropped: a caller may keep it (to
             // ask `is_shared`, say), and its place must not hold up the others.
-            run.leave();
+            run.give_up();
             match (action, make) {
                 (OnTimeout::CallInner, Some(make)) => {
                     // Calls alone; the flight goes on for the others.

@@ -1232,3 +1232,79 @@ async fn registry_empties_after_a_storm_of_options_and_drops() {
     })
     .await;
 }
+
+/// `follower_timeout` + `detached` + `retry_failed`: the follower whose own request is the
+/// retry a spawned task runs waits for it, as a follower driving a retry does, and is not
+/// timed out by its own wait limit.
+#[tokio::test(start_paused = true)]
+async fn detached_retrier_is_not_timed_out_while_its_retry_runs() {
+    bounded("test", async {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let inner = tower::service_fn(move |_: u32| {
+            let n = c.fetch_add(1, SeqCst);
+            async move {
+                if n == 0 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Err(Boom("first"))
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok(7u32)
+                }
+            }
+        });
+        let mut svc = CoalesceLayer::new(|k: &u32| Some(*k))
+            .detached(true)
+            .retry_failed(1)
+            .follower_timeout(Duration::from_millis(110))
+            .layer(inner);
+        let leader = tokio::spawn(svc.call(1));
+        settle().await;
+        advance(Duration::from_millis(10)).await;
+        let follower = tokio::spawn(svc.call(1));
+        settle().await;
+        for _ in 0..20 {
+            advance(Duration::from_millis(10)).await;
+        }
+        let out = bounded("follower", follower).await.expect("no panic");
+        assert_eq!(out.expect("its own retry's answer"), 7);
+        // The detached caller waits for the flight like a follower: the retry serves it too.
+        let out = bounded("leader", leader).await.expect("no panic");
+        assert_eq!(out.expect("the retry's answer"), 7);
+        assert_eq!(calls.load(SeqCst), 2, "the first call and its retry");
+        assert_eq!(svc.stats().timed_out, 0);
+    })
+    .await;
+}
+
+/// A follower that gives up at its limit (`OnTimeout::Error`) and is kept: no output was
+/// shared with it.
+#[tokio::test(start_paused = true)]
+async fn follower_that_gave_up_is_not_shared() {
+    bounded("test", async {
+        let inner = tower::service_fn(|_: u32| async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<u32, Boom>(1)
+        });
+        let mut svc = CoalesceLayer::new(|k: &u32| Some(*k))
+            .follower_timeout(Duration::from_millis(100))
+            .on_follower_timeout(OnTimeout::Error)
+            .layer(inner);
+        let leader = tokio::spawn(svc.call(1));
+        settle().await;
+        let mut follower = Box::pin(svc.call(1));
+        assert!(futures::poll!(&mut follower).is_pending());
+        advance(Duration::from_millis(150)).await;
+        let err = bounded("follower", &mut follower)
+            .await
+            .expect_err("timed out");
+        assert!(err.is_timeout());
+        assert!(!follower.is_shared(), "nothing was shared with it");
+        advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            bounded("leader", leader).await.expect("no panic").unwrap(),
+            1
+        );
+    })
+    .await;
+}
