@@ -1690,10 +1690,13 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Future for Run<K, T> {
                             }
                             if state.needs_driver && make.is_some() {
                                 // The last attempt failed: run this follower's own call as
-                                // the next attempt, for everybody. A detached flight's attempt
-                                // runs on a task of its own, as its first did (it completes even
-                                // if every waiter leaves), and this follower waits in its slot.
-                                let spawn = match state.detached {
+                                // the next attempt, for everybody. In a detached group the
+                                // attempt runs on a task of its own, as a first one does (it
+                                // completes even if every waiter leaves), and this follower
+                                // waits in its slot. (By the group's option, not
+                                // `State::detached`: a first attempt whose `make` panicked had
+                                // no task.)
+                                let spawn = match this.registry.config.detached {
                                     true => tokio::runtime::Handle::try_current().ok(),
                                     false => None,
                                 };

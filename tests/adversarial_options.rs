@@ -1308,3 +1308,41 @@ async fn follower_that_gave_up_is_not_shared() {
     })
     .await;
 }
+
+/// `detached` + `retry_failed`: a retry runs on a task of its own even when the first attempt
+/// never had one (its `make` panicked), so it completes after every waiter left.
+#[tokio::test(start_paused = true)]
+async fn detached_retry_after_a_make_panic_completes_without_waiters() {
+    bounded("test", async {
+        let group: Group<u8> = GroupBuilder::new().detached(true).retry_failed(1).build();
+        let (done_tx, done_rx) = oneshot::channel::<u32>();
+        type Waiter = tower_coalesce::Run<u8, Result<u32, ()>>;
+        let joined: Arc<std::sync::Mutex<Option<Waiter>>> = Arc::default();
+        let (g, slot) = (group.clone(), joined.clone());
+        let mut leader = group.run_retryable(1, move || {
+            // `make` runs unlocked, after registration: a follower able to retry joins here.
+            *slot.lock().unwrap() = Some(g.run_retryable(1, move || async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = done_tx.send(7);
+                Ok::<u32, ()>(7)
+            }));
+            panic!("no first call");
+            #[allow(unreachable_code)]
+            async {
+                Ok::<u32, ()>(0)
+            }
+        });
+        let mut follower = joined.lock().unwrap().take().expect("joined inside make");
+        assert!(
+            (&mut leader).await.is_err(),
+            "the leader gets its own panic"
+        );
+        assert!(futures::poll!(&mut follower).is_pending(), "the retry runs");
+        drop(follower);
+        advance(Duration::from_secs(2)).await;
+        assert_eq!(bounded("retry", done_rx).await, Ok(7), "completed");
+        assert_eq!(group.in_flight(), 0);
+        assert!(group.is_empty());
+    })
+    .await;
+}
