@@ -364,8 +364,11 @@ where
         return Outcome::Released { failed };
     }
     let (body, outcome) = match buffer(body, limit).await {
-        // Too large, or the body failed midway: not shared; not known to be a failed call.
-        Buffered::Incomplete(body) => (body, Outcome::Released { failed: false }),
+        // Too large (not shared, not a failure), or the body failed midway (a failed call).
+        Buffered::Incomplete(body) => {
+            let failed = body.failed_while_buffered();
+            (body, Outcome::Released { failed })
+        }
         Buffered::Complete { data, trailers } => {
             let outcome = if status::is_ok(&parts.headers, trailers.as_ref()) {
                 Outcome::Shared(Arc::new(SharedResponse {

@@ -23,7 +23,7 @@ pub(crate) enum Buffered<B: Body> {
     Complete {
         /// Every data frame, concatenated.
         data: Bytes,
-        /// The trailers frame(s), merged in order.
+        /// The trailers frame, if any (nothing may follow it).
         trailers: Option<HeaderMap>,
     },
     /// Not buffered whole: the body was larger than the limit (known from its size hint, or
@@ -215,6 +215,11 @@ impl<B: Body> CoalesceBody<B> {
                 rest,
             },
         }
+    }
+
+    /// Whether reading it into memory failed: it replays what was read, then that error.
+    pub(crate) fn failed_while_buffered(&self) -> bool {
+        matches!(&self.kind, Kind::Replay { error: Some(_), .. })
     }
 
     /// Whether this body is held in memory whole (a shared, rebuilt response).
@@ -409,6 +414,7 @@ mod tests {
                 panic!("11 bytes over an 8 byte limit must not be buffered");
             };
             assert!(!body.is_buffered());
+            assert!(!body.failed_while_buffered(), "too large is no failure");
             let (bytes, tr, err) = drain(body).await;
             assert_eq!(bytes, b"hello world!");
             assert_eq!(tr.unwrap()["x-t"], "2");
@@ -451,6 +457,7 @@ mod tests {
             let Buffered::Incomplete(body) = buffer(body, 100).await else {
                 panic!("a failed body is not complete");
             };
+            assert!(body.failed_while_buffered());
             let (bytes, _, err) = drain(body).await;
             assert_eq!(bytes, b"abc");
             assert_eq!(err, Some("boom"));
