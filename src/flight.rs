@@ -223,6 +223,23 @@ pub(crate) struct Config {
 }
 
 impl Config {
+    /// The copy of a flight's output to keep, with its expiry, if outputs that ended so linger.
+    /// Made before any lock is taken (the clone is user code); a `Clone` that panics keeps
+    /// nothing.
+    fn lingering_copy<T>(
+        &self,
+        end: End,
+        out: &Result<T, Panicked>,
+        cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
+    ) -> Option<(Instant, Result<T, Panicked>)> {
+        let window = match end {
+            End::Ok => self.linger,
+            _ => self.linger_errors,
+        }?;
+        let keep = catch_unwind(AssertUnwindSafe(|| cloner(out))).ok()?;
+        Some((Instant::now() + window, keep))
+    }
+
     fn lingers(&self) -> bool {
         self.linger.is_some() || self.linger_errors.is_some()
     }
@@ -682,17 +699,12 @@ where
                 emit("tower_coalesce_followers_total");
                 #[cfg(feature = "tracing")]
                 tracing::trace!(parent: &flight.span, "follower joined");
-                return Run {
-                    registry: Arc::clone(cell),
-                    registered: true,
-                    flight: Some(flight),
-                    // Boxing is user-visible work only for callers that asked to keep `make`.
-                    role: Role::Follower(slot_key(slot), keep.map(|keep| keep(make, is_err))),
-                    leader: false,
-                    shared: true,
-                    maker: keep.is_some(),
-                    retrying: false,
-                };
+                // Boxing is user-visible work only for callers that asked to keep `make`.
+                let role = Role::Follower(slot_key(slot), keep.map(|keep| keep(make, is_err)));
+                let mut run = Run::new(cell, Some(flight), true, role);
+                run.shared = true;
+                run.maker = keep.is_some();
+                return run;
             }
             drop(state);
             // Cancelled, its future not dropped yet: the new flight waits for that.
@@ -761,16 +773,7 @@ where
                 span,
                 ..Meta::new(hash, id, is_err, gate)
             };
-            let leader = |role| Run {
-                registry: Arc::clone(cell),
-                flight: None,
-                registered: true,
-                role,
-                leader: true,
-                shared: false,
-                maker: false,
-                retrying: false,
-            };
+            let leader = |role| Run::new(cell, None, true, role).leading();
             let fut = match start(make, meta) {
                 Ok(fut) => fut,
                 Err((meta, panicked)) => {
@@ -806,16 +809,7 @@ where
         M: FnOnce() -> F,
         F: Future<Output = T> + Send + 'static,
     {
-        let run = |role| Run {
-            registry: Arc::clone(self.registry.shard(hash)),
-            flight: None,
-            registered: false,
-            role,
-            leader: true,
-            shared: false,
-            maker: false,
-            retrying: false,
-        };
+        let run = |role| Run::new(self.registry.shard(hash), None, false, role).leading();
         match start(make, Meta::new(hash, 0, is_err, None)) {
             Ok(fut) => run(Role::Driver(fut)),
             Err((meta, panicked)) => run(Role::Finished).failed(meta, panicked),
@@ -1216,16 +1210,35 @@ impl<K, T: Send + 'static> Run<K, T> {
     /// A caller that found a lingering output: served at once (`Ready`), or waiting for it
     /// (`Lingering`, with the output's `flight`).
     fn hit(registry: &Arc<ShardCell<K>>, role: Role<T>, flight: Option<Arc<Flight<T>>>) -> Self {
+        let mut run = Run::new(registry, flight, false, role);
+        run.shared = true;
+        run
+    }
+
+    /// A waiter in `role`, of a flight registered in `registry`'s shard if `registered`; not
+    /// its leader, nor shared, nor keeping a `make` (until the caller says so).
+    fn new(
+        registry: &Arc<ShardCell<K>>,
+        flight: Option<Arc<Flight<T>>>,
+        registered: bool,
+        role: Role<T>,
+    ) -> Self {
         Run {
             registry: Arc::clone(registry),
             flight,
-            registered: false,
+            registered,
             role,
             leader: false,
-            shared: true,
+            shared: false,
             maker: false,
             retrying: false,
         }
+    }
+
+    /// This waiter, as the caller whose `make` made the flight's future.
+    fn leading(mut self) -> Self {
+        self.leader = true;
+        self
     }
 
     pub(crate) fn note_timeout(&self) {
@@ -1299,16 +1312,7 @@ fn spawn_driver<K, T>(
     K: Send + 'static,
     T: Clone + Send + 'static,
 {
-    let driver = Run {
-        registry: Arc::clone(registry),
-        flight: Some(Arc::clone(flight)),
-        registered: true,
-        role: Role::Driver(fut),
-        leader: false,
-        shared: false,
-        maker: false,
-        retrying: false,
-    };
+    let driver = Run::new(registry, Some(Arc::clone(flight)), true, Role::Driver(fut));
     handle.spawn(async move {
         let _ = driver.await;
     });
@@ -1370,16 +1374,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             }
         }
         let config = &self.registry.config;
-        let window = match end {
-            End::Ok => config.linger,
-            _ => config.linger_errors,
-        };
-        // Cloned before any lock: the clone is user code. A response whose clone panics is not
-        // kept.
-        let linger = window.and_then(|window| {
-            let keep = catch_unwind(AssertUnwindSafe(|| out.clone())).ok()?;
-            Some((Instant::now() + window, keep))
-        });
+        let linger = config.lingering_copy(end, &out, Clone::clone);
         let (flight, removed) = self
             .registry
             .finish((hash, id), (end, true), linger, Clone::clone);
@@ -1916,10 +1911,10 @@ impl<K, T: Send + 'static> Run<K, T> {
                 };
                 // Ended as `complete` ends a flight, but not counted again: this failed call
                 // was counted when it was handed on to be retried.
-                let linger = self.registry.config.linger_errors.and_then(|window| {
-                    let keep = catch_unwind(AssertUnwindSafe(|| (flight.cloner)(&failure)));
-                    Some((Instant::now() + window, keep.ok()?))
-                });
+                let linger = self
+                    .registry
+                    .config
+                    .lingering_copy(end, &failure, flight.cloner);
                 let ends = (flight.hash, flight.id);
                 let (_, removed) = self
                     .registry

@@ -242,16 +242,22 @@ fn loom_linger_never_starts_a_second_call() {
     });
 }
 
+/// A group whose key 1 lingers with the output 7, made by `ledger`.
+fn lingering(ledger: &Ledger) -> Group<u8> {
+    let group = crate::flight::GroupBuilder::new()
+        .linger(std::time::Duration::from_secs(3600))
+        .build::<u8>();
+    assert_eq!(block_on(group.run(1, ledger.make(7))).unwrap(), 7);
+    group
+}
+
 /// Lingering hits copy the output unlocked, one at a time: a hit that finds it taken out
 /// waits, and is woken when it is put back, or by a waiter that was woken for it and left.
 #[test]
 fn loom_lingering_hits_take_turns() {
     loom::model(|| {
-        let group = crate::flight::GroupBuilder::new()
-            .linger(std::time::Duration::from_secs(3600))
-            .build::<u8>();
         let ledger = Ledger::new();
-        assert_eq!(block_on(group.run(1, ledger.make(7))).unwrap(), 7);
+        let group = lingering(&ledger);
         let (g, l) = (group.clone(), ledger.clone());
         let other = thread::spawn(move || block_on(g.run(1, l.make(8))).unwrap());
         let early = group.run(1, ledger.make(9));
@@ -274,11 +280,8 @@ fn loom_a_woken_lingerer_that_leaves_passes_its_turn() {
     use std::pin::Pin;
     use std::task::{Context, Waker};
     loom::model(|| {
-        let group = crate::flight::GroupBuilder::new()
-            .linger(std::time::Duration::from_secs(3600))
-            .build::<u8>();
         let ledger = Ledger::new();
-        assert_eq!(block_on(group.run(1, ledger.make(7))).unwrap(), 7);
+        let group = lingering(&ledger);
         let (g, l) = (group.clone(), ledger.clone());
         let copier = thread::spawn(move || block_on(g.run(1, l.make(8))).unwrap());
         let (g, l) = (group.clone(), ledger.clone());

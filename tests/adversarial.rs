@@ -83,7 +83,34 @@ impl Drop for DropFlag {
     }
 }
 
-/// A backend that counts its calls; call `n` (from 1) waits on `gate`, then answers `k#n`.
+/// A backend that counts its calls; call `n` (from 1) answers `k#n` once `wait()` is done.
+fn counting_backend<W, Fut>(
+    wait: W,
+) -> (
+    impl Service<&'static str, Response = String, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + 'static,
+    Arc<AtomicUsize>,
+)
+where
+    W: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let svc = service_fn(move |k: &'static str| {
+        let n = c.fetch_add(1, SeqCst) + 1;
+        let waited = wait();
+        async move {
+            waited.await;
+            Ok::<_, Infallible>(format!("{k}#{n}"))
+        }
+    });
+    (svc, calls)
+}
+
+/// A [`counting_backend`] whose calls wait on `gate`.
 fn gated_backend(
     gate: &Gate,
 ) -> (
@@ -93,17 +120,11 @@ fn gated_backend(
         + 'static,
     Arc<AtomicUsize>,
 ) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let (c, g) = (calls.clone(), gate.clone());
-    let svc = service_fn(move |k: &'static str| {
-        let n = c.fetch_add(1, SeqCst) + 1;
-        let g = g.clone();
-        async move {
-            g.pass().await;
-            Ok::<_, Infallible>(format!("{k}#{n}"))
-        }
-    });
-    (svc, calls)
+    let gate = gate.clone();
+    counting_backend(move || {
+        let gate = gate.clone();
+        async move { gate.pass().await }
+    })
 }
 
 fn by_str(k: &&'static str) -> Option<&'static str> {
@@ -256,8 +277,8 @@ async fn timeout_below_the_layer_is_one_shared_error() {
     assert_eq!(bounded("again", svc.call("k")).await.unwrap(), "k#2");
 }
 
-/// A backend that counts its calls; call `n` (from 1) answers `k#n` after a second of
-/// (paused, virtual) time, which passes only once every task is idle.
+/// A [`counting_backend`] whose calls take a second of (paused, virtual) time, which passes
+/// only once every task is idle.
 fn sleeping_backend() -> (
     impl Service<&'static str, Response = String, Error = Infallible, Future: Send>
         + Clone
@@ -265,16 +286,7 @@ fn sleeping_backend() -> (
         + 'static,
     Arc<AtomicUsize>,
 ) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    let svc = service_fn(move |k: &'static str| {
-        let n = c.fetch_add(1, SeqCst) + 1;
-        async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            Ok::<_, Infallible>(format!("{k}#{n}"))
-        }
-    });
-    (svc, calls)
+    counting_backend(|| tokio::time::sleep(Duration::from_secs(1)))
 }
 
 /// Composition: `Buffer` above and below the layer still makes one backend call per key.

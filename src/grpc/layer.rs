@@ -15,10 +15,10 @@ use crate::flight::Group;
 
 /// Coalesces concurrent identical unary gRPC calls to allow-listed methods.
 ///
-/// Nothing is coalesced until a method is allow-listed with [`method`](Self::method). A call
-/// is coalesced only if it is a `POST` to an allow-listed path with an `application/grpc`
-/// content type, carries no credentials (`authorization`, `cookie`, `proxy-authorization`,
-/// userinfo in the URI) unless an [`identity`](Self::identity) tells callers apart, does not ask for a fresh answer
+/// Nothing is coalesced until a method is allow-listed with [`method`](Self::method). A call is
+/// coalesced only if it is a `POST` to an allow-listed path with an `application/grpc` content
+/// type, carries no credentials (`authorization`, `cookie`, `proxy-authorization`, userinfo in the
+/// URI) unless an [`identity`](Self::identity) tells callers apart, does not ask for a fresh answer
 /// (`cache-control: no-cache`), and its request message fits in
 /// [`request_limit`](Self::request_limit). Every other call bypasses the layer untouched.
 ///
@@ -164,8 +164,8 @@ impl CoalesceGrpcLayer {
 
     /// Adds the caller's identity to the key, and lets calls with credentials be coalesced.
     ///
-    /// Without an identity, a call that carries `authorization`, `cookie` or
-    /// `proxy-authorization` metadata (or userinfo in its URI) bypasses the layer: its response may be meant for that
+    /// Without an identity, a call that carries `authorization`, `cookie` or `proxy-authorization`
+    /// metadata (or userinfo in its URI) bypasses the layer: its response may be meant for that
     /// caller alone. With one, `identify` is called for every candidate call; calls share a
     /// response only when their identities are equal, and a call with credentials for which
     /// `identify` returns `None` still bypasses.

@@ -116,12 +116,12 @@ impl CoalesceHttpLayer {
     /// with requests of the same identity only.
     ///
     /// Without an identity, requests with `Authorization`, `Cookie`, `Proxy-Authorization` or
-    /// userinfo in the URI bypass the layer. With one, `identify` is called for every coalescible request; its
-    /// result becomes part of the key; a request with credentials for which it returns `None`
-    /// bypasses. The identity must determine everything the credentials change about the
-    /// response: derive it from what authentication *verified* (a user id an authentication
-    /// layer outside this one put in the extensions), never from an unchecked header, or a
-    /// client can claim someone else's identity and get their response.
+    /// userinfo in the URI bypass the layer. With one, `identify` is called for every coalescible
+    /// request; its result becomes part of the key; a request with credentials for which it returns
+    /// `None` bypasses. The identity must determine everything the credentials change about the
+    /// response: derive it from what authentication *verified* (a user id an authentication layer
+    /// outside this one put in the extensions), never from an unchecked header, or a client can
+    /// claim someone else's identity and get their response.
     ///
     /// ```
     /// use tower_coalesce::http::CoalesceHttpLayer;

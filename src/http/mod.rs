@@ -13,21 +13,20 @@
 //!
 //! # Which requests are coalesced
 //!
-//! A request is coalesced only if its method is `GET` or `HEAD` (configurable, never
-//! `CONNECT`) and it has no body, no `Range`, no `Upgrade` / `Connection: upgrade`, no
-//! `Cache-Control: no-cache|no-store` or `Pragma: no-cache`, and no `Authorization`,
-//! `Cookie`, `Proxy-Authorization` or userinfo in the URI (`http://user:password@host/`)
-//! unless an [identity](CoalesceHttpLayer::identity) is configured and known for it. Every other request bypasses: it goes to the inner service
-//! untouched.
+//! A request is coalesced only if its method is `GET` or `HEAD` (configurable, never `CONNECT`) and
+//! it has no body, no `Range`, no `Upgrade` / `Connection: upgrade`, no
+//! `Cache-Control: no-cache|no-store` or `Pragma: no-cache`, and no `Authorization`, `Cookie`,
+//! `Proxy-Authorization` or userinfo in the URI (`http://user:password@host/`) unless an
+//! [identity](CoalesceHttpLayer::identity) is configured and known for it. Every other request
+//! bypasses: it goes to the inner service untouched.
 //!
 //! Requests are coalesced when their keys are equal. The key is made of the method; the URI
-//! (scheme, authority, path and query, exactly; the host ignoring case, userinfo byte for
-//! byte); the values of the key headers (by default
-//! `Accept`, `Accept-Encoding`, `Accept-Language`), of the conditional headers (`If-None-Match`,
-//! `If-Modified-Since`, `If-Match`, `If-Unmodified-Since`, `If-Range`) and of `Host`,
-//! `Forwarded`, `X-Forwarded-Host`, `X-Forwarded-Proto`, `X-Forwarded-Port`,
-//! `X-Forwarded-Prefix`; and the identity, if configured. The
-//! key is compared field by field, never reduced to a hash.
+//! (scheme, authority, path and query, exactly; the host ignoring case, userinfo byte for byte);
+//! the values of the key headers (by default `Accept`, `Accept-Encoding`, `Accept-Language`), of
+//! the conditional headers (`If-None-Match`, `If-Modified-Since`, `If-Match`,
+//! `If-Unmodified-Since`, `If-Range`) and of `Host`, `Forwarded`, `X-Forwarded-Host`,
+//! `X-Forwarded-Proto`, `X-Forwarded-Port`, `X-Forwarded-Prefix`; and the identity, if configured.
+//! The key is compared field by field, never reduced to a hash.
 //!
 //! **The response must depend on nothing else.** If a handler reads another header, a query
 //! parameter it ignores does not matter, but a header it reads does: add it with
