@@ -11,7 +11,9 @@
 //! `cargo run --release --example bench_report` reports.
 //!
 //! `cargo bench --bench paired` (about a minute; `PAIRED_ROUNDS` sets the rounds, 15 by
-//! default)
+//! default; `PAIRED_ONLY=<workload prefix>` and `PAIRED_CONTENDERS=<name prefix>,...` narrow
+//! it, e.g. to profile one contender under `perf stat`; `BENCH_WORKERS` sets the runtime's
+//! workers, 2 by default)
 
 #[allow(dead_code)]
 mod support;
@@ -116,7 +118,12 @@ fn rounds_of<K: Kind>(rt: &Runtime, work: Work, kind: K, rounds: usize) -> Value
         runners: Vec::new(),
     };
     for_each(kind, with_bare, &mut collect);
-    let runners = collect.runners;
+    let wanted = std::env::var("PAIRED_CONTENDERS").unwrap_or_default();
+    let runners: Vec<Runner> = collect
+        .runners
+        .into_iter()
+        .filter(|r| wanted.is_empty() || wanted.split(',').any(|w| r.name.starts_with(w)))
+        .collect();
     // A batch is spawned, as a server's requests are tasks (not `block_on`).
     let run = |runner: &Runner| {
         let batch = (runner.batch)();

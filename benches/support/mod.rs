@@ -330,8 +330,14 @@ pub fn for_each<K: Kind, V: Visit<K>>(kind: K, with_bare: bool, v: &mut V) {
 
 /// The runtime every timed workload runs on: multi-thread, 2 workers.
 pub fn runtime() -> Runtime {
+    // `BENCH_WORKERS=1` reruns a workload on one worker, to tell the coalescer's cost from the
+    // runtime's cost of waking a second worker (see "waiters" in docs/performance.md).
+    let workers = std::env::var("BENCH_WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(2);
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .expect("tokio runtime")
