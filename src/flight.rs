@@ -335,6 +335,7 @@ struct Common {
     bypassed: AtomicU64,
     timed_out: AtomicU64,
     retried: AtomicU64,
+    released: AtomicU64,
 }
 
 /// One shard and the registry's common part.
@@ -518,6 +519,7 @@ where
             bypassed: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
             retried: AtomicU64::new(0),
+            released: AtomicU64::new(0),
         });
         Group {
             registry: Arc::new(Registry {
@@ -920,16 +922,13 @@ impl<K> Group<K> {
         }
         let r = &self.registry;
         sum.into_stats(
-            r.bypassed.load(Relaxed),
-            r.timed_out.load(Relaxed),
-            r.retried.load(Relaxed),
+            [&r.bypassed, &r.timed_out, &r.retried, &r.released].map(|c| c.load(Relaxed)),
         )
     }
 
     pub(crate) fn note_bypass(&self) {
         self.registry.bypassed.fetch_add(1, Relaxed);
-        #[cfg(feature = "metrics")]
-        metrics::counter!("tower_coalesce_bypassed_total").increment(1);
+        emit("tower_coalesce_bypassed_total");
     }
 }
 
@@ -1244,6 +1243,13 @@ impl<K, T: Send + 'static> Run<K, T> {
     pub(crate) fn note_timeout(&self) {
         self.registry.timed_out.fetch_add(1, Relaxed);
         emit("tower_coalesce_timed_out_total");
+    }
+
+    /// A follower of the HTTP or gRPC layer, sent to make its own call.
+    #[cfg_attr(not(any(feature = "http", feature = "grpc")), allow(dead_code))]
+    pub(crate) fn note_released(&self) {
+        self.registry.released.fetch_add(1, Relaxed);
+        emit("tower_coalesce_released_total");
     }
 
     /// Whether this waiter polls the inner future for everybody (it led, took over from a

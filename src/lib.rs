@@ -71,9 +71,10 @@
 //! - `metrics`: counters for the `metrics` crate, each matching a [`Stats`] field:
 //!   `tower_coalesce_leaders_total` (calls started, retries included),
 //!   `tower_coalesce_followers_total`, `tower_coalesce_lingered_total`,
-//!   `tower_coalesce_bypassed_total` (`CoalesceLayer` only), `tower_coalesce_over_capacity_total`,
+//!   `tower_coalesce_bypassed_total`, `tower_coalesce_over_capacity_total`,
 //!   `tower_coalesce_timed_out_total`, `tower_coalesce_retried_total` (counted when a retry
-//!   starts); and `tower_coalesce_flights_total{outcome}` (`ok`, `error`, `panicked`,
+//!   starts), `tower_coalesce_released_total` (HTTP and gRPC followers sent to make their own
+//!   call); and `tower_coalesce_flights_total{outcome}` (`ok`, `error`, `panicked`,
 //!   `cancelled`), one per flight when it ends: a failed attempt that is retried counts in
 //!   [`Stats::errors`] but ends no flight.
 #![forbid(unsafe_code)]

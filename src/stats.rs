@@ -1,7 +1,8 @@
 //! Counters of what a registry did, and their public snapshot.
 
-/// A snapshot of a registry's counters, from [`Group::stats`](crate::Group::stats) or
-/// [`CoalesceService::stats`](crate::CoalesceService::stats).
+/// A snapshot of a registry's counters, from [`Group::stats`](crate::Group::stats),
+/// [`CoalesceService::stats`](crate::CoalesceService::stats), or the `stats` of the HTTP and
+/// gRPC layers and services.
 ///
 /// Counters only grow (except `in_flight`), from the registry's creation on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -13,14 +14,20 @@ pub struct Stats {
     pub followers: u64,
     /// Requests served a lingering output with no call.
     pub lingered: u64,
-    /// Requests the key extractor returned no key for.
+    /// Requests the key extractor returned no key for (the HTTP and gRPC layers: requests
+    /// their rules pass through uncoalesced).
     pub bypassed: u64,
-    /// Requests that did not get a shared output after all: `over_capacity + timed_out`.
+    /// Requests that did not get a shared output after all:
+    /// `over_capacity + timed_out + released`.
     pub fell_through: u64,
     /// Requests run alone because of `max_in_flight` or `max_followers`.
     pub over_capacity: u64,
     /// Followers that stopped waiting at their wait limit (to call alone, or to fail).
     pub timed_out: u64,
+    /// Followers of the HTTP and gRPC layers that were sent to make their own call because
+    /// the flight's response could not be handed to them (not shareable, too large, a `Vary`
+    /// mismatch, a failed call). Always 0 for `Group` and `CoalesceLayer`.
+    pub released: u64,
     /// Calls a follower started to retry a failed one (`retry_failed`).
     pub retried: u64,
     /// Calls whose output was an error (retried ones included).
@@ -63,15 +70,16 @@ impl Counters {
         self.running += other.running;
     }
 
-    pub(crate) fn into_stats(self, bypassed: u64, timed_out: u64, retried: u64) -> Stats {
+    pub(crate) fn into_stats(self, [bypassed, timed_out, retried, released]: [u64; 4]) -> Stats {
         Stats {
             leaders: self.leaders,
             followers: self.followers,
             lingered: self.lingered,
             bypassed,
-            fell_through: self.over_capacity + timed_out,
+            fell_through: self.over_capacity + timed_out + released,
             over_capacity: self.over_capacity,
             timed_out,
+            released,
             retried,
             errors: self.errors,
             panics: self.panics,

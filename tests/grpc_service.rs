@@ -229,6 +229,19 @@ async fn leader_and_follower(
     };
     let (leader, follower) = (data(leader).await, data(follower).await);
     assert_eq!((layer.waiting(), layer.in_flight()), (0, 0));
+    // A follower that made its own call was counted as released (and fell through).
+    let stats = layer.stats();
+    let released = u64::from(backend.calls() == 2);
+    assert_eq!(
+        (
+            stats.leaders,
+            stats.followers,
+            stats.released,
+            stats.fell_through
+        ),
+        (1, 1, released, released),
+        "{stats:?}"
+    );
     (leader, follower, backend.calls())
 }
 
@@ -375,10 +388,8 @@ async fn bypassed_and_oversized_requests_reach_the_inner_service_whole() {
                 Ok::<_, Infallible>(grpc_response(b"", trailers(&[("grpc-status", "0")])))
             }
         });
-        let svc = CoalesceGrpcLayer::new()
-            .method(PATH)
-            .request_limit(4)
-            .layer(inner);
+        let layer = CoalesceGrpcLayer::new().method(PATH).request_limit(4);
+        let svc = layer.layer(inner);
         let request =
             |path: &str, content_type: &str, frames: Vec<Result<Frame<Bytes>, BoxError>>| {
                 Request::post(path)
@@ -421,6 +432,8 @@ async fn bypassed_and_oversized_requests_reach_the_inner_service_whole() {
             served,
             [bypass, bypass, bypass, bypass, Some(ServedBy::Leader)]
         );
+        let stats = svc.stats();
+        assert_eq!((stats.bypassed, stats.leaders), (4, 1), "{stats:?}");
         let seen = seen.lock().unwrap().clone();
         let expected: [(bool, &[u8]); 5] = [
             (false, b"abcd"),

@@ -52,6 +52,8 @@ struct Harness {
     backend: Backend,
     gate: watch::Sender<bool>,
     entered: watch::Receiver<usize>,
+    /// The layer the app runs (with `Cache-Status` on), for its counters.
+    layer: CoalesceHttpLayer,
 }
 
 impl Harness {
@@ -111,6 +113,8 @@ where
         gate: gate_rx,
     };
     let count = Arc::new(entered_tx);
+    // A changed option makes a new registry: this one is the layer whose counters count.
+    let layer = coalesce.cache_status_header(true);
     // `Entered` must wrap the coalescing service directly: a `Router::layer` of its own would
     // put an axum `Route` in between, which calls the service only when first polled.
     let counted = tower::ServiceBuilder::new()
@@ -118,7 +122,7 @@ where
             inner,
             count: count.clone(),
         }))
-        .layer(coalesce.cache_status_header(true));
+        .layer(layer.clone());
     let app = routes(backend.clone()).layer(counted).layer(outer);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -128,6 +132,7 @@ where
         backend,
         gate,
         entered,
+        layer,
     }
 }
 
@@ -405,6 +410,13 @@ async fn set_cookie_and_private_responses_are_never_shared() {
             .filter(|r| r.cache_status().contains("collapsed=?0"))
             .count();
         assert_eq!(released, 2 * N - 2);
+        let stats = h.layer.stats();
+        let followers = (2 * N - 2) as u64;
+        assert_eq!(
+            (stats.leaders, stats.followers, stats.released),
+            (2, followers, followers),
+            "{stats:?}"
+        );
     })
     .await
 }
@@ -445,6 +457,8 @@ async fn post_always_bypasses() {
             count(&replies, "tower-coalesce; fwd=method; detail=method"),
             N
         );
+        let stats = h.layer.stats();
+        assert_eq!((stats.bypassed, stats.leaders), (N as u64, 0), "{stats:?}");
     })
     .await
 }

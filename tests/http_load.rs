@@ -748,6 +748,19 @@ fn load(requests: u64, connections: u32) {
         assert_eq!(server.layer.waiting(), 0, "followers left waiting");
         // Every flight ended: its waiters' responses were all written before the bursts ended.
         assert_eq!(server.layer.in_flight(), 0, "flights left running");
+        // The layer's counters account for every request that reached it, once: as a flight's
+        // leader, a follower, or a bypass. A follower a client saw released was counted as
+        // released (some released followers' clients gave up before seeing it).
+        let stats = server.layer.stats();
+        let entered = *server.entered.borrow() as u64;
+        assert_eq!(stats.leaders + stats.followers + stats.bypassed, entered, "{stats:?}");
+        assert!(stats.released >= get(&t.released), "{stats:?}");
+        assert!(stats.released <= stats.followers, "{stats:?}");
+        assert_eq!(stats.fell_through, stats.released, "{stats:?}");
+        // `/panic` handlers panic through the layer (caught outside it); a `/fail` 500 is a
+        // response, not a failed call.
+        assert!(stats.panics > 0 && stats.errors == 0, "{stats:?}");
+        assert_eq!(stats.in_flight, 0, "{stats:?}");
     });
 }
 

@@ -210,6 +210,7 @@ where
                         // Request trailers are not part of gRPC; rather than key on them, pass
                         // the call through.
                         Buffered::Complete { data, trailers } => {
+                            shared.group.note_bypass();
                             let request =
                                 Request::from_parts(parts, CoalesceBody::full(data, trailers));
                             State::Calling {
@@ -218,10 +219,13 @@ where
                             }
                         }
                         // Over the limit (or failed): passed on with every byte, uncoalesced.
-                        Buffered::Incomplete(body) => State::Calling {
-                            call: inner.oneshot(Request::from_parts(parts, body)),
-                            served: ServedBy::Bypass,
-                        },
+                        Buffered::Incomplete(body) => {
+                            shared.group.note_bypass();
+                            State::Calling {
+                                call: inner.oneshot(Request::from_parts(parts, body)),
+                                served: ServedBy::Bypass,
+                            }
+                        }
                     }
                 }
                 StateProj::Waiting {
@@ -230,7 +234,7 @@ where
                     reply,
                     waiting,
                 } => {
-                    let outcome = ready!(Pin::new(run).poll(cx));
+                    let outcome = ready!(Pin::new(&mut *run).poll(cx));
                     drop(waiting.take());
                     if let Some(mut reply) = reply.take() {
                         // The caller that started the flight.
@@ -253,6 +257,7 @@ where
                             return Poll::Ready(Ok(served(response.rebuild(), ServedBy::Follower)));
                         }
                         Ok(Outcome::Released { .. }) | Err(_) => {
+                            run.note_released();
                             let (inner, request) =
                                 own.take().expect("a follower keeps its own request");
                             State::Calling {

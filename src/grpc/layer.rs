@@ -12,6 +12,7 @@ use tower_layer::Layer;
 use super::key::{Config, GrpcKey};
 use super::service::CoalesceGrpcService;
 use crate::flight::Group;
+use crate::Stats;
 
 /// Coalesces concurrent identical unary gRPC calls to allow-listed methods.
 ///
@@ -225,6 +226,22 @@ impl CoalesceGrpcLayer {
     /// registry this layer shares.
     pub fn waiting(&self) -> usize {
         self.shared.waiting()
+    }
+
+    /// A snapshot of the counters of the registry this layer's services share: flights
+    /// (`leaders`), `followers`, calls the rules passed through (`bypassed`: methods not
+    /// allow-listed, oversized requests), followers `released` to make their own call (the
+    /// flight's status was not `OK`, or its response too large), failed and panicked flights.
+    ///
+    /// ```
+    /// use tower_coalesce::grpc::CoalesceGrpcLayer;
+    ///
+    /// let layer = CoalesceGrpcLayer::new().method("/catalog.Catalog/GetItem");
+    /// let stats = layer.stats();
+    /// assert_eq!((stats.leaders, stats.followers, stats.released), (0, 0, 0));
+    /// ```
+    pub fn stats(&self) -> Stats {
+        self.shared.group.stats()
     }
 }
 

@@ -12,6 +12,7 @@ use super::future::ResponseFuture;
 use super::key;
 use super::layer::Shared;
 use crate::http::CoalesceBody;
+use crate::Stats;
 
 /// Coalesces concurrent identical unary gRPC calls; made by
 /// [`CoalesceGrpcLayer`](super::CoalesceGrpcLayer), which documents the rules.
@@ -46,6 +47,12 @@ impl<S> CoalesceGrpcService<S> {
     /// this service shares.
     pub fn waiting(&self) -> usize {
         self.shared.waiting()
+    }
+
+    /// A snapshot of the counters of the registry this service shares with its layer and its
+    /// clones (see [`CoalesceGrpcLayer::stats`](super::CoalesceGrpcLayer::stats)).
+    pub fn stats(&self) -> Stats {
+        self.shared.group.stats()
     }
 
     /// The inner service.
@@ -91,6 +98,7 @@ where
                 ResponseFuture::keyed(parts, body, head, self.inner.clone(), self.shared.clone())
             }
             Err(_) => {
+                self.shared.group.note_bypass();
                 let req = Request::from_parts(parts, CoalesceBody::original(body));
                 ResponseFuture::bypass(self.inner.clone().oneshot(req))
             }

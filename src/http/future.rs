@@ -201,9 +201,10 @@ where
                 }
             };
             // A follower with nothing it may use: make its own call, now.
-            let StateProj::Follower { own, .. } = this.state.as_mut().project() else {
+            let StateProj::Follower { own, run, .. } = this.state.as_mut().project() else {
                 unreachable!("only followers are released");
             };
+            run.note_released();
             let (inner, req) = own.take().expect("polled after completion");
             this.state.set(State::Released {
                 call: Oneshot::new(inner, req),

@@ -13,6 +13,7 @@ use tower_layer::Layer;
 use super::key::{Key, KeyRules};
 use super::service::CoalesceHttpService;
 use crate::flight::Group;
+use crate::Stats;
 
 /// Options shared by a layer and every service it makes.
 #[derive(Clone, Debug)]
@@ -183,6 +184,35 @@ impl CoalesceHttpLayer {
     /// across every service this layer made.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Acquire)
+    }
+
+    /// A snapshot of the counters of the registry this layer's services share: flights
+    /// (`leaders`), `followers`, requests the rules passed through (`bypassed`), followers
+    /// `released` to make their own call, failed and panicked flights.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body_util::Full;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_coalesce::http::CoalesceHttpLayer;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = CoalesceHttpLayer::new();
+    /// let svc = layer.layer(service_fn(|_: Request<Full<Bytes>>| async {
+    ///     Ok::<_, std::convert::Infallible>(Response::new(Full::<Bytes>::from("hello")))
+    /// }));
+    /// let get = Request::get("/a").body(Full::default()).unwrap();
+    /// let post = Request::post("/a").body(Full::default()).unwrap();
+    /// svc.clone().oneshot(get).await.unwrap();
+    /// svc.oneshot(post).await.unwrap(); // not a safe method: passed through
+    /// let stats = layer.stats();
+    /// assert_eq!((stats.leaders, stats.bypassed), (1, 1));
+    /// # }
+    /// ```
+    pub fn stats(&self) -> Stats {
+        self.group.stats()
     }
 }
 

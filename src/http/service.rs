@@ -16,6 +16,7 @@ use super::key::Key;
 use super::layer::Config;
 use super::share::{shareable, Outcome, Release, SharedResponse};
 use crate::flight::Group;
+use crate::Stats;
 
 /// Coalesces identical concurrent HTTP requests; made by
 /// [`CoalesceHttpLayer`](super::CoalesceHttpLayer), see there for the options and the
@@ -61,6 +62,12 @@ impl<S> CoalesceHttpService<S> {
         self.waiting.load(Ordering::Acquire)
     }
 
+    /// A snapshot of the counters of the registry this service shares with its layer and its
+    /// clones (see [`CoalesceHttpLayer::stats`](super::CoalesceHttpLayer::stats)).
+    pub fn stats(&self) -> Stats {
+        self.group.stats()
+    }
+
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -103,6 +110,7 @@ where
         let key = match classified {
             Ok(key) => key,
             Err(reason) => {
+                self.group.note_bypass();
                 let call = Oneshot::new(self.inner.clone(), req);
                 return ResponseFuture::bypass(call, reason, config.cache_status);
             }
