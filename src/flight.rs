@@ -226,23 +226,35 @@ impl Config {
     /// The copy of a flight's output to keep, with its expiry, if outputs that ended so linger.
     /// Made before any lock is taken (the clone is user code); a `Clone` that panics keeps
     /// nothing.
+    // The check is on every flight's path, inlined; the copy is outlined.
+    #[inline(always)]
     fn lingering_copy<T>(
         &self,
         end: End,
         out: &Result<T, Panicked>,
         cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
-    ) -> Option<(Instant, Result<T, Panicked>)> {
+    ) -> Option<(Instant, Box<Result<T, Panicked>>)> {
         let window = match end {
             End::Ok => self.linger,
             _ => self.linger_errors,
         }?;
-        let keep = catch_unwind(AssertUnwindSafe(|| cloner(out))).ok()?;
-        Some((Instant::now() + window, keep))
+        keep_copy(window, out, cloner)
     }
 
     fn lingers(&self) -> bool {
         self.linger.is_some() || self.linger_errors.is_some()
     }
+}
+
+/// A copy of `out` to keep for `window`.
+#[inline(never)]
+fn keep_copy<T>(
+    window: Duration,
+    out: &Result<T, Panicked>,
+    cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
+) -> Option<(Instant, Box<Result<T, Panicked>>)> {
+    let keep = catch_unwind(AssertUnwindSafe(|| Box::new(cloner(out)))).ok()?;
+    Some((Instant::now() + window, keep))
 }
 
 impl GroupBuilder {
@@ -441,8 +453,10 @@ struct State<T> {
     /// sets `phase` to `Done`.
     followers: Slab<Slot<T>>,
     /// Set before the entry starts lingering. Taken out by a caller that finds it lingering,
-    /// to clone it unlocked, and put back at once (see `copy_lingering`).
-    lingering: Option<Result<T, Panicked>>,
+    /// to clone it unlocked, and put back at once (see `copy_lingering`). Boxed, as
+    /// `failure`, so that a flight of a large output is not that large, and taking the output
+    /// out moves a pointer.
+    lingering: Option<Box<Result<T, Panicked>>>,
     /// Callers that found `lingering` taken out, waiting for it to be put back; the one that
     /// puts it back wakes one of them.
     lingerers: Slab<Option<Waker>>,
@@ -454,7 +468,7 @@ struct State<T> {
     makers: usize,
     /// The failed attempt's output while `needs_driver`: published to the followers if every
     /// one that could retry leaves.
-    failure: Option<Result<T, Panicked>>,
+    failure: Option<Box<Result<T, Panicked>>>,
     /// The gate of a failed attempt that never got past it (its `make` panicked while the
     /// key's cancelled call was still being dropped), while `needs_driver`: the retry waits
     /// for that call too.
@@ -1009,7 +1023,7 @@ impl<K> ShardCell<K> {
         &self,
         (hash, id): (u64, u64),
         (end, count): (End, bool),
-        linger: Option<(Instant, Result<T, Panicked>)>,
+        linger: Option<(Instant, Box<Result<T, Panicked>>)>,
         cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
     ) -> (Option<Arc<Flight<T>>>, Option<Entry<K>>) {
         let mut guard = self.lock();
@@ -1364,18 +1378,14 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             trace_end(meta.span(), end, 1);
             return out;
         }
-        let mut out = out;
         if !matches!(end, End::Ok) && self.registry.config.retries > 0 {
             if self.flight.is_none() {
                 self.flight = self.registry.flight_of(hash, id);
             }
             if let Some(flight) = self.flight.clone() {
-                match self.retry(&flight, out, meta.gate) {
-                    Ok(mine) => {
-                        self.registry.lock().counters.count(end);
-                        return mine;
-                    }
-                    Err(not_retried) => out = not_retried,
+                if self.retry(&flight, &out, meta.gate) {
+                    self.registry.lock().counters.count(end);
+                    return out;
                 }
             }
         }
@@ -1390,8 +1400,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             drop(removed);
             return out;
         };
-        let (out, shared) = publish(&flight, out, end, Clone::clone);
-        self.shared |= shared;
+        self.shared |= publish(&flight, &out, end, Clone::clone);
         // The key's destructor is user code: run unlocked, and after the followers have their
         // copies, so that a panic in it is this driver's alone.
         drop(removed);
@@ -1399,21 +1408,22 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
     }
 
     /// Hands a failed attempt to the followers to retry, if it has retries left and a
-    /// follower that can: `Ok` with this driver's output. Otherwise gives the output back.
-    #[allow(clippy::type_complexity)]
+    /// follower that can; returns whether it did (this driver keeps `out` either way).
+    // Not inlined: its copy of a large output stays out of `complete`'s frame.
+    #[inline(never)]
     fn retry(
         &mut self,
         flight: &Arc<Flight<T>>,
-        out: Result<T, Panicked>,
+        out: &Result<T, Panicked>,
         gate: Option<NonZeroU64>,
-    ) -> Result<Result<T, Panicked>, Result<T, Panicked>> {
+    ) -> bool {
         // Cloned before locking: the clone is user code.
-        let spare = Some(clone_one(flight.cloner, &out));
+        let spare = Some(Box::new(clone_one(flight.cloner, out)));
         let mut state = flight.state.lock();
         if state.retries_left == 0 || state.makers == 0 || state.phase != Phase::Running {
             drop(state);
             drop(spare);
-            return Err(out);
+            return false;
         }
         state.retries_left -= 1;
         state.needs_driver = true;
@@ -1433,28 +1443,32 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         for waker in wakers {
             waker.wake();
         }
-        Ok(out)
+        true
     }
 }
 
-/// Followers served per lock section when an output is published. A batch's copies and
-/// wakers live on the stack, so publishing allocates nothing however many wait, and the lock
-/// is let go between batches, so followers woken early take their copies while the rest are
-/// made. (One under loom, so that its models see a publish span batches.)
+/// Followers served per lock section when an output is published. The lock is let go between
+/// batches, so followers woken early take their copies while the rest are made. (One under
+/// loom, so that its models see a publish span batches.)
 const BATCH: usize = if cfg!(loom) { 1 } else { 32 };
 
+/// The most bytes a batch's copies may take on the stack. A batch of small outputs lives
+/// there, so publishing allocates nothing however many wait; a batch of larger ones goes on
+/// the heap (one allocation per publish), so that a big `T` returned by value cannot overflow
+/// the publishing task's stack.
+const STACK_COPIES: usize = 2048;
+
 /// Ends `flight` (already unregistered, or lingering): fills every follower's slot with a
-/// clone of `out` and wakes them, a batch at a time. Returns `out` and whether a follower got
-/// it.
+/// clone of `out` and wakes them, a batch at a time. Returns whether a follower got it.
 ///
 /// `cloner` makes each copy: `Clone::clone` where `T: Clone` is known (inlined), the flight's
 /// stored `cloner` from a follower's `Drop`.
 fn publish<T>(
     flight: &Arc<Flight<T>>,
-    out: Result<T, Panicked>,
+    out: &Result<T, Panicked>,
     end: End,
     cloner: impl Fn(&Result<T, Panicked>) -> Result<T, Panicked>,
-) -> (Result<T, Panicked>, bool) {
+) -> bool {
     // No follower can join from here on (the entry is gone or lingers), and `driven` keeps
     // the ones that leave from cancelling the flight, so counting now and filling later is
     // sound; a slot that empties meanwhile is just skipped.
@@ -1468,7 +1482,7 @@ fn publish<T>(
         drop(state);
         drop(failure);
         trace_end(flight.span(), end, waiters);
-        return (out, false);
+        return false;
     }
     state.published_to = wanted;
     // Keys are stable and none is added from here on: one pass over them serves everybody.
@@ -1481,11 +1495,63 @@ fn publish<T>(
     drop(failure);
     let mut copier = Copier {
         cloner,
-        out: &out,
+        out,
         panicked: None,
     };
+    // Decided by the type alone, so only one branch is compiled in.
+    if mem::size_of::<Option<Result<T, Panicked>>>() * BATCH <= STACK_COPIES {
+        serve_on_stack(flight, &mut copier, wanted, keys);
+    } else {
+        serve_on_heap(flight, &mut copier, wanted, keys);
+    }
+    trace_end(flight.span(), end, waiters);
+    true
+}
+
+/// `serve` with the batch's copies on the stack. Not inlined, so that the array is in no
+/// frame of a publish that did not need it (debug builds keep dead branches' locals).
+#[inline(never)]
+fn serve_on_stack<T, C>(
+    flight: &Flight<T>,
+    copier: &mut Copier<'_, T, C>,
+    wanted: usize,
+    keys: usize,
+) where
+    C: Fn(&Result<T, Panicked>) -> Result<T, Panicked>,
+{
     let mut copies: [Option<Result<T, Panicked>>; BATCH] = std::array::from_fn(|_| None);
-    let mut wakers: [Option<Waker>; BATCH] = Default::default();
+    serve(flight, copier, &mut copies, wanted, keys);
+}
+
+/// `serve` with the batch's copies on the heap, for outputs too large for the stack.
+#[inline(never)]
+#[cold]
+fn serve_on_heap<T, C>(
+    flight: &Flight<T>,
+    copier: &mut Copier<'_, T, C>,
+    wanted: usize,
+    keys: usize,
+) where
+    C: Fn(&Result<T, Panicked>) -> Result<T, Panicked>,
+{
+    let mut copies: Vec<Option<Result<T, Panicked>>> = std::iter::repeat_with(|| None)
+        .take(wanted.min(BATCH))
+        .collect();
+    serve(flight, copier, &mut copies, wanted, keys);
+}
+
+/// Fills the `wanted` follower slots among the first `keys` with copies made `copies.len()`
+/// at a time, and wakes their followers, a batch per lock section.
+fn serve<T, C>(
+    flight: &Flight<T>,
+    copier: &mut Copier<'_, T, C>,
+    copies: &mut [Option<Result<T, Panicked>>],
+    wanted: usize,
+    keys: usize,
+) where
+    C: Fn(&Result<T, Panicked>) -> Result<T, Panicked>,
+{
+    let mut wakers: [Option<Waker>; BATCH] = std::array::from_fn(|_| None);
     // Slots not served yet, counting those whose follower left as if they still waited.
     let mut unserved = wanted;
     let mut next = 0;
@@ -1496,10 +1562,10 @@ fn publish<T>(
         let mut served = 0;
         while served < batch.len() && next < keys {
             if let Some(slot @ Slot::Parked(_)) = state.followers.get_mut(next) {
-                let copy = batch[served].take().expect("one copy per slot");
-                if let Slot::Parked(waker) = mem::replace(slot, Slot::Ready(copy)) {
-                    wakers[served] = waker;
+                if let Slot::Parked(waker) = slot {
+                    wakers[served] = waker.take();
                 }
+                *slot = Slot::Ready(batch[served].take().expect("one copy per slot"));
                 served += 1;
             }
             next += 1;
@@ -1521,8 +1587,6 @@ fn publish<T>(
             break;
         }
     }
-    trace_end(flight.span(), end, waiters);
-    (out, true)
 }
 
 impl<T> State<T> {
@@ -1572,7 +1636,7 @@ fn copy_lingering<T>(
 ) -> Result<T, Panicked> {
     let kept = state.lingering.take().expect("checked by the caller");
     drop(state);
-    let out = clone_one(flight.cloner, &kept);
+    let out = clone_one(flight.cloner, &*kept);
     let mut state = flight.state.lock();
     state.lingering = Some(kept);
     let waker = next_lingerer(&mut state.lingerers);
@@ -1760,18 +1824,7 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Future for Run<K, T> {
                 }
                 Role::Lingering(key) => {
                     let key = *key as usize;
-                    let flight = this.flight.as_ref().expect("a lingering waiter's");
-                    let mut state = flight.state.lock();
-                    if state.lingering.is_none() {
-                        match &mut state.lingerers[key] {
-                            Some(w) if w.will_wake(cx.waker()) => {}
-                            waker => *waker = Some(cx.waker().clone()),
-                        }
-                        return Poll::Pending;
-                    }
-                    state.lingerers.remove(key);
-                    this.role = Role::Finished;
-                    return Poll::Ready(copy_lingering(flight, state));
+                    return this.poll_lingering(key, cx);
                 }
                 Role::Ready(_) => {
                     let Role::Ready(out) = mem::replace(&mut this.role, Role::Finished) else {
@@ -1782,6 +1835,26 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Future for Run<K, T> {
                 Role::Finished => panic!("Run polled after completion"),
             }
         }
+    }
+}
+
+impl<K, T: Clone + Send + 'static> Run<K, T> {
+    /// A lingering hit that found the output taken out by another hit: takes its copy once it
+    /// is back. Not inlined: its copy stays out of the frame of every other `poll`.
+    #[inline(never)]
+    fn poll_lingering(&mut self, key: usize, cx: &mut Context<'_>) -> Poll<Result<T, Panicked>> {
+        let flight = self.flight.as_ref().expect("a lingering waiter's");
+        let mut state = flight.state.lock();
+        if state.lingering.is_none() {
+            match &mut state.lingerers[key] {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                waker => *waker = Some(cx.waker().clone()),
+            }
+            return Poll::Pending;
+        }
+        state.lingerers.remove(key);
+        self.role = Role::Finished;
+        Poll::Ready(copy_lingering(flight, state))
     }
 }
 
@@ -1911,7 +1984,7 @@ impl<K, T: Send + 'static> Run<K, T> {
             let failure = state.failure.take();
             drop(state);
             if let Some(failure) = failure {
-                let end = match &failure {
+                let end = match &*failure {
                     Ok(_) => End::Err,
                     Err(_) => End::Panicked,
                 };
@@ -1925,7 +1998,8 @@ impl<K, T: Send + 'static> Run<K, T> {
                 let (_, removed) = self
                     .registry
                     .finish(ends, (end, false), linger, flight.cloner);
-                let _ = publish(&flight, failure, end, flight.cloner);
+                publish(&flight, &failure, end, flight.cloner);
+                drop(failure);
                 drop(removed);
             }
         } else {

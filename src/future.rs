@@ -71,7 +71,11 @@ where
     S::Response: Send + 'static,
 {
     pub(crate) fn coalesced(run: Waiter<S, Req, K>, options: Options) -> Self {
-        let deadline = match run.is_following() {
+        // The limit needs tokio's timer. Outside a runtime (a `block_on` of another executor)
+        // a follower waits with no limit, as a detached call runs undetached there: a panic
+        // here would strike only once a second request for a key came, a crash under load.
+        let timed = run.is_following() && tokio::runtime::Handle::try_current().is_ok();
+        let deadline = match timed {
             false => None,
             true => options.follower_timeout.map(|limit| {
                 Box::pin(Deadline {

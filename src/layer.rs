@@ -163,6 +163,11 @@ where
 impl<F, K> CoalesceLayer<F, K> {
     /// A follower that has waited `limit` stops waiting and, by default, calls the inner
     /// service itself ([`OnTimeout::CallInner`]); the call it waited for goes on undisturbed.
+    ///
+    /// The limit is a `tokio::time` timer, armed when the follower's request is called inside
+    /// a tokio runtime, which must have its time driver enabled (as for `tokio::time::sleep`).
+    /// A follower called outside any tokio runtime (under another executor) waits with no
+    /// limit, as [`detached`](Self::detached) runs its calls undetached there.
     pub fn follower_timeout(mut self, limit: Duration) -> Self {
         self.options.follower_timeout = Some(limit);
         self
