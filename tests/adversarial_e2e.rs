@@ -102,14 +102,19 @@ async fn until<T: Debug>(what: &str, probe: impl Fn() -> T, done: impl Fn(&T) ->
     );
 }
 
+/// Awaits a task, bounded by [`WAIT`].
+async fn join<T: Send + 'static>(task: JoinHandle<T>) -> T {
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("a client hangs")
+        .expect("client task")
+}
+
 /// Awaits every task, each bounded by [`WAIT`].
 async fn join_all<T: Send + 'static>(tasks: Vec<JoinHandle<T>>) -> Vec<T> {
     let mut out = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let joined = tokio::time::timeout(WAIT, task)
-            .await
-            .expect("a client hangs");
-        out.push(joined.expect("client task"));
+        out.push(join(task).await);
     }
     out
 }
@@ -170,12 +175,7 @@ impl Backend {
     /// Counts the call, waits for the gate, returns this call's number (from 0).
     async fn enter(&self) -> usize {
         let n = self.calls.fetch_add(1, SeqCst);
-        let guard = CountIfDropped(Some(self.cancelled.clone()));
-        let mut gate = self.gate.subscribe();
-        gate.wait_for(|open| *open)
-            .await
-            .expect("gate sender lives");
-        guard.disarm();
+        pass(&self.gate, &self.cancelled).await;
         n
     }
 
@@ -195,6 +195,26 @@ impl Backend {
     fn cancelled(&self) -> usize {
         self.cancelled.load(SeqCst)
     }
+
+    /// Waits until a `/slow-body` response is held half-way, at the body gate.
+    async fn until_body_held(&self) {
+        until(
+            "the body held half-way",
+            || self.body_waits.load(SeqCst),
+            |&n| n == 1,
+        )
+        .await;
+    }
+}
+
+/// Waits for `gate` to open; counts in `dropped` if the wait is dropped before that.
+async fn pass(gate: &watch::Sender<bool>, dropped: &Arc<AtomicUsize>) {
+    let guard = CountIfDropped(Some(dropped.clone()));
+    gate.subscribe()
+        .wait_for(|open| *open)
+        .await
+        .expect("gate sender lives");
+    guard.disarm();
 }
 
 /// What the observer layer records.
@@ -267,6 +287,93 @@ where
     }
 }
 
+/// The coalescing layers' public gauges, so that one server type (and its waits) serves both
+/// adapters.
+trait Gauges {
+    /// (keys in flight, followers waiting).
+    fn gauges(&self) -> (usize, usize);
+}
+
+impl Gauges for CoalesceHttpLayer {
+    fn gauges(&self) -> (usize, usize) {
+        (self.in_flight(), self.waiting())
+    }
+}
+
+impl Gauges for CoalesceGrpcLayer {
+    fn gauges(&self) -> (usize, usize) {
+        (self.in_flight(), self.waiting())
+    }
+}
+
+/// A server on 127.0.0.1, with what a test looks at: its backend, its coalescing layer and
+/// its observer. Dropping it stops the server.
+struct TestServer<L> {
+    addr: SocketAddr,
+    backend: Backend,
+    layer: L,
+    seen: Observations,
+    task: JoinHandle<()>,
+}
+
+impl<L> Drop for TestServer<L> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl<L: Gauges> TestServer<L> {
+    /// (backend calls, keys in flight, followers waiting).
+    fn state(&self) -> (usize, usize, usize) {
+        let (in_flight, waiting) = self.layer.gauges();
+        (self.backend.calls(), in_flight, waiting)
+    }
+
+    async fn until_state(&self, what: &str, want: (usize, usize, usize)) {
+        until(what, || self.state(), |s| *s == want).await;
+    }
+
+    /// Waits until `clients` identical requests, the server's first, are one backend call with
+    /// the rest parked on it.
+    async fn until_one_call(&self, clients: usize) {
+        self.until_state("one call and N - 1 followers", (1, 1, clients - 1))
+            .await;
+    }
+
+    /// Waits until the server has dropped `gone` clients' requests (they went away).
+    async fn until_abandoned(&self, what: &str, gone: usize) {
+        until(what, || self.seen.abandoned(), |&n| n == gone).await;
+    }
+
+    /// Starts the leader alone (so the test knows which client it is), then `followers` more.
+    async fn leader_then_followers<T>(
+        &self,
+        start: impl Fn() -> JoinHandle<T>,
+        followers: usize,
+    ) -> (JoinHandle<T>, Vec<JoinHandle<T>>) {
+        let leader = start();
+        self.until_state("the leader in the handler", (1, 1, 0))
+            .await;
+        let rest = (0..followers).map(|_| start()).collect();
+        self.until_state("every follower parked", (1, 1, followers))
+            .await;
+        (leader, rest)
+    }
+
+    /// The leader's client goes away; returns once the server has dropped its request.
+    async fn abort_leader<T>(&self, leader: JoinHandle<T>) {
+        leader.abort();
+        self.until_abandoned("the server dropped the leader's request", 1)
+            .await;
+    }
+
+    /// Opens the backend gate and waits for every client.
+    async fn release<T: Send + 'static>(&self, clients: Vec<JoinHandle<T>>) -> Vec<T> {
+        self.backend.open();
+        join_all(clients).await
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTTP: an axum app, and a client that opens one TCP connection per request.
 // ---------------------------------------------------------------------------------------------
@@ -330,15 +437,23 @@ fn tag_of(body: &[u8]) -> usize {
     std::str::from_utf8(&body[5..9]).unwrap().parse().unwrap()
 }
 
-/// A big body as a stream of 16 KiB chunks with no known length: the layer only finds out
-/// its size by reading it.
-async fn big_streamed(Extension(b): Extension<Backend>, Path(len): Path<usize>) -> Body {
-    let data = big_bytes(b.enter().await, len);
-    let frames: Vec<Result<Frame<Bytes>, Infallible>> = (0..len)
-        .step_by(16 * 1024)
-        .map(|start| Ok(Frame::data(data.slice(start..(start + 16 * 1024).min(len)))))
-        .collect();
+type Frames = Vec<Result<Frame<Bytes>, Infallible>>;
+
+/// A body of `frames` with no known length: the layer only finds out its size by reading it.
+fn streamed(frames: Frames) -> Body {
     Body::new(StreamBody::new(futures::stream::iter(frames)))
+}
+
+/// `data` in 16 KiB data frames.
+fn chunks(data: &Bytes) -> Frames {
+    data.chunks(16 * 1024)
+        .map(|chunk| Ok(Frame::data(data.slice_ref(chunk))))
+        .collect()
+}
+
+/// A big body in 16 KiB chunks, with no known length.
+async fn big_streamed(Extension(b): Extension<Backend>, Path(len): Path<usize>) -> Body {
+    streamed(chunks(&big_bytes(b.enter().await, len)))
 }
 
 /// A big body with a `Content-Length`.
@@ -351,12 +466,11 @@ async fn with_trailers(Extension(b): Extension<Backend>) -> Body {
     let n = b.enter().await;
     let mut trailers = HeaderMap::new();
     trailers.insert("x-checksum", format!("sum-{n}").parse().unwrap());
-    let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+    streamed(vec![
         Ok(Frame::data(Bytes::from("checked "))),
         Ok(Frame::data(Bytes::from(format!("body {n}")))),
         Ok(Frame::trailers(trailers)),
-    ];
-    Body::new(StreamBody::new(futures::stream::iter(frames)))
+    ])
 }
 
 /// A body whose first chunk comes at once and whose second waits for the body gate.
@@ -368,13 +482,8 @@ async fn slow_body(Extension(b): Extension<Backend>) -> Body {
             let chunk = match step {
                 0 => Bytes::from("part one "),
                 1 => {
-                    let guard = CountIfDropped(Some(b.body_dropped.clone()));
                     b.body_waits.fetch_add(1, SeqCst);
-                    let mut gate = b.body_gate.subscribe();
-                    gate.wait_for(|open| *open)
-                        .await
-                        .expect("gate sender lives");
-                    guard.disarm();
+                    pass(&b.body_gate, &b.body_dropped).await;
                     Bytes::from(format!("part two #{n}"))
                 }
                 _ => return None,
@@ -388,16 +497,12 @@ async fn slow_body(Extension(b): Extension<Backend>) -> Body {
 /// A big streamed body (unknown length) followed by trailers naming the call and the length.
 async fn big_with_trailers(Extension(b): Extension<Backend>, Path(len): Path<usize>) -> Body {
     let n = b.enter().await;
-    let data = big_bytes(n, len);
-    let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = (0..len)
-        .step_by(16 * 1024)
-        .map(|start| Ok(Frame::data(data.slice(start..(start + 16 * 1024).min(len)))))
-        .collect();
+    let mut frames = chunks(&big_bytes(n, len));
     let mut trailers = HeaderMap::new();
     trailers.insert("x-call", n.to_string().parse().unwrap());
     trailers.insert("x-len", len.to_string().parse().unwrap());
     frames.push(Ok(Frame::trailers(trailers)));
-    Body::new(StreamBody::new(futures::stream::iter(frames)))
+    streamed(frames)
 }
 
 /// Panics on the server's very first backend call only.
@@ -433,19 +538,10 @@ fn with_backend(app: Router, backend: Backend) -> Router {
     app.layer(Extension(backend))
 }
 
-struct HttpServer {
-    addr: SocketAddr,
-    backend: Backend,
-    layer: CoalesceHttpLayer,
-    seen: Observations,
-    task: JoinHandle<()>,
-}
+type HttpServer = TestServer<CoalesceHttpLayer>;
 
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+/// A client's task: its reply, or what went wrong on the way.
+type Client = JoinHandle<Result<Reply, String>>;
 
 /// Serves [`routes`] on 127.0.0.1:0 with `axum::serve`, behind `layer` (with the
 /// `Cache-Status` header turned on, so the client can see who was leader, follower, released
@@ -488,7 +584,7 @@ async fn start_app(
     let task = tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
-    HttpServer {
+    TestServer {
         addr,
         backend,
         layer,
@@ -498,22 +594,24 @@ async fn start_app(
 }
 
 impl HttpServer {
-    /// (backend calls, keys in flight, followers waiting).
-    fn state(&self) -> (usize, usize, usize) {
-        (
-            self.backend.calls(),
-            self.layer.in_flight(),
-            self.layer.waiting(),
-        )
-    }
-
-    async fn until_state(&self, what: &str, want: (usize, usize, usize)) {
-        until(what, || self.state(), |s| *s == want).await;
-    }
-
     /// Sends `req` on a TCP connection of its own, from a task of its own.
-    fn send(&self, req: Request<Full<Bytes>>, proto: Proto) -> JoinHandle<Result<Reply, String>> {
+    fn send(&self, req: Request<Full<Bytes>>, proto: Proto) -> Client {
         tokio::spawn(exchange(self.addr, req, proto))
+    }
+
+    /// `n` clients at once, each sending a request `req` makes.
+    fn burst(&self, n: usize, proto: Proto, req: impl Fn() -> Request<Full<Bytes>>) -> Vec<Client> {
+        (0..n).map(|_| self.send(req(), proto)).collect()
+    }
+
+    /// A GET over HTTP/1.1.
+    fn get(&self, path: &str) -> Client {
+        self.send(get_req(path), Proto::Http1)
+    }
+
+    /// `n` identical GETs at once.
+    fn gets(&self, n: usize, path: &str, proto: Proto) -> Vec<Client> {
+        self.burst(n, proto, || get_req(path))
     }
 }
 
@@ -558,6 +656,41 @@ impl Reply {
     fn is_bypass(&self) -> bool {
         !self.cache_status().contains("fwd=miss") && !self.cache_status().contains("collapsed")
     }
+
+    /// The number of the backend call that made a body ending in `#<n>`.
+    fn call(&self) -> &str {
+        self.text().rsplit('#').next().unwrap()
+    }
+}
+
+/// How many of `replies` are `is`.
+fn count(replies: &[Reply], is: fn(&Reply) -> bool) -> usize {
+    replies.iter().filter(|r| is(r)).count()
+}
+
+/// Different bodies among `replies`: one per backend call that answered them.
+fn distinct_bodies(replies: &[Reply]) -> usize {
+    replies
+        .iter()
+        .map(Reply::text)
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+/// Different backend calls that made the big bodies among `replies`.
+fn distinct_tags(replies: &[Reply]) -> usize {
+    replies
+        .iter()
+        .map(|r| tag_of(&r.body))
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+/// A big body arrived whole: every byte of the one its call made.
+#[track_caller]
+fn assert_whole(body: &Bytes, len: usize) {
+    assert_eq!(body.len(), len, "nobody loses a byte");
+    assert_eq!(body, &big_bytes(tag_of(body), len));
 }
 
 /// Aborts the connection task when the request's own task ends or is aborted, so that
@@ -568,6 +701,13 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Runs a client connection until the request's task ends.
+fn drive(conn: impl Future + Send + 'static) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let _ = conn.await;
+    }))
 }
 
 /// One request on a fresh TCP connection: connect, handshake, send, read the whole body and
@@ -590,9 +730,7 @@ async fn exchange(
             let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
                 .await
                 .map_err(|e| format!("handshake: {e}"))?;
-            _connection = AbortOnDrop(tokio::spawn(async move {
-                let _ = conn.await;
-            }));
+            _connection = drive(conn);
             sender.send_request(req).await
         }
         Proto::Http2 => {
@@ -602,9 +740,7 @@ async fn exchange(
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                     .await
                     .map_err(|e| format!("handshake: {e}"))?;
-            _connection = AbortOnDrop(tokio::spawn(async move {
-                let _ = conn.await;
-            }));
+            _connection = drive(conn);
             sender.send_request(req).await
         }
     };
@@ -653,20 +789,16 @@ async fn gets_over_separate_connections_share_one_backend_call() {
     within(async {
         const N: usize = 24;
         let s = start_http(CoalesceHttpLayer::new()).await;
-        let tasks: Vec<_> = (0..N)
-            .map(|_| s.send(get_req("/hot"), Proto::Http1))
-            .collect();
+        let tasks = s.gets(N, "/hot", Proto::Http1);
         // Held at the gate: one handler call, everybody else parked on it. With a registry
         // per connection (the axum trap) this would be N handler calls and no follower.
-        s.until_state("one call and N - 1 followers", (1, 1, N - 1))
-            .await;
+        s.until_one_call(N).await;
         assert_eq!(
             s.seen.peers(),
             N,
             "every request came on its own connection"
         );
-        s.backend.open();
-        let replies = ok_replies(join_all(tasks).await);
+        let replies = ok_replies(s.release(tasks).await);
 
         assert_eq!(s.backend.calls(), 1, "{N} identical GETs, one backend call");
         for r in &replies {
@@ -680,9 +812,9 @@ async fn gets_over_separate_connections_share_one_backend_call() {
                 assert_eq!(len.to_str().unwrap(), r.body.len().to_string());
             }
         }
-        assert_eq!(replies.iter().filter(|r| r.is_leader()).count(), 1);
-        assert_eq!(replies.iter().filter(|r| r.is_follower()).count(), N - 1);
-        assert_eq!((s.layer.in_flight(), s.layer.waiting()), (0, 0));
+        assert_eq!(count(&replies, Reply::is_leader), 1);
+        assert_eq!(count(&replies, Reply::is_follower), N - 1);
+        assert_eq!(s.layer.gauges(), (0, 0));
 
         // No stale join: a request after the answer went out makes a new call.
         let later = exchange(s.addr, get_req("/hot"), Proto::Http1)
@@ -717,16 +849,13 @@ async fn every_axum_placement_coalesces_across_connections() {
         ];
         for (place, path, app) in placements {
             let s = start_app(CoalesceHttpLayer::new(), app).await;
-            let tasks: Vec<_> = (0..N)
-                .map(|_| s.send(get_req(path), Proto::Http1))
-                .collect();
+            let tasks = s.gets(N, path, Proto::Http1);
             s.until_state(
                 &format!("{place}: one call and N - 1 followers"),
                 (1, 1, N - 1),
             )
             .await;
-            s.backend.open();
-            for r in ok_replies(join_all(tasks).await) {
+            for r in ok_replies(s.release(tasks).await) {
                 assert_eq!(r.text(), "hot #0", "{place}");
             }
             assert_eq!(s.backend.calls(), 1, "{place}");
@@ -740,14 +869,10 @@ async fn an_error_status_response_is_shared_like_any_other() {
     within(async {
         const N: usize = 8;
         let s = start_http(CoalesceHttpLayer::new()).await;
-        let tasks: Vec<_> = (0..N)
-            .map(|_| s.send(get_req("/unavailable"), Proto::Http1))
-            .collect();
-        s.until_state("one call and N - 1 followers", (1, 1, N - 1))
-            .await;
-        s.backend.open();
+        let tasks = s.gets(N, "/unavailable", Proto::Http1);
+        s.until_one_call(N).await;
         // "Every status may be shared, errors such as 500 included."
-        for r in ok_replies(join_all(tasks).await) {
+        for r in ok_replies(s.release(tasks).await) {
             assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(r.text(), "down #0");
         }
@@ -761,16 +886,14 @@ async fn head_and_get_are_coalesced_apart_and_each_kind_alike() {
     within(async {
         const N: usize = 6;
         let s = start_http(CoalesceHttpLayer::new()).await;
-        let head = || Request::head("/hot").body(Full::default()).unwrap();
-        let gets: Vec<_> = (0..N)
-            .map(|_| s.send(get_req("/hot"), Proto::Http1))
-            .collect();
-        let heads: Vec<_> = (0..N).map(|_| s.send(head(), Proto::Http1)).collect();
+        let gets = s.gets(N, "/hot", Proto::Http1);
+        let heads = s.burst(N, Proto::Http1, || {
+            Request::head("/hot").body(Full::default()).unwrap()
+        });
         // Each method is its own key: two calls, each with N - 1 followers.
         s.until_state("a GET call and a HEAD call", (2, 2, 2 * N - 2))
             .await;
-        s.backend.open();
-        let gets = ok_replies(join_all(gets).await);
+        let gets = ok_replies(s.release(gets).await);
         let heads = ok_replies(join_all(heads).await);
         assert_eq!(s.backend.calls(), 2);
 
@@ -801,21 +924,17 @@ async fn trailers_reach_every_waiter_over_separate_http2_connections() {
     within(async {
         const N: usize = 12;
         let s = start_http(CoalesceHttpLayer::new()).await;
-        let tasks: Vec<_> = (0..N)
-            .map(|_| s.send(get_req("/trailers"), Proto::Http2))
-            .collect();
-        s.until_state("one call and N - 1 followers", (1, 1, N - 1))
-            .await;
+        let tasks = s.gets(N, "/trailers", Proto::Http2);
+        s.until_one_call(N).await;
         assert_eq!(s.seen.peers(), N);
-        s.backend.open();
-        let replies = ok_replies(join_all(tasks).await);
+        let replies = ok_replies(s.release(tasks).await);
         assert_eq!(s.backend.calls(), 1);
         for r in &replies {
             assert_eq!(r.text(), "checked body 0");
             let trailers = r.trailers.as_ref().expect("trailers kept for every waiter");
             assert_eq!(trailers["x-checksum"], "sum-0");
         }
-        assert_eq!(replies.iter().filter(|r| r.is_follower()).count(), N - 1);
+        assert_eq!(count(&replies, Reply::is_follower), N - 1);
     })
     .await;
 }
@@ -830,13 +949,12 @@ async fn big_bodies(s: &HttpServer, n: usize, len: usize) -> Vec<Reply> {
             } else {
                 format!("/big-known/{len}")
             };
-            s.send(get_req(&path), Proto::Http1)
+            s.get(&path)
         })
         .collect();
     s.until_state("one call per route, the rest followers", (2, 2, 2 * n - 2))
         .await;
-    s.backend.open();
-    ok_replies(join_all(tasks).await)
+    ok_replies(s.release(tasks).await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -849,19 +967,14 @@ async fn a_body_exactly_at_the_default_limit_is_shared_whole() {
         // "a body within max_body_bytes" is shared: the limit itself is within.
         assert_eq!(s.backend.calls(), 2, "one call per route");
         for r in &replies {
-            assert_eq!(r.body.len(), len, "untruncated");
-            assert_eq!(r.body, big_bytes(tag_of(&r.body), len));
+            assert_whole(&r.body, len);
         }
-        let tags: HashSet<usize> = replies.iter().map(|r| tag_of(&r.body)).collect();
         assert_eq!(
-            tags.len(),
+            distinct_tags(&replies),
             2,
             "each route's waiters got its one call's body"
         );
-        assert_eq!(
-            replies.iter().filter(|r| r.is_follower()).count(),
-            2 * N - 2
-        );
+        assert_eq!(count(&replies, Reply::is_follower), 2 * N - 2);
     })
     .await;
 }
@@ -880,38 +993,18 @@ async fn a_body_one_byte_over_the_default_limit_reaches_everyone_whole() {
         );
         for r in &replies {
             assert_eq!(r.status, StatusCode::OK);
-            assert_eq!(r.body.len(), len, "nobody loses a byte");
-            assert_eq!(r.body, big_bytes(tag_of(&r.body), len));
+            assert_whole(&r.body, len);
         }
-        let tags: HashSet<usize> = replies.iter().map(|r| tag_of(&r.body)).collect();
-        assert_eq!(tags.len(), 2 * N, "each client got its own call's body");
-        assert_eq!(replies.iter().filter(|r| r.is_leader()).count(), 2);
         assert_eq!(
-            replies.iter().filter(|r| r.is_released()).count(),
-            2 * N - 2
+            distinct_tags(&replies),
+            2 * N,
+            "each client got its own call's body"
         );
-        assert_eq!((s.layer.in_flight(), s.layer.waiting()), (0, 0));
+        assert_eq!(count(&replies, Reply::is_leader), 2);
+        assert_eq!(count(&replies, Reply::is_released), 2 * N - 2);
+        assert_eq!(s.layer.gauges(), (0, 0));
     })
     .await;
-}
-
-/// Starts the leader alone (so the test knows which client it is), then `followers` more.
-async fn leader_then_followers(
-    s: &HttpServer,
-    path: &str,
-    followers: usize,
-) -> (
-    JoinHandle<Result<Reply, String>>,
-    Vec<JoinHandle<Result<Reply, String>>>,
-) {
-    let leader = s.send(get_req(path), Proto::Http1);
-    s.until_state("the leader in the handler", (1, 1, 0)).await;
-    let rest = (0..followers)
-        .map(|_| s.send(get_req(path), Proto::Http1))
-        .collect();
-    s.until_state("every follower parked", (1, 1, followers))
-        .await;
-    (leader, rest)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -920,7 +1013,7 @@ async fn followers_that_disconnect_do_not_disturb_the_others() {
         const FOLLOWERS: usize = 10;
         const GONE: usize = 3;
         let s = start_http(CoalesceHttpLayer::new()).await;
-        let (leader, mut followers) = leader_then_followers(&s, "/hot", FOLLOWERS).await;
+        let (leader, mut followers) = s.leader_then_followers(|| s.get("/hot"), FOLLOWERS).await;
         // Close three followers' connections mid-flight.
         for task in followers.drain(..GONE) {
             task.abort();
@@ -933,18 +1026,14 @@ async fn followers_that_disconnect_do_not_disturb_the_others() {
         .await;
         assert_eq!(s.backend.cancelled(), 0, "the call goes on");
         s.backend.open();
-        let leader = tokio::time::timeout(WAIT, leader)
-            .await
-            .expect("the leader hangs")
-            .unwrap()
-            .expect("the leader's reply");
+        let leader = join(leader).await.expect("the leader's reply");
         assert_eq!(leader.text(), "hot #0");
         for r in ok_replies(join_all(followers).await) {
             assert_eq!(r.text(), "hot #0");
             assert!(r.is_follower(), "{}", r.cache_status());
         }
         assert_eq!(s.backend.calls(), 1);
-        assert_eq!((s.layer.in_flight(), s.layer.waiting()), (0, 0));
+        assert_eq!(s.layer.gauges(), (0, 0));
     })
     .await;
 }
@@ -954,24 +1043,17 @@ async fn when_the_leaders_client_disconnects_the_followers_still_get_the_one_ans
     within(async {
         const FOLLOWERS: usize = 8;
         let s = start_http(CoalesceHttpLayer::new()).await;
-        let (leader, followers) = leader_then_followers(&s, "/hot", FOLLOWERS).await;
-        leader.abort();
-        until(
-            "the server dropped the leader's request",
-            || s.seen.abandoned(),
-            |&gone| gone == 1,
-        )
-        .await;
+        let (leader, followers) = s.leader_then_followers(|| s.get("/hot"), FOLLOWERS).await;
+        s.abort_leader(leader).await;
         // The leader's request is gone but its backend call is not: a follower carries it.
         assert_eq!(s.backend.cancelled(), 0, "the backend call was cancelled");
         assert_eq!(s.layer.in_flight(), 1);
-        s.backend.open();
-        for r in ok_replies(join_all(followers).await) {
+        for r in ok_replies(s.release(followers).await) {
             assert_eq!(r.status, StatusCode::OK);
             assert_eq!(r.text(), "hot #0", "the call the leader started");
         }
         assert_eq!(s.backend.calls(), 1, "one backend call for everybody");
-        assert_eq!((s.layer.in_flight(), s.layer.waiting()), (0, 0));
+        assert_eq!(s.layer.gauges(), (0, 0));
     })
     .await;
 }
@@ -981,34 +1063,23 @@ async fn when_every_client_disconnects_the_backend_call_is_cancelled_and_the_key
     within(async {
         const N: usize = 5;
         let s = start_http(CoalesceHttpLayer::new()).await;
-        let tasks: Vec<_> = (0..N)
-            .map(|_| s.send(get_req("/hot"), Proto::Http1))
-            .collect();
-        s.until_state("one call and N - 1 followers", (1, 1, N - 1))
-            .await;
+        let tasks = s.gets(N, "/hot", Proto::Http1);
+        s.until_one_call(N).await;
         for task in &tasks {
             task.abort();
         }
         // Contract 4: the last waiter gone, the inner future is dropped and the key freed.
         until(
             "the backend call cancelled and the registry empty",
-            || {
-                (
-                    s.seen.abandoned(),
-                    s.backend.cancelled(),
-                    s.layer.in_flight(),
-                    s.layer.waiting(),
-                )
-            },
-            |&st| st == (N, 1, 0, 0),
+            || (s.seen.abandoned(), s.backend.cancelled(), s.layer.gauges()),
+            |&st| st == (N, 1, (0, 0)),
         )
         .await;
         // The key works again, for a new call.
-        let again = s.send(get_req("/hot"), Proto::Http1);
+        let again = s.get("/hot");
         s.until_state("a new call for the key", (2, 1, 0)).await;
         s.backend.open();
-        let again = join_all(vec![again]).await.pop().unwrap().unwrap();
-        assert_eq!(again.text(), "hot #1");
+        assert_eq!(join(again).await.unwrap().text(), "hot #1");
     })
     .await;
 }
@@ -1018,22 +1089,13 @@ async fn a_leader_that_disconnects_while_its_body_is_buffered_does_not_cut_the_f
     within(async {
         const FOLLOWERS: usize = 6;
         let s = start_http(CoalesceHttpLayer::new()).await;
-        let (leader, followers) = leader_then_followers(&s, "/slow-body", FOLLOWERS).await;
+        let (leader, followers) = s
+            .leader_then_followers(|| s.get("/slow-body"), FOLLOWERS)
+            .await;
         // The handler answers; its body stops half-way: the layer is buffering it.
         s.backend.open();
-        until(
-            "the body held half-way",
-            || s.backend.body_waits.load(SeqCst),
-            |&n| n == 1,
-        )
-        .await;
-        leader.abort();
-        until(
-            "the server dropped the leader's request",
-            || s.seen.abandoned(),
-            |&gone| gone == 1,
-        )
-        .await;
+        s.backend.until_body_held().await;
+        s.abort_leader(leader).await;
         // Contract 4: the flight (the response, body included) goes on for the followers.
         assert_eq!(
             s.backend.body_dropped.load(SeqCst),
@@ -1045,7 +1107,7 @@ async fn a_leader_that_disconnects_while_its_body_is_buffered_does_not_cut_the_f
             assert_eq!(r.text(), "part one part two #0");
         }
         assert_eq!(s.backend.calls(), 1, "one backend call for everybody");
-        assert_eq!((s.layer.in_flight(), s.layer.waiting()), (0, 0));
+        assert_eq!(s.layer.gauges(), (0, 0));
     })
     .await;
 }
@@ -1055,18 +1117,10 @@ async fn when_every_client_disconnects_while_the_body_is_buffered_the_call_is_dr
     within(async {
         const N: usize = 4;
         let s = start_http(CoalesceHttpLayer::new()).await;
-        let tasks: Vec<_> = (0..N)
-            .map(|_| s.send(get_req("/slow-body"), Proto::Http1))
-            .collect();
-        s.until_state("one call and N - 1 followers", (1, 1, N - 1))
-            .await;
+        let tasks = s.gets(N, "/slow-body", Proto::Http1);
+        s.until_one_call(N).await;
         s.backend.open();
-        until(
-            "the body held half-way",
-            || s.backend.body_waits.load(SeqCst),
-            |&n| n == 1,
-        )
-        .await;
+        s.backend.until_body_held().await;
         for task in &tasks {
             task.abort();
         }
@@ -1076,11 +1130,10 @@ async fn when_every_client_disconnects_while_the_body_is_buffered_the_call_is_dr
                 (
                     s.seen.abandoned(),
                     s.backend.body_dropped.load(SeqCst),
-                    s.layer.in_flight(),
-                    s.layer.waiting(),
+                    s.layer.gauges(),
                 )
             },
-            |&st| st == (N, 1, 0, 0),
+            |&st| st == (N, 1, (0, 0)),
         )
         .await;
         // The key works again.
@@ -1098,17 +1151,10 @@ async fn when_the_leader_disconnects_a_response_meant_for_it_alone_is_not_handed
     within(async {
         const FOLLOWERS: usize = 5;
         let s = start_http(CoalesceHttpLayer::new()).await;
-        let (leader, followers) =
-            leader_then_followers(&s, "/personal/set-cookie", FOLLOWERS).await;
-        leader.abort();
-        until(
-            "the server dropped the leader's request",
-            || s.seen.abandoned(),
-            |&gone| gone == 1,
-        )
-        .await;
-        s.backend.open();
-        let replies = ok_replies(join_all(followers).await);
+        let path = "/personal/set-cookie";
+        let (leader, followers) = s.leader_then_followers(|| s.get(path), FOLLOWERS).await;
+        s.abort_leader(leader).await;
+        let replies = ok_replies(s.release(followers).await);
         for r in &replies {
             // Call 0 was the leader's: its cookie must not reach anybody else.
             assert_ne!(
@@ -1116,13 +1162,15 @@ async fn when_the_leader_disconnects_a_response_meant_for_it_alone_is_not_handed
                 "set-cookie #0",
                 "the leader's cookie was handed on"
             );
-            let n = r.text().rsplit('#').next().unwrap();
-            assert_eq!(r.headers["set-cookie"], format!("session={n}"));
+            assert_eq!(r.headers["set-cookie"], format!("session={}", r.call()));
         }
-        let bodies: HashSet<&str> = replies.iter().map(Reply::text).collect();
-        assert_eq!(bodies.len(), FOLLOWERS, "each follower made its own call");
+        assert_eq!(
+            distinct_bodies(&replies),
+            FOLLOWERS,
+            "each follower made its own call"
+        );
         assert_eq!(s.backend.calls(), 1 + FOLLOWERS);
-        assert_eq!((s.layer.in_flight(), s.layer.waiting()), (0, 0));
+        assert_eq!(s.layer.gauges(), (0, 0));
     })
     .await;
 }
@@ -1134,24 +1182,16 @@ async fn when_the_leader_disconnects_on_an_oversized_body_the_followers_get_whol
         const LIMIT: usize = 64 * 1024;
         let len = LIMIT + 1;
         let s = start_http(CoalesceHttpLayer::new().max_body_bytes(LIMIT)).await;
-        let (leader, followers) =
-            leader_then_followers(&s, &format!("/big/{len}"), FOLLOWERS).await;
-        leader.abort();
-        until(
-            "the server dropped the leader's request",
-            || s.seen.abandoned(),
-            |&gone| gone == 1,
-        )
-        .await;
-        s.backend.open();
-        for r in ok_replies(join_all(followers).await) {
-            assert_eq!(r.body.len(), len, "nobody loses a byte");
-            assert_eq!(r.body, big_bytes(tag_of(&r.body), len));
+        let path = format!("/big/{len}");
+        let (leader, followers) = s.leader_then_followers(|| s.get(&path), FOLLOWERS).await;
+        s.abort_leader(leader).await;
+        for r in ok_replies(s.release(followers).await) {
+            assert_whole(&r.body, len);
         }
         // The leader's call (maybe carried by a follower), and at most one per follower.
         let calls = s.backend.calls();
         assert!((2..=1 + FOLLOWERS).contains(&calls), "{calls} calls");
-        assert_eq!((s.layer.in_flight(), s.layer.waiting()), (0, 0));
+        assert_eq!(s.layer.gauges(), (0, 0));
     })
     .await;
 }
@@ -1164,14 +1204,9 @@ async fn big_bodies_with_trailers_over_http2_at_and_over_the_limit() {
         let s = start_http(CoalesceHttpLayer::new().max_body_bytes(LIMIT)).await;
 
         // At the limit: one call, shared whole with its trailers.
-        let path = format!("/big-trailers/{LIMIT}");
-        let tasks: Vec<_> = (0..N)
-            .map(|_| s.send(get_req(&path), Proto::Http2))
-            .collect();
-        s.until_state("one call and N - 1 followers", (1, 1, N - 1))
-            .await;
-        s.backend.open();
-        let replies = ok_replies(join_all(tasks).await);
+        let tasks = s.gets(N, &format!("/big-trailers/{LIMIT}"), Proto::Http2);
+        s.until_one_call(N).await;
+        let replies = ok_replies(s.release(tasks).await);
         s.backend.close();
         assert_eq!(s.backend.calls(), 1);
         for r in &replies {
@@ -1189,18 +1224,14 @@ async fn big_bodies_with_trailers_over_http2_at_and_over_the_limit() {
         // One byte over: the leader gets its body and trailers whole, as streamed; the
         // followers make their own calls and get theirs, trailers included.
         let len = LIMIT + 1;
-        let path = format!("/big-trailers/{len}");
-        let tasks: Vec<_> = (0..N)
-            .map(|_| s.send(get_req(&path), Proto::Http2))
-            .collect();
+        let tasks = s.gets(N, &format!("/big-trailers/{len}"), Proto::Http2);
         s.until_state("one call and N - 1 followers", (2, 1, N - 1))
             .await;
-        s.backend.open();
-        let replies = ok_replies(join_all(tasks).await);
+        let replies = ok_replies(s.release(tasks).await);
         assert_eq!(s.backend.calls(), 1 + N);
         for r in &replies {
             let n = tag_of(&r.body);
-            assert_eq!(r.body, big_bytes(n, len), "nobody loses a byte");
+            assert_whole(&r.body, len);
             let trailers = r
                 .trailers
                 .as_ref()
@@ -1208,8 +1239,7 @@ async fn big_bodies_with_trailers_over_http2_at_and_over_the_limit() {
             assert_eq!(trailers["x-call"], n.to_string());
             assert_eq!(trailers["x-len"], len.to_string());
         }
-        let tags: HashSet<usize> = replies.iter().map(|r| tag_of(&r.body)).collect();
-        assert_eq!(tags.len(), N);
+        assert_eq!(distinct_tags(&replies), N);
     })
     .await;
 }
@@ -1258,7 +1288,7 @@ async fn requests_that_must_bypass_each_reach_the_backend() {
         let s = start_http(CoalesceHttpLayer::new()).await;
         for (kind, make) in kinds {
             let base = s.backend.calls();
-            let tasks: Vec<_> = (0..K).map(|_| s.send(make(), Proto::Http1)).collect();
+            let tasks = s.burst(K, Proto::Http1, make);
             // All K held in the handler at once: none of them waits for another's call.
             until(
                 &format!("{K} identical {kind} requests all in the handler"),
@@ -1266,16 +1296,14 @@ async fn requests_that_must_bypass_each_reach_the_backend() {
                 |&(calls, _, _)| calls == base + K,
             )
             .await;
-            assert_eq!(
-                (s.layer.in_flight(), s.layer.waiting()),
-                (0, 0),
-                "{kind}: nothing registered"
-            );
-            s.backend.open();
-            let replies = ok_replies(join_all(tasks).await);
+            assert_eq!(s.layer.gauges(), (0, 0), "{kind}: nothing registered");
+            let replies = ok_replies(s.release(tasks).await);
             s.backend.close();
-            let bodies: HashSet<&str> = replies.iter().map(Reply::text).collect();
-            assert_eq!(bodies.len(), K, "{kind}: each got its own call's answer");
+            assert_eq!(
+                distinct_bodies(&replies),
+                K,
+                "{kind}: each got its own call's answer"
+            );
             for r in &replies {
                 assert_eq!(r.status, StatusCode::OK, "{kind}");
                 assert!(r.is_bypass(), "{kind}: {}", r.cache_status());
@@ -1305,48 +1333,38 @@ async fn responses_that_must_not_be_shared_send_the_followers_to_the_backend() {
             ("vary-star-in-a-list", "vary", Some("Accept-Encoding, *")),
         ] {
             let base = s.backend.calls();
-            let path = format!("/personal/{kind}");
-            let tasks: Vec<_> = (0..N)
-                .map(|_| s.send(get_req(&path), Proto::Http1))
-                .collect();
-            until(
+            let tasks = s.gets(N, &format!("/personal/{kind}"), Proto::Http1);
+            s.until_state(
                 &format!("{kind}: one call and N - 1 followers"),
-                || s.state(),
-                |&st| st == (base + 1, 1, N - 1),
+                (base + 1, 1, N - 1),
             )
             .await;
-            s.backend.open();
-            let replies = ok_replies(join_all(tasks).await);
+            let replies = ok_replies(s.release(tasks).await);
             s.backend.close();
             assert_eq!(
                 s.backend.calls(),
                 base + N,
                 "{kind}: every follower made its own call"
             );
-            let bodies: HashSet<&str> = replies.iter().map(Reply::text).collect();
-            assert_eq!(bodies.len(), N, "{kind}: nobody got another's response");
+            assert_eq!(
+                distinct_bodies(&replies),
+                N,
+                "{kind}: nobody got another's response"
+            );
             for r in &replies {
                 let got = r.headers.get(header).map(|v| v.to_str().unwrap());
                 match value {
                     Some(value) => assert_eq!(got, Some(value), "{kind}"),
                     // The cookie must be the one minted by the call whose body it came with.
                     None => {
-                        let n = r.text().rsplit('#').next().unwrap();
-                        assert_eq!(got, Some(format!("session={n}").as_str()), "{kind}");
+                        let cookie = format!("session={}", r.call());
+                        assert_eq!(got, Some(cookie.as_str()), "{kind}");
                     }
                 }
             }
-            assert_eq!(
-                replies.iter().filter(|r| r.is_leader()).count(),
-                1,
-                "{kind}"
-            );
-            assert_eq!(
-                replies.iter().filter(|r| r.is_released()).count(),
-                N - 1,
-                "{kind}"
-            );
-            assert_eq!((s.layer.in_flight(), s.layer.waiting()), (0, 0), "{kind}");
+            assert_eq!(count(&replies, Reply::is_leader), 1, "{kind}");
+            assert_eq!(count(&replies, Reply::is_released), N - 1, "{kind}");
+            assert_eq!(s.layer.gauges(), (0, 0), "{kind}");
         }
     })
     .await;
@@ -1357,37 +1375,27 @@ async fn a_handler_panic_fails_only_its_caller_and_the_key_coalesces_again() {
     within(async {
         const N: usize = 5;
         let s = start_http(CoalesceHttpLayer::new()).await;
-        let tasks: Vec<_> = (0..N)
-            .map(|_| s.send(get_req("/panics-once"), Proto::Http1))
-            .collect();
-        s.until_state("one call and N - 1 followers", (1, 1, N - 1))
-            .await;
-        s.backend.open();
-        let replies = ok_replies(join_all(tasks).await);
+        let tasks = s.gets(N, "/panics-once", Proto::Http1);
+        s.until_one_call(N).await;
+        let replies = ok_replies(s.release(tasks).await);
         s.backend.close();
         // The leader's call panicked: its client gets CatchPanicLayer's 500; the followers
         // were released to make their own calls and got real answers.
         assert_eq!(
-            replies
-                .iter()
-                .filter(|r| r.status == StatusCode::INTERNAL_SERVER_ERROR)
-                .count(),
+            count(&replies, |r| r.status == StatusCode::INTERNAL_SERVER_ERROR),
             1
         );
         let fine: Vec<&Reply> = replies.iter().filter(|r| r.status == 200).collect();
         assert_eq!(fine.len(), N - 1);
         assert!(fine.iter().all(|r| r.text().starts_with("fine #")));
         assert_eq!(s.backend.calls(), N);
-        assert_eq!((s.layer.in_flight(), s.layer.waiting()), (0, 0));
+        assert_eq!(s.layer.gauges(), (0, 0));
 
         // The key is not poisoned: a new burst coalesces into one call again.
-        let tasks: Vec<_> = (0..N)
-            .map(|_| s.send(get_req("/panics-once"), Proto::Http1))
-            .collect();
+        let tasks = s.gets(N, "/panics-once", Proto::Http1);
         s.until_state("a new burst coalesced", (N + 1, 1, N - 1))
             .await;
-        s.backend.open();
-        for r in ok_replies(join_all(tasks).await) {
+        for r in ok_replies(s.release(tasks).await) {
             assert_eq!(r.status, StatusCode::OK);
             assert_eq!(r.text(), format!("fine #{N}"));
         }
@@ -1454,19 +1462,7 @@ impl Catalog for Catalogue {
     }
 }
 
-struct GrpcServer {
-    addr: SocketAddr,
-    backend: Backend,
-    layer: CoalesceGrpcLayer,
-    seen: Observations,
-    task: JoinHandle<()>,
-}
-
-impl Drop for GrpcServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+type GrpcServer = TestServer<CoalesceGrpcLayer>;
 
 async fn start_grpc(layer: CoalesceGrpcLayer) -> GrpcServer {
     let backend = Backend::new();
@@ -1486,7 +1482,7 @@ async fn start_grpc(layer: CoalesceGrpcLayer) -> GrpcServer {
     let task = tokio::spawn(async move {
         router.serve_with_incoming(incoming).await.expect("server");
     });
-    GrpcServer {
+    TestServer {
         addr,
         backend,
         layer,
@@ -1496,18 +1492,6 @@ async fn start_grpc(layer: CoalesceGrpcLayer) -> GrpcServer {
 }
 
 impl GrpcServer {
-    fn state(&self) -> (usize, usize, usize) {
-        (
-            self.backend.calls(),
-            self.layer.in_flight(),
-            self.layer.waiting(),
-        )
-    }
-
-    async fn until_state(&self, what: &str, want: (usize, usize, usize)) {
-        until(what, || self.state(), |s| *s == want).await;
-    }
-
     /// One `GetItem` call on a channel (a TCP connection) of its own, from a task of its own
     /// (aborting the task closes the channel: the caller goes away).
     fn call(&self, id: &str) -> JoinHandle<Result<Item, Status>> {
@@ -1519,6 +1503,11 @@ impl GrpcServer {
             }),
         );
         tokio::spawn(async move { call.await.map(tonic::Response::into_inner) })
+    }
+
+    /// `n` identical calls at once.
+    fn calls(&self, n: usize, id: &str) -> Vec<JoinHandle<Result<Item, Status>>> {
+        (0..n).map(|_| self.call(id)).collect()
     }
 
     /// Like [`call`](Self::call), with a request of the test's own (metadata) and the whole
@@ -1548,12 +1537,10 @@ async fn grpc_calls_over_separate_channels_share_one_handler_call() {
     within(async {
         const N: usize = 16;
         let s = start_grpc(CoalesceGrpcLayer::new().method(GET_ITEM)).await;
-        let calls: Vec<_> = (0..N).map(|_| s.call("hot")).collect();
-        s.until_state("one call and N - 1 followers", (1, 1, N - 1))
-            .await;
+        let calls = s.calls(N, "hot");
+        s.until_one_call(N).await;
         assert_eq!(s.seen.peers(), N, "every call came on its own connection");
-        s.backend.open();
-        for item in join_all(calls).await {
+        for item in s.release(calls).await {
             let item = item.expect("every caller gets the shared reply");
             assert_eq!(
                 (item.id.as_str(), item.description.as_str()),
@@ -1561,7 +1548,7 @@ async fn grpc_calls_over_separate_channels_share_one_handler_call() {
             );
         }
         assert_eq!(s.backend.calls(), 1);
-        assert_eq!((s.layer.in_flight(), s.layer.waiting()), (0, 0));
+        assert_eq!(s.layer.gauges(), (0, 0));
     })
     .await;
 }
@@ -1592,13 +1579,8 @@ async fn grpc_only_listed_metadata_splits_the_key_and_response_metadata_reaches_
             .collect();
         s.until_state("one call per tenant", (2, 2, 2 * (EACH - 1)))
             .await;
-        s.backend.open();
-        let responses: Vec<tonic::Response<Item>> = join_all(calls)
-            .await
-            .into_iter()
-            .map(|r| r.expect("reply"))
-            .collect();
-        for (i, response) in responses.iter().enumerate() {
+        for (i, response) in s.release(calls).await.into_iter().enumerate() {
+            let response = response.expect("reply");
             let call = response.metadata().get("x-call").expect("metadata kept");
             let call = call.to_str().unwrap();
             assert_eq!(
@@ -1626,8 +1608,8 @@ async fn grpc_different_messages_do_not_share() {
             (IDS, IDS, IDS * (EACH - 1)),
         )
         .await;
-        s.backend.open();
-        let items: Vec<Item> = join_all(calls)
+        let items: Vec<Item> = s
+            .release(calls)
             .await
             .into_iter()
             .map(|r| r.expect("reply"))
@@ -1660,11 +1642,9 @@ async fn grpc_a_failed_leader_call_is_not_shared_with_its_followers() {
     within(async {
         const N: usize = 6;
         let s = start_grpc(CoalesceGrpcLayer::new().method(GET_ITEM)).await;
-        let calls: Vec<_> = (0..N).map(|_| s.call("flaky")).collect();
-        s.until_state("one call and N - 1 followers", (1, 1, N - 1))
-            .await;
-        s.backend.open();
-        let results = join_all(calls).await;
+        let calls = s.calls(N, "flaky");
+        s.until_one_call(N).await;
+        let results = s.release(calls).await;
         // Only OK is shared: the leader gets its UNAVAILABLE, the followers call for
         // themselves (and succeed) instead of receiving it.
         let errors: Vec<&Status> = results.iter().filter_map(|r| r.as_ref().err()).collect();
@@ -1678,7 +1658,7 @@ async fn grpc_a_failed_leader_call_is_not_shared_with_its_followers() {
             .collect();
         assert_eq!(answers.len(), N - 1, "each follower made its own call");
         assert_eq!(s.backend.calls(), N);
-        assert_eq!((s.layer.in_flight(), s.layer.waiting()), (0, 0));
+        assert_eq!(s.layer.gauges(), (0, 0));
     })
     .await;
 }
@@ -1688,12 +1668,10 @@ async fn grpc_an_error_status_reaches_each_caller_from_its_own_call() {
     within(async {
         const N: usize = 6;
         let s = start_grpc(CoalesceGrpcLayer::new().method(GET_ITEM)).await;
-        let calls: Vec<_> = (0..N).map(|_| s.call("missing:42")).collect();
-        s.until_state("one call and N - 1 followers", (1, 1, N - 1))
-            .await;
-        s.backend.open();
+        let calls = s.calls(N, "missing:42");
+        s.until_one_call(N).await;
         let mut messages = HashSet::new();
-        for result in join_all(calls).await {
+        for result in s.release(calls).await {
             let status = result.expect_err("the handler fails every call");
             assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
             messages.insert(status.message().to_owned());
@@ -1710,11 +1688,11 @@ async fn grpc_a_method_not_on_the_allow_list_is_never_coalesced() {
         const N: usize = 6;
         // Another method of the same service is listed; GetItem is not.
         let s = start_grpc(CoalesceGrpcLayer::new().method("/catalog.v1.Catalog/Other")).await;
-        let calls: Vec<_> = (0..N).map(|_| s.call("hot")).collect();
+        let calls = s.calls(N, "hot");
         // Every identical call is in the handler at once, none registered or waiting.
         s.until_state("every call in the handler", (N, 0, 0)).await;
-        s.backend.open();
-        let answers: HashSet<String> = join_all(calls)
+        let answers: HashSet<String> = s
+            .release(calls)
             .await
             .into_iter()
             .map(|r| r.expect("reply").description)
@@ -1729,11 +1707,9 @@ async fn grpc_a_handler_panic_fails_only_its_caller_and_the_key_coalesces_again(
     within(async {
         const N: usize = 5;
         let s = start_grpc(CoalesceGrpcLayer::new().method(GET_ITEM)).await;
-        let calls: Vec<_> = (0..N).map(|_| s.call("boom")).collect();
-        s.until_state("one call and N - 1 followers", (1, 1, N - 1))
-            .await;
-        s.backend.open();
-        let results = join_all(calls).await;
+        let calls = s.calls(N, "boom");
+        s.until_one_call(N).await;
+        let results = s.release(calls).await;
         s.backend.close();
         let errors = results.iter().filter(|r| r.is_err()).count();
         assert_eq!(
@@ -1745,14 +1721,13 @@ async fn grpc_a_handler_panic_fails_only_its_caller_and_the_key_coalesces_again(
             .filter_map(|r| r.as_ref().ok())
             .all(|item| item.id == "boom"));
         assert_eq!(s.backend.calls(), N, "the followers made their own calls");
-        assert_eq!((s.layer.in_flight(), s.layer.waiting()), (0, 0));
+        assert_eq!(s.layer.gauges(), (0, 0));
 
         // The key is usable and coalesces again.
-        let calls: Vec<_> = (0..N).map(|_| s.call("boom")).collect();
+        let calls = s.calls(N, "boom");
         s.until_state("a new burst coalesced", (N + 1, 1, N - 1))
             .await;
-        s.backend.open();
-        for item in join_all(calls).await {
+        for item in s.release(calls).await {
             assert_eq!(item.expect("reply").description, format!("call #{N}"));
         }
         assert_eq!(s.backend.calls(), N + 1);
@@ -1765,27 +1740,17 @@ async fn grpc_callers_that_go_away_leader_included_do_not_disturb_the_others() {
     within(async {
         const FOLLOWERS: usize = 6;
         let s = start_grpc(CoalesceGrpcLayer::new().method(GET_ITEM)).await;
-        let leader = s.call("hot");
-        s.until_state("the leader in the handler", (1, 1, 0)).await;
-        let mut followers: Vec<_> = (0..FOLLOWERS).map(|_| s.call("hot")).collect();
-        s.until_state("every follower parked", (1, 1, FOLLOWERS))
-            .await;
+        let (leader, mut followers) = s.leader_then_followers(|| s.call("hot"), FOLLOWERS).await;
         // The leader's caller and one follower go away (their channels close).
         leader.abort();
         followers.remove(0).abort();
-        until(
-            "the server dropped both calls",
-            || s.seen.abandoned(),
-            |&gone| gone == 2,
-        )
-        .await;
+        s.until_abandoned("the server dropped both calls", 2).await;
         assert_eq!(s.backend.cancelled(), 0, "the handler call goes on");
-        s.backend.open();
-        for item in join_all(followers).await {
+        for item in s.release(followers).await {
             assert_eq!(item.expect("reply").description, "call #0");
         }
         assert_eq!(s.backend.calls(), 1);
-        assert_eq!((s.layer.in_flight(), s.layer.waiting()), (0, 0));
+        assert_eq!(s.layer.gauges(), (0, 0));
     })
     .await;
 }
