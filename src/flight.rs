@@ -1456,7 +1456,7 @@ const BATCH: usize = if cfg!(loom) { 1 } else { 32 };
 /// there, so publishing allocates nothing however many wait; a batch of larger ones goes on
 /// the heap (one allocation per publish), so that a big `T` returned by value cannot overflow
 /// the publishing task's stack.
-const STACK_COPIES: usize = 2048;
+const STACK_COPIES: usize = 4096;
 
 /// Ends `flight` (already unregistered, or lingering): fills every follower's slot with a
 /// clone of `out` and wakes them, a batch at a time. Returns whether a follower got it.
@@ -1685,156 +1685,202 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Future for Run<K, T> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        // Each role is polled by a function of its own: a debug build keeps a slot for every
+        // value of every arm in one frame, which for an output of tens of KiB returned by value
+        // would be as many copies of it on the stack of every waiter.
         loop {
-            match &mut this.role {
-                Role::Driver(fut) => {
-                    if let Some(old) = fut.meta().gate {
-                        let mut shard = this.registry.lock();
-                        if shard
-                            .table
-                            .find(fut.meta().hash, |e| e.id == old.get())
-                            .is_some()
-                        {
-                            // The key's cancelled call is still being dropped. Polled again
-                            // meanwhile (a `select!` loop), it does not queue its waker twice.
-                            let waker = cx.waker();
-                            let queued = shard
-                                .gated
-                                .iter()
-                                .any(|(id, w)| *id == old.get() && w.will_wake(waker));
-                            if !queued {
-                                shard.gated.push((old.get(), waker.clone()));
-                            }
-                            return Poll::Pending;
-                        }
-                        drop(shard);
-                        fut.as_mut().meta_mut().gate = None;
-                    }
-                    let polled = catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)));
-                    let out = match polled {
-                        Ok(Poll::Pending) => return Poll::Pending,
-                        Ok(Poll::Ready(value)) => Ok(value),
-                        Err(payload) => Err(Panicked::new(payload)),
-                    };
-                    let meta = fut.as_mut().meta_mut().take();
-                    // Release what the inner future holds before the followers are woken. A
-                    // future that panicked may panic again when dropped; that is its own.
-                    if let Role::Driver(fut) = mem::replace(&mut this.role, Role::Finished) {
-                        let _ = catch_unwind(AssertUnwindSafe(move || drop(fut)));
-                    }
-                    return Poll::Ready(this.complete(meta, out));
-                }
-                Role::Follower(key, make) => {
-                    let key = *key as usize;
-                    let flight = this.flight.as_ref().expect("a follower has its flight");
-                    let mut guard = flight.state.lock();
-                    let state = &mut *guard;
-                    match &mut state.followers[key] {
-                        Slot::Ready(_) => {
-                            let Slot::Ready(out) = state.followers.remove(key) else {
-                                unreachable!()
-                            };
-                            state.makers -= usize::from(mem::take(&mut this.maker));
-                            if this.leader {
-                                // A detached flight's caller: shared if anybody else got it.
-                                this.shared = state.published_to > 1;
-                            }
-                            drop(guard);
-                            this.role = Role::Finished;
-                            return Poll::Ready(out);
-                        }
-                        Slot::Parked(waker) => {
-                            if let Some(orphan) = state.orphan.take() {
-                                // The driver left: take over polling for everybody.
-                                state.followers.remove(key);
-                                state.makers -= usize::from(mem::take(&mut this.maker));
-                                state.driven = true;
-                                drop(guard);
-                                this.role = Role::Driver(orphan);
-                                continue;
-                            }
-                            if state.needs_driver && make.is_some() {
-                                // The last attempt failed: run this follower's own call as
-                                // the next attempt, for everybody. In a detached group the
-                                // attempt runs on a task of its own, as a first one does (it
-                                // completes even if every waiter leaves), and this follower
-                                // waits in its slot. (By the group's option, not
-                                // `State::detached`: a first attempt whose `make` panicked had
-                                // no task.)
-                                let spawn = match this.registry.config.detached {
-                                    true => tokio::runtime::Handle::try_current().ok(),
-                                    false => None,
-                                };
-                                if spawn.is_none() {
-                                    state.followers.remove(key);
-                                }
-                                state.makers -= usize::from(mem::take(&mut this.maker));
-                                state.needs_driver = false;
-                                state.driven = true;
-                                let failure = state.failure.take();
-                                let gate = state.retry_gate.take();
-                                drop(guard);
-                                drop(failure);
-                                // A new call, started by a follower: a leader and a retry.
-                                let registry = &this.registry;
-                                registry.lock().counters.leaders += 1;
-                                registry.retried.fetch_add(1, Relaxed);
-                                // As `stats()` counts them: when the retry starts.
-                                emit("tower_coalesce_leaders_total");
-                                emit("tower_coalesce_retried_total");
-                                let make = make.take().expect("checked above");
-                                let flight = this.flight.as_ref().expect("a follower's");
-                                let meta = |is_err| Meta {
-                                    #[cfg(feature = "tracing")]
-                                    span: flight.span.clone(),
-                                    ..Meta::new(flight.hash, flight.id, is_err, gate)
-                                };
-                                match catch_unwind(AssertUnwindSafe(make)) {
-                                    Ok((fut, is_err)) => {
-                                        let fut = driven(meta(is_err), fut);
-                                        let Some(handle) = spawn else {
-                                            this.role = Role::Driver(fut);
-                                            continue;
-                                        };
-                                        spawn_driver(&handle, &this.registry, flight, fut);
-                                        this.retrying = true;
-                                    }
-                                    Err(payload) => {
-                                        if spawn.is_some() {
-                                            // No task drives it: this follower ends it, out of
-                                            // its slot (nobody else could have served that).
-                                            flight.state.lock().followers.remove(key);
-                                        }
-                                        // A panic is a failure whatever the test.
-                                        let meta = meta(|_| false);
-                                        this.role = Role::Finished;
-                                        let out = this.complete(meta, Err(Panicked::new(payload)));
-                                        return Poll::Ready(out);
-                                    }
-                                }
-                                continue;
-                            }
-                            match waker {
-                                Some(w) if w.will_wake(cx.waker()) => {}
-                                _ => *waker = Some(cx.waker().clone()),
-                            }
-                            return Poll::Pending;
-                        }
-                    }
-                }
-                Role::Lingering(key) => {
-                    let key = *key as usize;
-                    return this.poll_lingering(key, cx);
-                }
-                Role::Ready(_) => {
-                    let Role::Ready(out) = mem::replace(&mut this.role, Role::Finished) else {
-                        unreachable!()
-                    };
-                    return Poll::Ready(*out);
-                }
+            let polled = match &this.role {
+                Role::Driver(_) => return this.poll_driving(cx),
+                Role::Follower(..) => this.poll_following(cx),
+                Role::Lingering(key) => return this.poll_lingering(*key as usize, cx),
+                Role::Ready(_) => return this.take_ready(),
                 Role::Finished => panic!("Run polled after completion"),
+            };
+            // `None`: the follower took over the call (its leader left, or it retries it).
+            if let Some(polled) = polled {
+                return polled;
             }
         }
+    }
+}
+
+impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
+    /// Polls the inner future, for everybody; publishes its output when it is ready.
+    // The paths of every call: inlined where it is optimised; apart in a debug build, so
+    // that its values do not take slots in the frame of every other role's poll.
+    #[cfg_attr(debug_assertions, inline(never))]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    fn poll_driving(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, Panicked>> {
+        let Role::Driver(fut) = &mut self.role else {
+            unreachable!("called for a driver")
+        };
+        if let Some(old) = fut.meta().gate {
+            let mut shard = self.registry.lock();
+            if shard
+                .table
+                .find(fut.meta().hash, |e| e.id == old.get())
+                .is_some()
+            {
+                // The key's cancelled call is still being dropped. Polled again
+                // meanwhile (a `select!` loop), it does not queue its waker twice.
+                let waker = cx.waker();
+                let queued = shard
+                    .gated
+                    .iter()
+                    .any(|(id, w)| *id == old.get() && w.will_wake(waker));
+                if !queued {
+                    shard.gated.push((old.get(), waker.clone()));
+                }
+                return Poll::Pending;
+            }
+            drop(shard);
+            fut.as_mut().meta_mut().gate = None;
+        }
+        let polled = catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)));
+        let out = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(value)) => Ok(value),
+            Err(payload) => Err(Panicked::new(payload)),
+        };
+        let meta = fut.as_mut().meta_mut().take();
+        // Release what the inner future holds before the followers are woken. A
+        // future that panicked may panic again when dropped; that is its own.
+        if let Role::Driver(fut) = mem::replace(&mut self.role, Role::Finished) {
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(fut)));
+        }
+        Poll::Ready(self.complete(meta, out))
+    }
+
+    /// Takes this follower's copy if it is in, takes over the call if its driver left or a
+    /// retry is due (`None`: poll again as the driver), or parks.
+    // The paths of every call: inlined where it is optimised; apart in a debug build, so
+    // that its values do not take slots in the frame of every other role's poll.
+    #[cfg_attr(debug_assertions, inline(never))]
+    #[cfg_attr(not(debug_assertions), inline(always))]
+    fn poll_following(&mut self, cx: &mut Context<'_>) -> Option<Poll<Result<T, Panicked>>> {
+        let Role::Follower(key, make) = &mut self.role else {
+            unreachable!("called for a follower")
+        };
+        let key = *key as usize;
+        let flight = self.flight.as_ref().expect("a follower has its flight");
+        let mut guard = flight.state.lock();
+        let state = &mut *guard;
+        match &mut state.followers[key] {
+            Slot::Ready(_) => {
+                let Slot::Ready(out) = state.followers.remove(key) else {
+                    unreachable!()
+                };
+                state.makers -= usize::from(mem::take(&mut self.maker));
+                if self.leader {
+                    // A detached flight's caller: shared if anybody else got it.
+                    self.shared = state.published_to > 1;
+                }
+                drop(guard);
+                self.role = Role::Finished;
+                Some(Poll::Ready(out))
+            }
+            Slot::Parked(waker) => {
+                if let Some(orphan) = state.orphan.take() {
+                    // The driver left: take over polling for everybody.
+                    state.followers.remove(key);
+                    state.makers -= usize::from(mem::take(&mut self.maker));
+                    state.driven = true;
+                    drop(guard);
+                    self.role = Role::Driver(orphan);
+                    return None;
+                }
+                if state.needs_driver && make.is_some() {
+                    // The last attempt failed: run this follower's own call as the next
+                    // attempt, for everybody. In a detached group the attempt runs on a task
+                    // of its own, as a first one does (it completes even if every waiter
+                    // leaves), and this follower waits in its slot. (By the group's option,
+                    // not `State::detached`: a first attempt whose `make` panicked had no
+                    // task.)
+                    let spawn = match self.registry.config.detached {
+                        true => tokio::runtime::Handle::try_current().ok(),
+                        false => None,
+                    };
+                    if spawn.is_none() {
+                        state.followers.remove(key);
+                    }
+                    state.makers -= usize::from(mem::take(&mut self.maker));
+                    state.needs_driver = false;
+                    state.driven = true;
+                    let failure = state.failure.take();
+                    let gate = state.retry_gate.take();
+                    drop(guard);
+                    drop(failure);
+                    return self.start_retry(key, spawn, gate);
+                }
+                match waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+                Some(Poll::Pending)
+            }
+        }
+    }
+
+    /// Runs this follower's own call as the next attempt of a failed flight (its slot and the
+    /// flight's state already updated): `None` to poll it as the driver, or its task's output
+    /// later; its `make`'s panic at once. Not inlined, as the other roles' polls.
+    #[inline(never)]
+    fn start_retry(
+        &mut self,
+        key: usize,
+        spawn: Option<tokio::runtime::Handle>,
+        gate: Option<NonZeroU64>,
+    ) -> Option<Poll<Result<T, Panicked>>> {
+        // A new call, started by a follower: a leader and a retry.
+        let registry = &self.registry;
+        registry.lock().counters.leaders += 1;
+        registry.retried.fetch_add(1, Relaxed);
+        // As `stats()` counts them: when the retry starts.
+        emit("tower_coalesce_leaders_total");
+        emit("tower_coalesce_retried_total");
+        let Role::Follower(_, make) = &mut self.role else {
+            unreachable!("called for a follower")
+        };
+        let make = make.take().expect("checked by the caller");
+        let flight = self.flight.as_ref().expect("a follower's");
+        let meta = |is_err| Meta {
+            #[cfg(feature = "tracing")]
+            span: flight.span.clone(),
+            ..Meta::new(flight.hash, flight.id, is_err, gate)
+        };
+        match catch_unwind(AssertUnwindSafe(make)) {
+            Ok((fut, is_err)) => {
+                let fut = driven(meta(is_err), fut);
+                let Some(handle) = spawn else {
+                    self.role = Role::Driver(fut);
+                    return None;
+                };
+                spawn_driver(&handle, &self.registry, flight, fut);
+                self.retrying = true;
+            }
+            Err(payload) => {
+                if spawn.is_some() {
+                    // No task drives it: this follower ends it, out of its slot (nobody else
+                    // could have served that).
+                    flight.state.lock().followers.remove(key);
+                }
+                // A panic is a failure whatever the test.
+                let meta = meta(|_| false);
+                self.role = Role::Finished;
+                let out = self.complete(meta, Err(Panicked::new(payload)));
+                return Some(Poll::Ready(out));
+            }
+        }
+        None
+    }
+
+    /// The output this waiter got when it was made.
+    #[inline(never)]
+    fn take_ready(&mut self) -> Poll<Result<T, Panicked>> {
+        let Role::Ready(out) = mem::replace(&mut self.role, Role::Finished) else {
+            unreachable!()
+        };
+        Poll::Ready(*out)
     }
 }
 

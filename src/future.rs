@@ -74,16 +74,16 @@ where
         // The limit needs tokio's timer. Outside a runtime (a `block_on` of another executor)
         // a follower waits with no limit, as a detached call runs undetached there: a panic
         // here would strike only once a second request for a key came, a crash under load.
-        let timed = run.is_following() && tokio::runtime::Handle::try_current().is_ok();
-        let deadline = match timed {
-            false => None,
-            true => options.follower_timeout.map(|limit| {
-                Box::pin(Deadline {
+        // (Checked last: looking up the runtime costs a reference count on its handle.)
+        let deadline = match options.follower_timeout {
+            Some(limit) if run.is_following() && tokio::runtime::Handle::try_current().is_ok() => {
+                Some(Box::pin(Deadline {
                     sleep: tokio::time::sleep(limit),
                     limit,
                     action: options.on_timeout,
-                })
-            }),
+                }))
+            }
+            _ => None,
         };
         ResponseFuture {
             kind: Kind::Coalesced { run },
