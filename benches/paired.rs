@@ -13,7 +13,7 @@
 //! `cargo bench --bench paired` (about a minute; `PAIRED_ROUNDS` sets the rounds, 15 by
 //! default; `PAIRED_ONLY=<workload prefix>` and `PAIRED_CONTENDERS=<name prefix>,...` narrow
 //! it, e.g. to profile one contender under `perf stat`; `BENCH_WORKERS` sets the runtime's
-//! workers, 2 by default)
+//! workers, 2 by default. A run with either of the last two set only prints its results.)
 
 #[allow(dead_code)]
 mod support;
@@ -226,7 +226,14 @@ fn main() {
         }
         doc.insert(workload.to_string(), result);
     }
-    if support::bench_mode() {
+    // A run narrowed to some contenders or to another worker count is for looking at, not for
+    // the report (`bench_report` reads this file as a whole run on 2 workers).
+    let narrowed = ["PAIRED_CONTENDERS", "BENCH_WORKERS"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    if narrowed {
+        println!("not written for the report: PAIRED_CONTENDERS or BENCH_WORKERS is set");
+    } else if support::bench_mode() {
         doc.insert("rounds".to_string(), json!(rounds));
         doc.insert("machine".to_string(), support::machine());
         let dir = support::criterion_dir();

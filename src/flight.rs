@@ -1498,7 +1498,7 @@ fn publish<T>(
         out,
         panicked: None,
     };
-    // Decided by the type alone, so only one branch is compiled in.
+    // Decided by the type alone: only one branch runs, and an optimised build compiles only it.
     if mem::size_of::<Option<Result<T, Panicked>>>() * BATCH <= STACK_COPIES {
         serve_on_stack(flight, &mut copier, wanted, keys);
     } else {

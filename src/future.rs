@@ -187,9 +187,18 @@ where
             // The limit is looked at before the flight: an output that is in by then is taken,
             // not dropped for a timeout.
             let expired = match this.deadline.as_mut() {
-                Some(deadline) => deadline.as_mut().project().sleep.poll(cx).is_ready(),
-                None => false,
+                Some(deadline) => {
+                    let sleep = deadline.as_mut().project().sleep;
+                    catch_unwind(AssertUnwindSafe(|| sleep.poll(cx).is_ready()))
+                }
+                None => Ok(false),
             };
+            // A timer panics when its runtime has shut down (its context entered through a
+            // kept handle): no limit then, as outside a runtime.
+            let expired = expired.unwrap_or_else(|_| {
+                *this.deadline = None;
+                false
+            });
             if let Poll::Ready(out) = Pin::new(&mut *run).poll(cx) {
                 return Poll::Ready(
                     out.unwrap_or_else(|panic| Err(CoalesceError::panicked(panic))),

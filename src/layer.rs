@@ -166,8 +166,9 @@ impl<F, K> CoalesceLayer<F, K> {
     ///
     /// The limit is a `tokio::time` timer, armed when the follower's request is called inside
     /// a tokio runtime, which must have its time driver enabled (as for `tokio::time::sleep`).
-    /// A follower called outside any tokio runtime (under another executor) waits with no
-    /// limit, as [`detached`](Self::detached) runs its calls undetached there.
+    /// A follower called outside any tokio runtime (under another executor), or in the context
+    /// of one that has shut down, waits with no limit, as [`detached`](Self::detached) runs its
+    /// calls undetached there.
     pub fn follower_timeout(mut self, limit: Duration) -> Self {
         self.options.follower_timeout = Some(limit);
         self

@@ -328,16 +328,20 @@ pub fn for_each<K: Kind, V: Visit<K>>(kind: K, with_bare: bool, v: &mut V) {
 // ---------------------------------------------------------------------------------------------
 // Workloads
 
-/// The runtime every timed workload runs on: multi-thread, 2 workers.
-pub fn runtime() -> Runtime {
-    // `BENCH_WORKERS=1` reruns a workload on one worker, to tell the coalescer's cost from the
-    // runtime's cost of waking a second worker (see "waiters" in docs/performance.md).
-    let workers = std::env::var("BENCH_WORKERS")
+/// The runtime's workers: 2, or `BENCH_WORKERS` (`BENCH_WORKERS=1` reruns a workload on one
+/// worker, to tell the coalescer's cost from the runtime's cost of waking a second one; see
+/// "waiters" in the README's Performance section).
+pub fn workers() -> usize {
+    std::env::var("BENCH_WORKERS")
         .ok()
         .and_then(|w| w.parse().ok())
-        .unwrap_or(2);
+        .unwrap_or(2)
+}
+
+/// The runtime every timed workload runs on: multi-thread, 2 workers.
+pub fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+        .worker_threads(workers())
         .enable_all()
         .build()
         .expect("tokio runtime")
@@ -737,7 +741,7 @@ pub fn machine() -> Value {
         "loadavg_at_start": std::fs::read_to_string("/proc/loadavg")
             .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
             .unwrap_or_default(),
-        "runtime": "tokio multi-thread, 2 workers",
+        "runtime": format!("tokio multi-thread, {} workers", workers()),
     })
 }
 

@@ -230,8 +230,9 @@ impl CoalesceGrpcLayer {
 
     /// A snapshot of the counters of the registry this layer's services share: flights
     /// (`leaders`), `followers`, calls the rules passed through (`bypassed`: methods not
-    /// allow-listed, oversized requests), followers `released` to make their own call (the
-    /// flight's status was not `OK`, or its response too large), failed and panicked flights.
+    /// allow-listed, gRPC-Web, oversized or failing request bodies, requests with trailers),
+    /// followers `released` to make their own call (the flight's status was not `OK`, its
+    /// response too large, or its handler panicked), failed and panicked flights.
     ///
     /// ```
     /// use tower_coalesce::grpc::CoalesceGrpcLayer;
