@@ -14,8 +14,8 @@ use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full, StreamBody};
 use tokio::sync::watch;
-use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
-use tower_coalesce::grpc::CoalesceGrpcLayer;
+use tower::{service_fn, BoxError, Layer, Service, ServiceBuilder, ServiceExt};
+use tower_coalesce::grpc::{CoalesceGrpcLayer, GrpcServiceBuilderExt};
 use tower_coalesce::http::{CoalesceBody, ServedBy};
 
 const PATH: &str = "/catalog.v1.Catalog/GetItem";
@@ -484,6 +484,47 @@ async fn every_service_of_a_layer_shares_its_registry_and_each_builder_call_make
         backend.open();
         let (a, b, c) = tokio::join!(a, b, c);
         assert!(a.is_ok() && b.is_ok() && c.is_ok());
+        assert_eq!(backend.calls(), 2);
+    })
+    .await;
+}
+
+/// `ServiceBuilder::coalesce_grpc(methods)` is the layer with those methods allow-listed:
+/// identical calls of a listed method share one call, any other method passes through.
+#[tokio::test]
+async fn the_service_builder_method_coalesces_the_listed_methods_only() {
+    bounded(async {
+        let backend = Backend::new();
+        let svc = ServiceBuilder::new()
+            .coalesce_grpc([PATH])
+            .service(backend.service(numbered(Some("0"))));
+        let other = "/catalog.v1.Catalog/ListItems";
+        let mut calls: Vec<_> = [PATH, PATH, other]
+            .into_iter()
+            .map(|path| Box::pin(svc.clone().oneshot(call(path, b"m"))))
+            .collect();
+        for call in &mut calls {
+            assert!(poll!(call).is_pending());
+        }
+        assert_eq!(
+            backend.calls(),
+            2,
+            "one call for the listed method, one for the other"
+        );
+        backend.open();
+        let served: Vec<_> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().extensions().get::<ServedBy>().copied())
+            .collect();
+        assert_eq!(
+            served,
+            [
+                Some(ServedBy::Leader),
+                Some(ServedBy::Follower),
+                Some(ServedBy::Bypass)
+            ]
+        );
         assert_eq!(backend.calls(), 2);
     })
     .await;

@@ -36,12 +36,14 @@
 //! [`CoalesceBody`]: crate::http::CoalesceBody
 //! [`ServedBy`]: crate::http::ServedBy
 
+mod builder;
 mod future;
 mod key;
 mod layer;
 mod service;
 mod status;
 
+pub use builder::GrpcServiceBuilderExt;
 pub use future::ResponseFuture;
 pub use layer::CoalesceGrpcLayer;
 pub use service::CoalesceGrpcService;
