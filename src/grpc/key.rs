@@ -26,6 +26,7 @@ pub(crate) struct Config {
     pub(crate) identity: Option<IdentityFn>,
     pub(crate) request_limit: usize,
     pub(crate) response_limit: usize,
+    pub(crate) detached: bool,
 }
 
 impl Config {
@@ -39,6 +40,7 @@ impl Config {
             identity: None,
             request_limit: Self::DEFAULT_REQUEST_LIMIT,
             response_limit: Self::DEFAULT_RESPONSE_LIMIT,
+            detached: false,
         }
     }
 }
@@ -53,6 +55,7 @@ impl fmt::Debug for Config {
             .field("identity", &self.identity.is_some())
             .field("request_limit", &self.request_limit)
             .field("response_limit", &self.response_limit)
+            .field("detached", &self.detached)
             .finish()
     }
 }

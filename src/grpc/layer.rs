@@ -11,7 +11,7 @@ use tower_layer::Layer;
 
 use super::key::{Config, GrpcKey};
 use super::service::CoalesceGrpcService;
-use crate::flight::Group;
+use crate::flight::{Group, GroupBuilder};
 use crate::Stats;
 
 /// Coalesces concurrent identical unary gRPC calls to allow-listed methods.
@@ -108,7 +108,7 @@ impl CoalesceGrpcLayer {
     /// The options, to change them. A layer with other options gets a registry of its own: its
     /// keys mean something else, so it must not meet flights of the layer it was made from.
     fn config(&mut self) -> &mut Config {
-        self.shared.group = Group::new();
+        self.shared.group = registry(self.shared.config.detached);
         self.shared.waiting = Arc::new(AtomicUsize::new(0));
         Arc::make_mut(&mut self.shared.config)
     }
@@ -216,6 +216,25 @@ impl CoalesceGrpcLayer {
         self
     }
 
+    /// Runs each flight (the inner call and the buffering of its response) on a spawned tokio
+    /// task, so that it completes even when every call waiting for it has gone (its clients
+    /// cancelled or disconnected). Off by default: a flight is cancelled when its last call
+    /// goes. See [`GroupBuilder::detached`](crate::GroupBuilder::detached); outside a tokio
+    /// runtime flights are driven by their calls regardless.
+    ///
+    /// ```
+    /// use tower_coalesce::grpc::CoalesceGrpcLayer;
+    ///
+    /// let layer = CoalesceGrpcLayer::new()
+    ///     .method("/catalog.v1.Catalog/GetItem")
+    ///     .detached(true);
+    /// ```
+    pub fn detached(mut self, detached: bool) -> Self {
+        self.config().detached = detached;
+        self.shared.group = registry(detached);
+        self
+    }
+
     /// The number of calls in flight for which others may wait, in the registry this layer
     /// shares.
     pub fn in_flight(&self) -> usize {
@@ -244,6 +263,11 @@ impl CoalesceGrpcLayer {
     pub fn stats(&self) -> Stats {
         self.shared.group.stats()
     }
+}
+
+/// A new registry, for a layer's options.
+fn registry(detached: bool) -> Group<GrpcKey> {
+    GroupBuilder::new().detached(detached).build()
 }
 
 impl Default for CoalesceGrpcLayer {

@@ -12,7 +12,7 @@ use tower_layer::Layer;
 
 use super::key::{Key, KeyRules};
 use super::service::CoalesceHttpService;
-use crate::flight::Group;
+use crate::flight::{Group, GroupBuilder};
 use crate::Stats;
 
 /// Options shared by a layer and every service it makes.
@@ -21,6 +21,7 @@ pub(crate) struct Config {
     pub(crate) rules: KeyRules,
     pub(crate) max_body_bytes: usize,
     pub(crate) cache_status: bool,
+    pub(crate) detached: bool,
 }
 
 /// The default of [`CoalesceHttpLayer::max_body_bytes`]: 2 MiB.
@@ -72,6 +73,7 @@ impl CoalesceHttpLayer {
                 rules: KeyRules::default(),
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
                 cache_status: false,
+                detached: false,
             }),
             group: Group::new(),
             waiting: Arc::default(),
@@ -82,8 +84,8 @@ impl CoalesceHttpLayer {
         let mut config = Config::clone(&self.config);
         change(&mut config);
         CoalesceHttpLayer {
+            group: GroupBuilder::new().detached(config.detached).build(),
             config: Arc::new(config),
-            group: Group::new(),
             waiting: Arc::default(),
         }
     }
@@ -173,6 +175,22 @@ impl CoalesceHttpLayer {
     /// The [`ServedBy`](super::ServedBy) response extension is always set.
     pub fn cache_status_header(self, enabled: bool) -> Self {
         self.configure(|c| c.cache_status = enabled)
+    }
+
+    /// Runs each flight (the inner call and the buffering of its body) on a spawned tokio task,
+    /// so that it completes even when every request waiting for it has gone: a costly response
+    /// is not thrown away because its clients disconnected, and the backend sees no
+    /// cancellation. Off by default: a flight is cancelled when its last request goes. See
+    /// [`GroupBuilder::detached`](crate::GroupBuilder::detached); outside a tokio runtime
+    /// flights are driven by their requests regardless.
+    ///
+    /// ```
+    /// use tower_coalesce::http::CoalesceHttpLayer;
+    ///
+    /// let layer = CoalesceHttpLayer::new().detached(true);
+    /// ```
+    pub fn detached(self, detached: bool) -> Self {
+        self.configure(|c| c.detached = detached)
     }
 
     /// The number of keys with a call in flight, across every service this layer made.
