@@ -249,3 +249,35 @@ async fn http_detached_flight_serves_its_followers_once() {
     }
     assert_eq!(calls.load(SeqCst), 1);
 }
+
+/// A response that may not be shared (it sets a cookie) still reaches the detached flight's
+/// own caller, and its follower makes a call of its own.
+#[tokio::test(start_paused = true)]
+async fn http_detached_flight_hands_an_unshareable_response_to_its_caller() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (gate, gate_rx) = watch::channel(false);
+    let layer = CoalesceHttpLayer::new().detached(true);
+    let c = calls.clone();
+    let svc = layer.layer(service_fn(move |_req: Request<Full<Bytes>>| {
+        let (c, mut gate_rx) = (c.clone(), gate_rx.clone());
+        async move {
+            let n = c.fetch_add(1, SeqCst) + 1;
+            gate_rx.wait_for(|open| *open).await.expect("gate");
+            let mut response = Response::new(Full::new(Bytes::from(format!("call {n}"))));
+            let cookie = HeaderValue::from_str(&format!("session={n}")).unwrap();
+            response.headers_mut().insert("set-cookie", cookie);
+            Ok::<_, Infallible>(response)
+        }
+    }));
+    let mut leader = Box::pin(svc.clone().oneshot(get()));
+    let mut follower = Box::pin(svc.clone().oneshot(get()));
+    assert!(poll!(&mut leader).is_pending());
+    assert!(poll!(&mut follower).is_pending());
+    gate.send_replace(true);
+    let (leader, follower) = bounded("both", async { tokio::join!(leader, follower) }).await;
+    let (leader, follower) = (leader.unwrap(), follower.unwrap());
+    assert_eq!(leader.headers()["set-cookie"], "session=1");
+    assert_eq!(follower.headers()["set-cookie"], "session=2");
+    assert_eq!(calls.load(SeqCst), 2);
+    assert_eq!(layer.stats().released, 1);
+}
