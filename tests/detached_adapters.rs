@@ -21,6 +21,7 @@ use tokio::sync::{watch, Notify};
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_coalesce::grpc::CoalesceGrpcLayer;
 use tower_coalesce::http::{CoalesceBody, CoalesceHttpLayer};
+use tower_coalesce::Stats;
 
 const PATH: &str = "/catalog.v1.Catalog/GetItem";
 
@@ -136,26 +137,36 @@ async fn http_flight_with_no_one_left(detached: bool) -> (Arc<Handler>, Coalesce
     (handler, layer)
 }
 
+/// What became of a flight every request left: detached, it ran to its end and then left the
+/// registry (its task ends once the body is read), with nothing cancelled; by default its
+/// handler was dropped, and the flight counted as cancelled.
+async fn assert_outcome(
+    detached: bool,
+    handler: &Handler,
+    in_flight: impl Fn() -> usize,
+    stats: impl Fn() -> Stats,
+) {
+    let ended = (handler.finished.load(SeqCst), handler.dropped.load(SeqCst));
+    if detached {
+        assert_eq!(ended, (1, 0), "(finished, dropped)");
+        until_empty(in_flight).await;
+        assert_eq!(stats().cancelled, 0);
+    } else {
+        assert_eq!(ended, (0, 1), "(finished, dropped)");
+        assert_eq!((in_flight(), stats().cancelled), (0, 1));
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn http_detached_flight_completes_when_every_request_has_gone() {
     let (handler, layer) = http_flight_with_no_one_left(true).await;
-    assert_eq!(
-        (handler.finished.load(SeqCst), handler.dropped.load(SeqCst)),
-        (1, 0)
-    );
-    // The flight's task ends once the body is read; the registry is then empty.
-    until_empty(|| layer.in_flight()).await;
-    assert_eq!(layer.stats().cancelled, 0);
+    assert_outcome(true, &handler, || layer.in_flight(), || layer.stats()).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn http_flight_is_cancelled_by_default_when_every_request_has_gone() {
     let (handler, layer) = http_flight_with_no_one_left(false).await;
-    assert_eq!(
-        (handler.finished.load(SeqCst), handler.dropped.load(SeqCst)),
-        (0, 1)
-    );
-    assert_eq!((layer.in_flight(), layer.stats().cancelled), (0, 1));
+    assert_outcome(false, &handler, || layer.in_flight(), || layer.stats()).await;
 }
 
 fn grpc_call() -> Request<Full<Bytes>> {
@@ -199,22 +210,13 @@ async fn grpc_flight_with_no_one_left(detached: bool) -> (Arc<Handler>, Coalesce
 #[tokio::test(start_paused = true)]
 async fn grpc_detached_flight_completes_when_every_call_has_gone() {
     let (handler, layer) = grpc_flight_with_no_one_left(true).await;
-    assert_eq!(
-        (handler.finished.load(SeqCst), handler.dropped.load(SeqCst)),
-        (1, 0)
-    );
-    until_empty(|| layer.in_flight()).await;
-    assert_eq!(layer.stats().cancelled, 0);
+    assert_outcome(true, &handler, || layer.in_flight(), || layer.stats()).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn grpc_flight_is_cancelled_by_default_when_every_call_has_gone() {
     let (handler, layer) = grpc_flight_with_no_one_left(false).await;
-    assert_eq!(
-        (handler.finished.load(SeqCst), handler.dropped.load(SeqCst)),
-        (0, 1)
-    );
-    assert_eq!((layer.in_flight(), layer.stats().cancelled), (0, 1));
+    assert_outcome(false, &handler, || layer.in_flight(), || layer.stats()).await;
 }
 
 /// A detached flight still serves its followers, each with the one response.
