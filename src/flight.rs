@@ -1561,12 +1561,12 @@ fn serve<T, C>(
         let mut state = flight.state.lock();
         let mut served = 0;
         while served < batch.len() && next < keys {
-            if let Some(slot @ Slot::Parked(_)) = state.followers.get_mut(next) {
+            if let Some(slot) = state.followers.get_mut(next) {
                 if let Slot::Parked(waker) = slot {
                     wakers[served] = waker.take();
+                    *slot = Slot::Ready(batch[served].take().expect("one copy per slot"));
+                    served += 1;
                 }
-                *slot = Slot::Ready(batch[served].take().expect("one copy per slot"));
-                served += 1;
             }
             next += 1;
         }
@@ -1874,17 +1874,6 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
         None
     }
 
-    /// The output this waiter got when it was made.
-    #[inline(never)]
-    fn take_ready(&mut self) -> Poll<Result<T, Panicked>> {
-        let Role::Ready(out) = mem::replace(&mut self.role, Role::Finished) else {
-            unreachable!()
-        };
-        Poll::Ready(*out)
-    }
-}
-
-impl<K, T: Clone + Send + 'static> Run<K, T> {
     /// A lingering hit that found the output taken out by another hit: takes its copy once it
     /// is back. Not inlined: its copy stays out of the frame of every other `poll`.
     #[inline(never)]
@@ -1901,6 +1890,15 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         state.lingerers.remove(key);
         self.role = Role::Finished;
         Poll::Ready(copy_lingering(flight, state))
+    }
+
+    /// The output this waiter got when it was made.
+    #[inline(never)]
+    fn take_ready(&mut self) -> Poll<Result<T, Panicked>> {
+        let Role::Ready(out) = mem::replace(&mut self.role, Role::Finished) else {
+            unreachable!()
+        };
+        Poll::Ready(*out)
     }
 }
 

@@ -18,6 +18,7 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame;
 use http_body_util::{Full, StreamBody};
 use tokio::sync::{watch, Notify};
+use tower::util::BoxCloneService;
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_coalesce::grpc::CoalesceGrpcLayer;
 use tower_coalesce::http::{CoalesceBody, CoalesceHttpLayer};
@@ -219,21 +220,42 @@ async fn grpc_flight_is_cancelled_by_default_when_every_call_has_gone() {
     assert_outcome(false, &handler, || layer.in_flight(), || layer.stats()).await;
 }
 
-/// A detached flight still serves its followers, each with the one response.
-#[tokio::test(start_paused = true)]
-async fn http_detached_flight_serves_its_followers_once() {
+fn call_body(n: usize) -> Full<Bytes> {
+    Full::new(Bytes::from(format!("call {n}")))
+}
+
+type HttpService =
+    BoxCloneService<Request<Full<Bytes>>, Response<CoalesceBody<Full<Bytes>>>, Infallible>;
+
+/// A detached HTTP layer over a handler that counts its calls, waits at the gate, and answers
+/// its `n`th call with `respond(n)`: (calls, gate, layer, service).
+fn gated_detached(
+    respond: impl Fn(usize) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+) -> (
+    Arc<AtomicUsize>,
+    watch::Sender<bool>,
+    CoalesceHttpLayer,
+    HttpService,
+) {
     let calls = Arc::new(AtomicUsize::new(0));
     let (gate, gate_rx) = watch::channel(false);
     let layer = CoalesceHttpLayer::new().detached(true);
     let c = calls.clone();
     let svc = layer.layer(service_fn(move |_req: Request<Full<Bytes>>| {
-        let (c, mut gate_rx) = (c.clone(), gate_rx.clone());
+        let (c, mut gate_rx, respond) = (c.clone(), gate_rx.clone(), respond.clone());
         async move {
             let n = c.fetch_add(1, SeqCst) + 1;
             gate_rx.wait_for(|open| *open).await.expect("gate");
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("call {n}")))))
+            Ok::<_, Infallible>(respond(n))
         }
     }));
+    (calls, gate, layer, BoxCloneService::new(svc))
+}
+
+/// A detached flight still serves its followers, each with the one response.
+#[tokio::test(start_paused = true)]
+async fn http_detached_flight_serves_its_followers_once() {
+    let (calls, gate, _layer, svc) = gated_detached(|n| Response::new(call_body(n)));
     let mut waiters: Vec<_> = (0..3)
         .map(|_| Box::pin(svc.clone().oneshot(get())))
         .collect();
@@ -256,21 +278,12 @@ async fn http_detached_flight_serves_its_followers_once() {
 /// own caller, and its follower makes a call of its own.
 #[tokio::test(start_paused = true)]
 async fn http_detached_flight_hands_an_unshareable_response_to_its_caller() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let (gate, gate_rx) = watch::channel(false);
-    let layer = CoalesceHttpLayer::new().detached(true);
-    let c = calls.clone();
-    let svc = layer.layer(service_fn(move |_req: Request<Full<Bytes>>| {
-        let (c, mut gate_rx) = (c.clone(), gate_rx.clone());
-        async move {
-            let n = c.fetch_add(1, SeqCst) + 1;
-            gate_rx.wait_for(|open| *open).await.expect("gate");
-            let mut response = Response::new(Full::new(Bytes::from(format!("call {n}"))));
-            let cookie = HeaderValue::from_str(&format!("session={n}")).unwrap();
-            response.headers_mut().insert("set-cookie", cookie);
-            Ok::<_, Infallible>(response)
-        }
-    }));
+    let (calls, gate, layer, svc) = gated_detached(|n| {
+        let mut response = Response::new(call_body(n));
+        let cookie = HeaderValue::from_str(&format!("session={n}")).unwrap();
+        response.headers_mut().insert("set-cookie", cookie);
+        response
+    });
     let mut leader = Box::pin(svc.clone().oneshot(get()));
     let mut follower = Box::pin(svc.clone().oneshot(get()));
     assert!(poll!(&mut leader).is_pending());

@@ -161,12 +161,26 @@ where
     B: Body,
     ResBody: Body,
 {
-    pub(crate) fn bypass(call: Oneshot<S, InnerRequest<B>>) -> Self {
+    /// A call the rules pass through, sent on as it is.
+    pub(crate) fn bypass(shared: &Shared, call: Oneshot<S, InnerRequest<B>>) -> Self {
         ResponseFuture {
-            state: State::Calling {
-                call,
-                served: ServedBy::Bypass,
-            },
+            state: State::bypass(shared, call),
+        }
+    }
+}
+
+impl<S, B, ResBody> State<S, B, ResBody>
+where
+    S: Service<InnerRequest<B>>,
+    B: Body,
+    ResBody: Body,
+{
+    /// A call the rules pass through: counted once, in the registry's `bypassed`.
+    fn bypass(shared: &Shared, call: Oneshot<S, InnerRequest<B>>) -> Self {
+        shared.group.note_bypass();
+        State::Calling {
+            call,
+            served: ServedBy::Bypass,
         }
     }
 }
@@ -210,21 +224,13 @@ where
                         // Request trailers are not part of gRPC; rather than key on them, pass
                         // the call through.
                         Buffered::Complete { data, trailers } => {
-                            shared.group.note_bypass();
                             let request =
                                 Request::from_parts(parts, CoalesceBody::full(data, trailers));
-                            State::Calling {
-                                call: inner.oneshot(request),
-                                served: ServedBy::Bypass,
-                            }
+                            State::bypass(&shared, inner.oneshot(request))
                         }
                         // Over the limit (or failed): passed on with every byte, uncoalesced.
                         Buffered::Incomplete(body) => {
-                            shared.group.note_bypass();
-                            State::Calling {
-                                call: inner.oneshot(Request::from_parts(parts, body)),
-                                served: ServedBy::Bypass,
-                            }
+                            State::bypass(&shared, inner.oneshot(Request::from_parts(parts, body)))
                         }
                     }
                 }

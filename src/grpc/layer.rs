@@ -9,7 +9,7 @@ use http::header::HeaderName;
 use http::request::Parts;
 use tower_layer::Layer;
 
-use super::key::{Config, GrpcKey};
+use super::key::{Config, GrpcKey, IdentityFn};
 use super::service::CoalesceGrpcService;
 use crate::flight::{Group, GroupBuilder};
 use crate::Stats;
@@ -105,12 +105,16 @@ impl CoalesceGrpcLayer {
         }
     }
 
-    /// The options, to change them. A layer with other options gets a registry of its own: its
-    /// keys mean something else, so it must not meet flights of the layer it was made from.
-    fn config(&mut self) -> &mut Config {
-        self.shared.group = registry(self.shared.config.detached);
+    /// Changes the options. A layer with other options gets a registry of its own, made for
+    /// them: its keys mean something else, so it must not meet flights of the layer it was made
+    /// from.
+    fn configure(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        change(Arc::make_mut(&mut self.shared.config));
+        self.shared.group = GroupBuilder::new()
+            .detached(self.shared.config.detached)
+            .build();
         self.shared.waiting = Arc::new(AtomicUsize::new(0));
-        Arc::make_mut(&mut self.shared.config)
+        self
     }
 
     /// Allow-lists a unary method by its full path, `/package.Service/Method`.
@@ -123,7 +127,7 @@ impl CoalesceGrpcLayer {
     ///
     /// If `path` does not look like `/service/method` (a leading `/`, exactly one more `/`,
     /// nothing empty), since it would silently never match.
-    pub fn method(mut self, path: impl Into<String>) -> Self {
+    pub fn method(self, path: impl Into<String>) -> Self {
         let path = path.into();
         let valid = path
             .strip_prefix('/')
@@ -135,8 +139,9 @@ impl CoalesceGrpcLayer {
             valid,
             "gRPC method paths look like \"/package.Service/Method\", got {path:?}"
         );
-        self.config().methods.insert(path.into_boxed_str());
-        self
+        self.configure(|c| {
+            c.methods.insert(path.into_boxed_str());
+        })
     }
 
     /// Allow-lists several unary methods; see [`method`](Self::method).
@@ -154,13 +159,14 @@ impl CoalesceGrpcLayer {
     /// # Panics
     ///
     /// If `name` is not a valid metadata (HTTP header) name.
-    pub fn metadata(mut self, name: impl AsRef<str>) -> Self {
+    pub fn metadata(self, name: impl AsRef<str>) -> Self {
         let name = HeaderName::try_from(name.as_ref())
             .unwrap_or_else(|_| panic!("invalid metadata key {:?}", name.as_ref()));
-        if !self.config().metadata.contains(&name) {
-            self.config().metadata.push(name);
-        }
-        self
+        self.configure(|c| {
+            if !c.metadata.contains(&name) {
+                c.metadata.push(name);
+            }
+        })
     }
 
     /// Adds the caller's identity to the key, and lets calls with credentials be coalesced.
@@ -186,15 +192,13 @@ impl CoalesceGrpcLayer {
     ///     .identity(|parts| parts.extensions.get::<UserId>().map(|user| user.0.clone()));
     /// # let _ = layer;
     /// ```
-    pub fn identity<F, I>(mut self, identify: F) -> Self
+    pub fn identity<F, I>(self, identify: F) -> Self
     where
         F: Fn(&Parts) -> Option<I> + Send + Sync + 'static,
         I: Into<Bytes>,
     {
-        self.config().identity = Some(Arc::new(move |parts: &Parts| {
-            identify(parts).map(Into::into)
-        }));
-        self
+        let identify: IdentityFn = Arc::new(move |parts: &Parts| identify(parts).map(Into::into));
+        self.configure(|c| c.identity = Some(identify))
     }
 
     /// The largest request body (the framed request message) that is buffered to compute a
@@ -203,17 +207,15 @@ impl CoalesceGrpcLayer {
     ///
     /// The key holds the whole message while the call is in flight, so this bounds the memory
     /// a flight's key uses.
-    pub fn request_limit(mut self, bytes: usize) -> Self {
-        self.config().request_limit = bytes;
-        self
+    pub fn request_limit(self, bytes: usize) -> Self {
+        self.configure(|c| c.request_limit = bytes)
     }
 
     /// The largest response body that is buffered to be shared, in bytes; default 4 MiB
     /// (tonic's default message size limit). Over it, the caller that made the call gets its
     /// whole response and the followers make their own calls.
-    pub fn response_limit(mut self, bytes: usize) -> Self {
-        self.config().response_limit = bytes;
-        self
+    pub fn response_limit(self, bytes: usize) -> Self {
+        self.configure(|c| c.response_limit = bytes)
     }
 
     /// Runs each flight (the inner call and the buffering of its response) on a spawned tokio
@@ -229,10 +231,8 @@ impl CoalesceGrpcLayer {
     ///     .method("/catalog.v1.Catalog/GetItem")
     ///     .detached(true);
     /// ```
-    pub fn detached(mut self, detached: bool) -> Self {
-        self.config().detached = detached;
-        self.shared.group = registry(detached);
-        self
+    pub fn detached(self, detached: bool) -> Self {
+        self.configure(|c| c.detached = detached)
     }
 
     /// The number of calls in flight for which others may wait, in the registry this layer
@@ -263,11 +263,6 @@ impl CoalesceGrpcLayer {
     pub fn stats(&self) -> Stats {
         self.shared.group.stats()
     }
-}
-
-/// A new registry, for a layer's options.
-fn registry(detached: bool) -> Group<GrpcKey> {
-    GroupBuilder::new().detached(detached).build()
 }
 
 impl Default for CoalesceGrpcLayer {

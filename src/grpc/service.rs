@@ -98,9 +98,8 @@ where
                 ResponseFuture::keyed(parts, body, head, self.inner.clone(), self.shared.clone())
             }
             Err(_) => {
-                self.shared.group.note_bypass();
                 let req = Request::from_parts(parts, CoalesceBody::original(body));
-                ResponseFuture::bypass(self.inner.clone().oneshot(req))
+                ResponseFuture::bypass(&self.shared, self.inner.clone().oneshot(req))
             }
         }
     }
