@@ -254,7 +254,13 @@ fn keep_copy<T>(
     cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
 ) -> Option<(Instant, Box<Result<T, Panicked>>)> {
     let keep = catch_unwind(AssertUnwindSafe(|| Box::new(cloner(out)))).ok()?;
-    Some((Instant::now() + window, keep))
+    let now = Instant::now();
+    // A window past the clock's range (`Duration::MAX`, "for ever") ends in 30 years, as a
+    // tokio timer that long does.
+    let until = now
+        .checked_add(window)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400));
+    Some((until, keep))
 }
 
 impl GroupBuilder {
@@ -286,6 +292,9 @@ impl GroupBuilder {
     /// [`Group::purge_expired`]). The output need not be `Sync`: a caller takes it out, clones
     /// it with no lock held and puts it back; a caller that comes meanwhile waits (as a
     /// future, woken when it is back) rather than cloning it at the same time.
+    ///
+    /// A window too long for the clock, such as `Duration::MAX`, lasts 30 years: for ever, in
+    /// practice, until [`Group::forget`] drops it.
     pub fn linger(mut self, window: Duration) -> Self {
         self.config.linger = Some(window);
         self
@@ -476,6 +485,10 @@ struct State<T> {
     /// Whether a spawned task drives the flight (its registering caller then waits as a
     /// follower). Set before the task is spawned.
     detached: bool,
+    /// The slot of a detached flight's caller while it is in `followers`: it waits there but
+    /// is no follower (`max_followers` does not count it). Cleared when that slot is removed
+    /// (`remove_slot`), before its key can be given to a follower.
+    caller_slot: Option<usize>,
     /// How many followers the output was handed to; written when it is published.
     published_to: usize,
 }
@@ -514,7 +527,18 @@ where
         Self::with_config(Config::default())
     }
 
-    /// Options: detached flights, a linger window, capacity bounds.
+    /// Options: detached flights, a linger window, capacity bounds. Called as
+    /// `Group::<K>::builder()`: `K` here is not inferred from what [`build`](GroupBuilder::build)
+    /// makes, so [`GroupBuilder::new`], the same builder, reads better.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_coalesce::{Group, GroupBuilder};
+    ///
+    /// let group: Group<u64> = Group::<u64>::builder().max_followers(1_000).build();
+    /// let same: Group<u64> = GroupBuilder::new().max_followers(1_000).build();
+    /// # drop((group, same));
+    /// ```
     pub fn builder() -> GroupBuilder {
         GroupBuilder::default()
     }
@@ -696,10 +720,7 @@ where
             let mut state = flight.state.lock();
             if state.phase == Phase::Running {
                 // A detached flight's caller waits in a slot too, but is no follower.
-                let followers = state
-                    .followers
-                    .len()
-                    .saturating_sub(usize::from(state.detached));
+                let followers = state.followers.len() - usize::from(state.caller_slot.is_some());
                 if config.max_followers.is_some_and(|max| followers >= max) {
                     drop(state);
                     shard.counters.over_capacity += 1;
@@ -770,6 +791,7 @@ where
             let mut state = flight.state.lock();
             state.detached = true;
             let slot = state.followers.insert(Slot::Parked(None));
+            state.caller_slot = Some(slot);
             drop(state);
             entry.flight = Some(Arc::clone(&flight) as Arc<dyn Any + Send + Sync>);
             (flight, slot)
@@ -797,7 +819,7 @@ where
                         // No task will drive it: the caller is its driver, not a follower
                         // waiting in a slot (nor counted as one, for `is_shared`).
                         let mut state = flight.state.lock();
-                        state.followers.remove(*slot);
+                        state.remove_slot(*slot);
                         state.detached = false;
                     }
                     break 'lead leader(Role::Finished).failed(meta, panicked);
@@ -1142,6 +1164,7 @@ impl<T> Flight<T> {
                 failure: None,
                 retry_gate: None,
                 detached: false,
+                caller_slot: None,
                 published_to: 0,
             }),
             #[cfg(feature = "tracing")]
@@ -1590,6 +1613,18 @@ fn serve<T, C>(
 }
 
 impl<T> State<T> {
+    /// Removes the slot `key` from `followers`.
+    fn remove_slot(&mut self, key: usize) -> Slot<T> {
+        self.try_remove_slot(key).expect("a waiter's own slot")
+    }
+
+    fn try_remove_slot(&mut self, key: usize) -> Option<Slot<T>> {
+        if self.caller_slot == Some(key) {
+            self.caller_slot = None;
+        }
+        self.followers.try_remove(key)
+    }
+
     /// Every follower has its copy: the flight is over, nobody drives or is to drive it.
     fn published(&mut self) {
         self.phase = Phase::Done;
@@ -1767,7 +1802,7 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
         let state = &mut *guard;
         match &mut state.followers[key] {
             Slot::Ready(_) => {
-                let Slot::Ready(out) = state.followers.remove(key) else {
+                let Slot::Ready(out) = state.remove_slot(key) else {
                     unreachable!()
                 };
                 state.makers -= usize::from(mem::take(&mut self.maker));
@@ -1782,7 +1817,7 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
             Slot::Parked(waker) => {
                 if let Some(orphan) = state.orphan.take() {
                     // The driver left: take over polling for everybody.
-                    state.followers.remove(key);
+                    state.remove_slot(key);
                     state.makers -= usize::from(mem::take(&mut self.maker));
                     state.driven = true;
                     drop(guard);
@@ -1801,7 +1836,7 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
                         false => None,
                     };
                     if spawn.is_none() {
-                        state.followers.remove(key);
+                        state.remove_slot(key);
                     }
                     state.makers -= usize::from(mem::take(&mut self.maker));
                     state.needs_driver = false;
@@ -1862,7 +1897,7 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
                 if spawn.is_some() {
                     // No task drives it: this follower ends it, out of its slot (nobody else
                     // could have served that).
-                    flight.state.lock().followers.remove(key);
+                    flight.state.lock().remove_slot(key);
                 }
                 // A panic is a failure whatever the test.
                 let meta = meta(|_| false);
@@ -1998,7 +2033,7 @@ impl<K, T: Send + 'static> Run<K, T> {
     fn leave_following(&mut self, key: usize) {
         let flight = self.flight.clone().expect("a follower has its flight");
         let mut state = flight.state.lock();
-        let slot = state.followers.try_remove(key);
+        let slot = state.try_remove_slot(key);
         if state.phase != Phase::Running {
             drop(state);
             // An output waiting in the slot is dropped here, unlocked.
