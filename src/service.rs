@@ -3,6 +3,7 @@
 use std::borrow::Borrow;
 use std::fmt;
 use std::hash::Hash;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,7 +23,10 @@ use crate::stats::Stats;
 ///
 /// - `poll_ready` is always ready: a follower never waits for the inner service. Each flight
 ///   drives a clone of the inner service through `poll_ready` and `call` itself, so a
-///   `ConcurrencyLimit` below this layer limits flights, not waiters.
+///   `ConcurrencyLimit` below this layer limits flights, not waiters. Above it, a limit holds
+///   back followers too, and `LoadShed` never sheds.
+/// - Only a flight's first request reaches the inner service: middleware below sees one
+///   request per flight, middleware above every waiter.
 /// - A request whose key is `None` goes to a clone of the inner service as if the layer were
 ///   absent (its error is still wrapped in [`CoalesceError`]).
 /// - The response must be `Clone`: each follower gets a clone of the leader's response.
@@ -150,11 +154,16 @@ where
         };
         let options = self.options;
         let run = if self.group.retries() > 0 || options.calls_alone_on_timeout() {
-            // A follower keeps its own call (its request), to retry or to call alone.
-            let inner = self.inner.clone();
+            // A follower keeps its own call (its request), to retry or to call alone, so the
+            // inner service is cloned now. A panic of that `Clone` is the call's: raised again
+            // if the call is made, where any call's panic is caught, not out of `call`.
+            let inner = catch_unwind(AssertUnwindSafe(|| self.inner.clone()));
             self.group.run_classified(
                 key,
-                move || Call::new(inner.oneshot(req)),
+                move || match inner {
+                    Ok(inner) => Call::new(inner.oneshot(req)),
+                    Err(payload) => resume_unwind(payload),
+                },
                 Result::is_err,
                 Some(boxer),
             )
