@@ -293,8 +293,9 @@ impl GroupBuilder {
     /// it with no lock held and puts it back; a caller that comes meanwhile waits (as a
     /// future, woken when it is back) rather than cloning it at the same time.
     ///
-    /// A window too long for the clock, such as `Duration::MAX`, lasts 30 years: for ever, in
-    /// practice, until [`Group::forget`] drops it.
+    /// The output is served while less than `window` has passed since the flight finished;
+    /// at `window` it is gone. A window too long for the clock, such as `Duration::MAX`, lasts
+    /// 30 years: for ever, in practice, until [`Group::forget`] drops it.
     pub fn linger(mut self, window: Duration) -> Self {
         self.config.linger = Some(window);
         self
@@ -857,6 +858,10 @@ where
     /// Removes `key`'s flight (of every output type) from the registry, so that the next call
     /// for it starts a new flight, while the current waiters still get their output (Go's
     /// `Forget`). Also drops a lingering output. Returns whether there was anything to remove.
+    ///
+    /// A forgotten flight's call runs on for its waiters, but it is out of the registry: it is
+    /// not counted by [`in_flight`](Self::in_flight) and holds no place under
+    /// [`max_in_flight`](GroupBuilder::max_in_flight), and its output does not linger.
     ///
     /// ```
     /// use tower_coalesce::Group;

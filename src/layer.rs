@@ -168,7 +168,8 @@ impl<F, K> CoalesceLayer<F, K> {
     /// a tokio runtime, which must have its time driver enabled (as for `tokio::time::sleep`).
     /// A follower called outside any tokio runtime (under another executor), or in the context
     /// of one that has shut down, waits with no limit, as [`detached`](Self::detached) runs its
-    /// calls undetached there.
+    /// calls undetached there. A response that came in before the limit is the follower's even
+    /// if its future is first polled after it.
     pub fn follower_timeout(mut self, limit: Duration) -> Self {
         self.options.follower_timeout = Some(limit);
         self

@@ -4,7 +4,9 @@
 /// [`CoalesceService::stats`](crate::CoalesceService::stats), or the `stats` of the HTTP and
 /// gRPC layers and services.
 ///
-/// Counters only grow (except `in_flight`), from the registry's creation on.
+/// Counters only grow (except `in_flight`), from the registry's creation on. They count
+/// registered flights: a call run alone (`over_capacity`, or a follower that calls alone after
+/// its wait limit) counts only there, not in `leaders`, `errors` or `panics`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
@@ -30,7 +32,9 @@ pub struct Stats {
     pub released: u64,
     /// Calls a follower started to retry a failed one (`retry_failed`).
     pub retried: u64,
-    /// Calls whose output was an error (retried ones included).
+    /// Calls whose output was an error (retried ones included): `Err` from
+    /// [`run_result`](crate::Group::run_result), [`run_retryable`](crate::Group::run_retryable)
+    /// or the layers; through [`run`](crate::Group::run) every output is a success.
     pub errors: u64,
     /// Calls whose inner service panicked (retried ones included).
     pub panics: u64,
@@ -38,7 +42,8 @@ pub struct Stats {
     pub cancelled: u64,
     /// Entries removed by `forget`.
     pub forgotten: u64,
-    /// Flights running now.
+    /// Registered flights running now. A flight removed by `forget` no longer counts (nor
+    /// holds a place under `max_in_flight`), though its call runs on for its waiters.
     pub in_flight: usize,
 }
 
