@@ -23,7 +23,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::mem;
 use std::num::NonZeroU64;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -1126,17 +1126,18 @@ impl<K> ShardCell<K> {
         let mut i = 0;
         while i < shard.gated.len() {
             if shard.gated[i].0 == id {
-                gate.push(shard.gated.swap_remove(i).1);
+                gate.push(Some(shard.gated.swap_remove(i).1));
             } else {
                 i += 1;
             }
         }
         drop(guard);
-        for waker in gate {
-            waker.wake();
-        }
+        let woken = wake_all(&mut gate);
         // User code (the key's destructor): after the flights waiting for it are woken.
         drop(entry);
+        if let Err(panic) = woken {
+            resume_unwind(panic);
+        }
     }
 }
 
@@ -1411,8 +1412,12 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
                 self.flight = self.registry.flight_of(hash, id);
             }
             if let Some(flight) = self.flight.clone() {
-                if self.retry(&flight, &out, meta.gate) {
+                if let Some(mut wakers) = self.retry(&flight, &out, meta.gate) {
                     self.registry.lock().counters.count(end);
+                    // This driver's error goes to nobody else: the followers retry.
+                    if let Err(panic) = wake_all(&mut wakers) {
+                        resume_unwind(panic);
+                    }
                     return out;
                 }
             }
@@ -1428,15 +1433,20 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             drop(removed);
             return out;
         };
-        self.shared |= publish(&flight, &out, end, Clone::clone);
+        let published = publish(&flight, &out, end, Clone::clone);
         // The key's destructor is user code: run unlocked, and after the followers have their
         // copies, so that a panic in it is this driver's alone.
         drop(removed);
+        match published {
+            Ok(shared) => self.shared |= shared,
+            Err(panic) => resume_unwind(panic),
+        }
         out
     }
 
     /// Hands a failed attempt to the followers to retry, if it has retries left and a
-    /// follower that can; returns whether it did (this driver keeps `out` either way).
+    /// follower that can; if it did, returns the followers' wakers, to wake so that they elect
+    /// the next driver (this driver keeps `out` either way).
     // Not inlined: its copy of a large output stays out of `complete`'s frame.
     #[inline(never)]
     fn retry(
@@ -1444,14 +1454,14 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         flight: &Arc<Flight<T>>,
         out: &Result<T, Panicked>,
         gate: Option<NonZeroU64>,
-    ) -> bool {
+    ) -> Option<Vec<Option<Waker>>> {
         // Cloned before locking: the clone is user code.
         let spare = Some(Box::new(clone_one(flight.cloner, out)));
         let mut state = flight.state.lock();
         if state.retries_left == 0 || state.makers == 0 || state.phase != Phase::Running {
             drop(state);
             drop(spare);
-            return false;
+            return None;
         }
         state.retries_left -= 1;
         state.needs_driver = true;
@@ -1462,16 +1472,12 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             .followers
             .iter_mut()
             .filter_map(|(_, slot)| match slot {
-                Slot::Parked(waker) => waker.take(),
+                Slot::Parked(waker) => waker.take().map(Some),
                 Slot::Ready(_) => None,
             })
             .collect();
         drop(state);
-        // This driver's error goes to nobody else: the followers retry.
-        for waker in wakers {
-            waker.wake();
-        }
-        true
+        Some(wakers)
     }
 }
 
@@ -1487,7 +1493,9 @@ const BATCH: usize = if cfg!(loom) { 1 } else { 32 };
 const STACK_COPIES: usize = 4096;
 
 /// Ends `flight` (already unregistered, or lingering): fills every follower's slot with a
-/// clone of `out` and wakes them, a batch at a time. Returns whether a follower got it.
+/// clone of `out` and wakes them, a batch at a time. Returns whether a follower got it, or
+/// the first panic of a follower's waker, to pass on once the caller is done (every follower
+/// is served and woken regardless).
 ///
 /// `cloner` makes each copy: `Clone::clone` where `T: Clone` is known (inlined), the flight's
 /// stored `cloner` from a follower's `Drop`.
@@ -1496,7 +1504,7 @@ fn publish<T>(
     out: &Result<T, Panicked>,
     end: End,
     cloner: impl Fn(&Result<T, Panicked>) -> Result<T, Panicked>,
-) -> bool {
+) -> Result<bool, Panic> {
     // No follower can join from here on (the entry is gone or lingers), and `driven` keeps
     // the ones that leave from cancelling the flight, so counting now and filling later is
     // sound; a slot that empties meanwhile is just skipped.
@@ -1510,7 +1518,7 @@ fn publish<T>(
         drop(state);
         drop(failure);
         trace_end(flight.span(), end, waiters);
-        return false;
+        return Ok(false);
     }
     state.published_to = wanted;
     // Keys are stable and none is added from here on: one pass over them serves everybody.
@@ -1527,13 +1535,13 @@ fn publish<T>(
         panicked: None,
     };
     // Decided by the type alone: only one branch runs, and an optimised build compiles only it.
-    if mem::size_of::<Option<Result<T, Panicked>>>() * BATCH <= STACK_COPIES {
-        serve_on_stack(flight, &mut copier, wanted, keys);
+    let woken = if mem::size_of::<Option<Result<T, Panicked>>>() * BATCH <= STACK_COPIES {
+        serve_on_stack(flight, &mut copier, wanted, keys)
     } else {
-        serve_on_heap(flight, &mut copier, wanted, keys);
-    }
+        serve_on_heap(flight, &mut copier, wanted, keys)
+    };
     trace_end(flight.span(), end, waiters);
-    true
+    woken.map(|()| true)
 }
 
 /// `serve` with the batch's copies on the stack. Not inlined, so that the array is in no
@@ -1544,11 +1552,12 @@ fn serve_on_stack<T, C>(
     copier: &mut Copier<'_, T, C>,
     wanted: usize,
     keys: usize,
-) where
+) -> Result<(), Panic>
+where
     C: Fn(&Result<T, Panicked>) -> Result<T, Panicked>,
 {
     let mut copies: [Option<Result<T, Panicked>>; BATCH] = std::array::from_fn(|_| None);
-    serve(flight, copier, &mut copies, wanted, keys);
+    serve(flight, copier, &mut copies, wanted, keys)
 }
 
 /// `serve` with the batch's copies on the heap, for outputs too large for the stack.
@@ -1559,13 +1568,14 @@ fn serve_on_heap<T, C>(
     copier: &mut Copier<'_, T, C>,
     wanted: usize,
     keys: usize,
-) where
+) -> Result<(), Panic>
+where
     C: Fn(&Result<T, Panicked>) -> Result<T, Panicked>,
 {
     let mut copies: Vec<Option<Result<T, Panicked>>> = std::iter::repeat_with(|| None)
         .take(wanted.min(BATCH))
         .collect();
-    serve(flight, copier, &mut copies, wanted, keys);
+    serve(flight, copier, &mut copies, wanted, keys)
 }
 
 /// Fills the `wanted` follower slots among the first `keys` with copies made `copies.len()`
@@ -1576,10 +1586,12 @@ fn serve<T, C>(
     copies: &mut [Option<Result<T, Panicked>>],
     wanted: usize,
     keys: usize,
-) where
+) -> Result<(), Panic>
+where
     C: Fn(&Result<T, Panicked>) -> Result<T, Panicked>,
 {
     let mut wakers: [Option<Waker>; BATCH] = std::array::from_fn(|_| None);
+    let mut woken = Ok(());
     // Slots not served yet, counting those whose follower left as if they still waited.
     let mut unserved = wanted;
     let mut next = 0;
@@ -1604,17 +1616,51 @@ fn serve<T, C>(
             state.published();
         }
         drop(state);
-        for waker in wakers[..served].iter_mut().filter_map(Option::take) {
-            waker.wake();
+        // A follower's waker that panics keeps nobody else from being served.
+        if let (Err(panic), Ok(())) = (wake_all(&mut wakers[..served]), &woken) {
+            woken = Err(panic);
         }
         if last {
             // Copies made for followers that left while this ran: dropped unlocked.
             for copy in batch.iter_mut() {
                 drop(copy.take());
             }
-            break;
+            return woken;
         }
     }
+}
+
+/// A panic's payload, caught to be passed on later.
+type Panic = Box<dyn Any + Send>;
+
+/// Wakes every waker in `wakers`. A waker is the executor's code: one that panics does not
+/// keep the others from being woken. Returns the first panic, for the caller to pass on once
+/// its own work is done.
+fn wake_all(wakers: &mut [Option<Waker>]) -> Result<(), Panic> {
+    let mut woken = Ok(());
+    let mut next = 0;
+    while next < wakers.len() {
+        let pass = catch_unwind(AssertUnwindSafe(|| {
+            while let Some(waker) = wakers.get_mut(next) {
+                next += 1;
+                if let Some(waker) = waker.take() {
+                    waker.wake();
+                }
+            }
+        }));
+        match (pass, &woken) {
+            (Err(panic), Ok(())) => woken = Err(panic),
+            // The payload's destructor is user code too.
+            (Err(panic), Err(_)) => drop_panic(panic),
+            (Ok(()), _) => {}
+        }
+    }
+    woken
+}
+
+/// Drops a caught panic's payload, whose destructor (user code) may panic in turn.
+fn drop_panic(panic: Panic) {
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(panic)));
 }
 
 impl<T> State<T> {
@@ -1822,10 +1868,12 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
             Slot::Parked(waker) => {
                 if let Some(orphan) = state.orphan.take() {
                     // The driver left: take over polling for everybody.
-                    state.remove_slot(key);
+                    let slot = state.remove_slot(key);
                     state.makers -= usize::from(mem::take(&mut self.maker));
                     state.driven = true;
                     drop(guard);
+                    // Its old waker is user code to drop: unlocked.
+                    drop(slot);
                     self.role = Role::Driver(orphan);
                     return None;
                 }
@@ -1840,22 +1888,26 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
                         true => tokio::runtime::Handle::try_current().ok(),
                         false => None,
                     };
-                    if spawn.is_none() {
-                        state.remove_slot(key);
-                    }
+                    let slot = match spawn {
+                        None => Some(state.remove_slot(key)),
+                        Some(_) => None,
+                    };
                     state.makers -= usize::from(mem::take(&mut self.maker));
                     state.needs_driver = false;
                     state.driven = true;
                     let failure = state.failure.take();
                     let gate = state.retry_gate.take();
                     drop(guard);
-                    drop(failure);
+                    drop((failure, slot));
                     return self.start_retry(key, spawn, gate);
                 }
-                match waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => *waker = Some(cx.waker().clone()),
-                }
+                let old = match waker {
+                    Some(w) if w.will_wake(cx.waker()) => None,
+                    _ => waker.replace(cx.waker().clone()),
+                };
+                drop(guard);
+                // A waker's destructor is user code: the one replaced is dropped unlocked.
+                drop(old);
                 Some(Poll::Pending)
             }
         }
@@ -1921,15 +1973,20 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
         let flight = self.flight.as_ref().expect("a lingering waiter's");
         let mut state = flight.state.lock();
         if state.lingering.is_none() {
-            match &mut state.lingerers[key] {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                waker => *waker = Some(cx.waker().clone()),
-            }
+            let old = match &mut state.lingerers[key] {
+                Some(w) if w.will_wake(cx.waker()) => None,
+                waker => waker.replace(cx.waker().clone()),
+            };
+            drop(state);
+            // Dropped unlocked, as a follower's.
+            drop(old);
             return Poll::Pending;
         }
-        state.lingerers.remove(key);
+        let old = state.lingerers.remove(key);
         self.role = Role::Finished;
-        Poll::Ready(copy_lingering(flight, state))
+        let out = copy_lingering(flight, state);
+        drop(old);
+        Poll::Ready(out)
     }
 
     /// The output this waiter got when it was made.
@@ -1975,12 +2032,13 @@ impl<K, T: Send + 'static> Run<K, T> {
                     .as_ref()
                     .expect("a lingering waiter has its flight");
                 let mut state = flight.state.lock();
-                state.lingerers.remove(key as usize);
+                let old = state.lingerers.remove(key as usize);
                 let waker = match state.lingering.is_some() {
                     true => next_lingerer(&mut state.lingerers),
                     false => None,
                 };
                 drop(state);
+                drop(old);
                 if let Some(waker) = waker {
                     waker.wake();
                 }
@@ -2082,9 +2140,12 @@ impl<K, T: Send + 'static> Run<K, T> {
                 let (_, removed) = self
                     .registry
                     .finish(ends, (end, false), linger, flight.cloner);
-                publish(&flight, &failure, end, flight.cloner);
+                let published = publish(&flight, &failure, end, flight.cloner);
                 drop(failure);
                 drop(removed);
+                if let Err(panic) = published {
+                    resume_unwind(panic);
+                }
             }
         } else {
             // This follower may have been the one woken to take over an orphan.
