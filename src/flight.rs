@@ -253,13 +253,19 @@ fn keep_copy<T>(
     out: &Result<T, Panicked>,
     cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
 ) -> Option<(Instant, Box<Result<T, Panicked>>)> {
-    let keep = catch_unwind(AssertUnwindSafe(|| Box::new(cloner(out)))).ok()?;
+    let keep = match catch_unwind(AssertUnwindSafe(|| Box::new(cloner(out)))) {
+        Ok(keep) => keep,
+        Err(panic) => {
+            drop_panic(panic);
+            return None;
+        }
+    };
     let now = Instant::now();
     // A window past the clock's range (`Duration::MAX`, "for ever") ends in 30 years, as a
-    // tokio timer that long does.
+    // tokio timer that long does; a clock too near its own end for that keeps nothing.
     let until = now
         .checked_add(window)
-        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400));
+        .or_else(|| now.checked_add(Duration::from_secs(30 * 365 * 86_400)))?;
     Some((until, keep))
 }
 
@@ -736,7 +742,7 @@ where
                 drop(guard);
                 emit("tower_coalesce_followers_total");
                 #[cfg(feature = "tracing")]
-                tracing::trace!(parent: &flight.span, "follower joined");
+                contained(|| tracing::trace!(parent: &flight.span, "follower joined"));
                 // Boxing is user-visible work only for callers that asked to keep `make`.
                 let role = Role::Follower(slot_key(slot), keep.map(|keep| keep(make, is_err)));
                 let mut run = Run::new(cell, Some(flight), true, role);
@@ -778,13 +784,21 @@ where
             lingering: false,
             forgotten: false,
             cancelling: false,
+            // Contained: a subscriber's panic here would leave the shard's counters counting a
+            // flight that is never registered.
             #[cfg(feature = "tracing")]
-            span: tracing::debug_span!(
-                "coalesce.flight",
-                key_hash = hash,
-                waiters = tracing::field::Empty,
-                outcome = tracing::field::Empty,
-            ),
+            span: catch_unwind(|| {
+                tracing::debug_span!(
+                    "coalesce.flight",
+                    key_hash = hash,
+                    waiters = tracing::field::Empty,
+                    outcome = tracing::field::Empty,
+                )
+            })
+            .unwrap_or_else(|panic| {
+                drop_panic(panic);
+                tracing::Span::none()
+            }),
         };
         // Detached: the flight's state is needed up front, for the caller waits as a follower.
         let detached = detach.as_ref().map(|_| {
@@ -1407,18 +1421,24 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             trace_end(meta.span(), end, 1);
             return out;
         }
+        // A copy made for a retry that did not happen. Its destructor is user code: dropped
+        // when this returns, after the flight has ended for everybody.
+        let mut _spare = None;
         if !matches!(end, End::Ok) && self.registry.config.retries > 0 {
             if self.flight.is_none() {
                 self.flight = self.registry.flight_of(hash, id);
             }
             if let Some(flight) = self.flight.clone() {
-                if let Some(mut wakers) = self.retry(&flight, &out, meta.gate) {
-                    self.registry.lock().counters.count(end);
-                    // This driver's error goes to nobody else: the followers retry.
-                    if let Err(panic) = wake_all(&mut wakers) {
-                        resume_unwind(panic);
+                match self.retry(&flight, &out, meta.gate) {
+                    Ok(mut wakers) => {
+                        self.registry.lock().counters.count(end);
+                        // This driver's error goes to nobody else: the followers retry.
+                        if let Err(panic) = wake_all(&mut wakers) {
+                            resume_unwind(panic);
+                        }
+                        return out;
                     }
-                    return out;
+                    Err(unused) => _spare = unused,
                 }
             }
         }
@@ -1446,7 +1466,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
 
     /// Hands a failed attempt to the followers to retry, if it has retries left and a
     /// follower that can; if it did, returns the followers' wakers, to wake so that they elect
-    /// the next driver (this driver keeps `out` either way).
+    /// the next driver (this driver keeps `out` either way); if not, the copy it made.
     // Not inlined: its copy of a large output stays out of `complete`'s frame.
     #[inline(never)]
     fn retry(
@@ -1454,14 +1474,13 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         flight: &Arc<Flight<T>>,
         out: &Result<T, Panicked>,
         gate: Option<NonZeroU64>,
-    ) -> Option<Vec<Option<Waker>>> {
+    ) -> Result<Vec<Option<Waker>>, Option<Kept<T>>> {
         // Cloned before locking: the clone is user code.
         let spare = Some(Box::new(clone_one(flight.cloner, out)));
         let mut state = flight.state.lock();
         if state.retries_left == 0 || state.makers == 0 || state.phase != Phase::Running {
             drop(state);
-            drop(spare);
-            return None;
+            return Err(spare);
         }
         state.retries_left -= 1;
         state.needs_driver = true;
@@ -1477,7 +1496,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             })
             .collect();
         drop(state);
-        Some(wakers)
+        Ok(wakers)
     }
 }
 
@@ -1633,6 +1652,9 @@ where
 /// A panic's payload, caught to be passed on later.
 type Panic = Box<dyn Any + Send>;
 
+/// An output a flight keeps aside (lingering, or for a retry), boxed: moving it moves a pointer.
+type Kept<T> = Box<Result<T, Panicked>>;
+
 /// Wakes every waker in `wakers`. A waker is the executor's code: one that panics does not
 /// keep the others from being woken. Returns the first panic, for the caller to pass on once
 /// its own work is done.
@@ -1753,17 +1775,23 @@ impl<T> Flight<T> {
 
 #[cfg(feature = "tracing")]
 fn trace_end(span: &tracing::Span, end: End, waiters: usize) {
-    span.record("waiters", waiters);
-    span.record("outcome", end.name());
-    tracing::debug!(parent: span, outcome = end.name(), waiters, "flight finished");
+    contained(|| {
+        span.record("waiters", waiters);
+        span.record("outcome", end.name());
+        tracing::debug!(parent: span, outcome = end.name(), waiters, "flight finished");
+    });
     #[cfg(feature = "metrics")]
-    metrics::counter!("tower_coalesce_flights_total", "outcome" => end.name()).increment(1);
+    contained(|| {
+        metrics::counter!("tower_coalesce_flights_total", "outcome" => end.name()).increment(1)
+    });
 }
 
 #[cfg(not(feature = "tracing"))]
 fn trace_end(_span: (), _end: End, _waiters: usize) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("tower_coalesce_flights_total", "outcome" => _end.name()).increment(1);
+    contained(|| {
+        metrics::counter!("tower_coalesce_flights_total", "outcome" => _end.name()).increment(1)
+    });
 }
 
 impl<K: Send + 'static, T: Clone + Send + 'static> Future for Run<K, T> {
@@ -1898,8 +1926,12 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
                     let failure = state.failure.take();
                     let gate = state.retry_gate.take();
                     drop(guard);
-                    drop((failure, slot));
-                    return self.start_retry(key, spawn, gate);
+                    drop(slot);
+                    let polled = self.start_retry(key, spawn, gate);
+                    // The failed output's destructor is user code: once the retry runs, so
+                    // that its panic cannot leave the flight with no driver.
+                    drop(failure);
+                    return polled;
                 }
                 let old = match waker {
                     Some(w) if w.will_wake(cx.waker()) => None,
@@ -2109,11 +2141,14 @@ impl<K, T: Send + 'static> Run<K, T> {
             let failure = state.failure.take();
             let orphan = state.orphan.take();
             drop(state);
-            drop(failure);
             let mut shard = self.registry.lock();
             self.registry.cancelling(&mut shard, flight.hash, flight.id);
             drop(shard);
-            let dropped = catch_unwind(AssertUnwindSafe(move || drop(orphan)));
+            // User code, both: a panic in either is passed on once the key is freed.
+            let dropped = catch_unwind(AssertUnwindSafe(move || {
+                let _failure = failure;
+                drop(orphan);
+            }));
             self.registry.cancelled(flight.hash, flight.id);
             trace_end(flight.span(), End::Cancelled, 0);
             if let Err(panic) = dropped {
@@ -2161,11 +2196,23 @@ impl<K, T: Send + 'static> Run<K, T> {
     }
 }
 
-/// Bumps a `metrics` counter; never called under a lock (the recorder is user code).
+/// Bumps a `metrics` counter; never called under a lock (the recorder is user code). A
+/// recorder that panics loses that count, not the request: it may run between steps of a
+/// flight that must all happen, and the panic hook has reported it already.
 #[inline]
 fn emit(_name: &'static str) {
     #[cfg(feature = "metrics")]
-    metrics::counter!(_name).increment(1);
+    contained(|| metrics::counter!(_name).increment(1));
+}
+
+/// Runs observability code (a `tracing` subscriber, a `metrics` recorder: user code) so that
+/// its panic cannot stop a flight halfway; the panic hook has reported the panic already.
+#[cfg(any(feature = "tracing", feature = "metrics"))]
+fn contained<R: Default>(f: impl FnOnce() -> R) -> R {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        drop_panic(panic);
+        R::default()
+    })
 }
 
 /// A slab key as a waiter keeps it: 32 bits keep `Role`, and so every waiter, 8 bytes smaller.

@@ -49,6 +49,22 @@ pin_project! {
     }
 }
 
+impl Deadline {
+    /// A follower's wait limit, if its timer can be made. None when the limit ends past the
+    /// clock's range (the follower waits as for ever), or when the runtime has no time driver
+    /// (`tokio::time` panics there): the follower then waits with no limit rather than failing
+    /// its `call`, as outside a runtime.
+    fn new(limit: Duration, action: OnTimeout) -> Option<Pin<Box<Self>>> {
+        let at = tokio::time::Instant::now().checked_add(limit)?;
+        let sleep = catch_unwind(|| tokio::time::sleep_until(at)).ok()?;
+        Some(Box::pin(Deadline {
+            sleep,
+            limit,
+            action,
+        }))
+    }
+}
+
 pin_project! {
     #[project = KindProj]
     enum Kind<S, Req, K>
@@ -77,11 +93,7 @@ where
         // (Checked last: looking up the runtime costs a reference count on its handle.)
         let deadline = match options.follower_timeout {
             Some(limit) if run.is_following() && tokio::runtime::Handle::try_current().is_ok() => {
-                Some(Box::pin(Deadline {
-                    sleep: tokio::time::sleep(limit),
-                    limit,
-                    action: options.on_timeout,
-                }))
+                Deadline::new(limit, options.on_timeout)
             }
             _ => None,
         };

@@ -165,10 +165,11 @@ impl<F, K> CoalesceLayer<F, K> {
     /// service itself ([`OnTimeout::CallInner`]); the call it waited for goes on undisturbed.
     ///
     /// The limit is a `tokio::time` timer, armed when the follower's request is called inside
-    /// a tokio runtime, which must have its time driver enabled (as for `tokio::time::sleep`).
-    /// A follower called outside any tokio runtime (under another executor), or in the context
-    /// of one that has shut down, waits with no limit, as [`detached`](Self::detached) runs its
-    /// calls undetached there. A response that came in before the limit is the follower's even
+    /// a tokio runtime with its time driver enabled (as `tokio::time::sleep` needs). A
+    /// follower called outside any tokio runtime (under another executor), in the context of
+    /// one that has shut down, or in one without a time driver, waits with no limit, as
+    /// [`detached`](Self::detached) runs its calls undetached there; so does one whose limit
+    /// ends past the clock's range. A response that came in before the limit is the follower's even
     /// if its future is first polled after it.
     pub fn follower_timeout(mut self, limit: Duration) -> Self {
         self.options.follower_timeout = Some(limit);

@@ -50,6 +50,7 @@ async fn settle<F: Future>(what: &str, f: F) -> F::Output {
 }
 
 /// Lets spawned tasks run until `cond` holds, in a bounded number of scheduler turns.
+#[cfg(any(feature = "tracing", feature = "metrics"))]
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     for _ in 0..10_000 {
         if cond() {

@@ -560,9 +560,11 @@ fn a_256_byte_output_publishes_with_one_allocation() {
 // HTTP layer counters: every bypass and release counted once, in `Stats` and in `metrics`
 // ---------------------------------------------------------------------------------------------
 
+#[cfg(all(feature = "http", feature = "metrics"))]
 #[path = "counting_recorder/mod.rs"]
 mod counting_recorder;
 
+#[cfg(all(feature = "http", feature = "metrics"))]
 mod http_counters {
     use super::*;
     use bytes::Bytes;

@@ -218,6 +218,7 @@ impl<B: Body> CoalesceBody<B> {
     }
 
     /// Whether reading it into memory failed: it replays what was read, then that error.
+    #[cfg(any(feature = "grpc", test))]
     pub(crate) fn failed_while_buffered(&self) -> bool {
         matches!(&self.kind, Kind::Replay { error: Some(_), .. })
     }
