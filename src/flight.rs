@@ -1749,9 +1749,7 @@ fn copy_lingering<T>(
     state.lingering = Some(kept);
     let waker = next_lingerer(&mut state.lingerers);
     drop(state);
-    if let Some(waker) = waker {
-        waker.wake();
-    }
+    pass_turn(flight, waker, next_lingerer_of);
     out
 }
 
@@ -2071,9 +2069,7 @@ impl<K, T: Send + 'static> Run<K, T> {
                 };
                 drop(state);
                 drop(old);
-                if let Some(waker) = waker {
-                    waker.wake();
-                }
+                pass_turn(flight, waker, next_lingerer_of);
             }
         }
     }
@@ -2103,9 +2099,7 @@ impl<K, T: Send + 'static> Run<K, T> {
                 state.orphan = Some(fut);
                 let waker = wake_one(&mut state.followers);
                 drop(state);
-                if let Some(waker) = waker {
-                    waker.wake();
-                }
+                pass_turn(&flight, waker, next_driver_of);
                 return;
             }
             state.phase = Phase::Cancelled;
@@ -2189,9 +2183,7 @@ impl<K, T: Send + 'static> Run<K, T> {
                 false => None,
             };
             drop(state);
-            if let Some(waker) = waker {
-                waker.wake();
-            }
+            pass_turn(&flight, waker, next_driver_of);
         }
     }
 }
@@ -2221,6 +2213,47 @@ fn slot_key(key: usize) -> u32 {
 }
 
 /// The waker of one caller waiting for a lingering output to be put back, if any has one.
+/// Wakes `waker`, the waiter picked to take a turn (to drive an orphaned call, or to copy a
+/// lingering output). A waker is the executor's code: if it panics, `next` picks another
+/// waiter under the flight's lock, so that the turn is not lost with it; the first panic is
+/// passed on once one is woken (or none is left).
+fn pass_turn<T>(
+    flight: &Flight<T>,
+    mut waker: Option<Waker>,
+    next: fn(&mut State<T>) -> Option<Waker>,
+) {
+    let mut panicked = None;
+    while let Some(turn) = waker.take() {
+        match catch_unwind(AssertUnwindSafe(|| turn.wake())) {
+            Ok(()) => break,
+            Err(panic) => match panicked {
+                None => panicked = Some(panic),
+                Some(_) => drop_panic(panic),
+            },
+        }
+        waker = next(&mut flight.state.lock());
+    }
+    if let Some(panic) = panicked {
+        resume_unwind(panic);
+    }
+}
+
+/// Another follower to wake to take over the orphaned call, if it is still there.
+fn next_driver_of<T>(state: &mut State<T>) -> Option<Waker> {
+    match state.orphan.is_some() {
+        true => wake_one(&mut state.followers),
+        false => None,
+    }
+}
+
+/// Another caller to wake to copy the lingering output, if it is back.
+fn next_lingerer_of<T>(state: &mut State<T>) -> Option<Waker> {
+    match state.lingering.is_some() {
+        true => next_lingerer(&mut state.lingerers),
+        false => None,
+    }
+}
+
 fn next_lingerer(lingerers: &mut Slab<Option<Waker>>) -> Option<Waker> {
     lingerers.iter_mut().find_map(|(_, waker)| waker.take())
 }

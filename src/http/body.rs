@@ -52,7 +52,9 @@ impl<B: Body> fmt::Debug for Buffered<B> {
 /// byte. Otherwise frames are read until the end (→ [`Buffered::Complete`]), until the data
 /// read exceeds `limit`, a frame follows the trailers, or the body fails
 /// (→ [`Buffered::Incomplete`], which loses nothing).
-/// At most `limit` bytes plus one frame are held in memory.
+/// About `limit` bytes are held in memory, plus one frame: small frames are copied together
+/// as they come (an empty one takes nothing), so that a body of many tiny frames cannot hold
+/// a frame's bookkeeping for each of its bytes.
 ///
 /// The caller checks `Content-Length` itself when it applies (not for `HEAD` responses, whose
 /// header describes a body that is not sent); see [`content_length`].
@@ -71,34 +73,62 @@ pub(crate) async fn buffer<B: Body>(body: B, limit: usize) -> Buffered<B> {
     // turns out to be too large; one allocation per buffered body (per flight, not per waiter).
     let mut body = Box::pin(body);
     let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
+    // Small data frames, copied together until they make a frame worth keeping on its own.
+    let mut small = BytesMut::new();
     let mut read: u64 = 0;
     loop {
         match body.frame().await {
             None => {
+                keep_small(&mut frames, &mut small);
                 return Buffered::Complete {
                     data: concat(&mut frames, read),
                     trailers: trailers(frames),
-                }
+                };
             }
             Some(Ok(frame)) => {
-                let frame = frame.map_data(into_bytes);
-                if let Some(data) = frame.data_ref() {
-                    read += data.len() as u64;
-                }
                 // Anything after the trailers (more trailers, more data) cannot be rebuilt as
                 // one body of data then trailers without merging or reordering, which could
                 // turn a failure into a success (an earlier `grpc-status` overwritten): such
                 // a body is replayed to its own caller as it came, and not shared.
                 let after_trailers = frames.back().is_some_and(Frame::is_trailers);
-                frames.push_back(frame);
+                match frame.map_data(into_bytes).into_data() {
+                    Ok(data) => {
+                        read += data.len() as u64;
+                        if data.len() < SMALL_FRAME && !after_trailers {
+                            small.extend_from_slice(&data);
+                            if small.len() >= SMALL_FRAME {
+                                keep_small(&mut frames, &mut small);
+                            }
+                        } else {
+                            keep_small(&mut frames, &mut small);
+                            frames.push_back(Frame::data(data));
+                        }
+                    }
+                    Err(frame) => {
+                        keep_small(&mut frames, &mut small);
+                        frames.push_back(frame);
+                    }
+                }
                 if read > limit || after_trailers {
+                    keep_small(&mut frames, &mut small);
                     return Buffered::Incomplete(CoalesceBody::replay(frames, None, body));
                 }
             }
             Some(Err(error)) => {
+                keep_small(&mut frames, &mut small);
                 return Buffered::Incomplete(CoalesceBody::replay(frames, Some(error), body));
             }
         }
+    }
+}
+
+/// Data frames smaller than this are copied together while a body is buffered.
+const SMALL_FRAME: usize = 4096;
+
+/// Moves the small frames copied together so far into `frames`, as one data frame.
+fn keep_small(frames: &mut VecDeque<Frame<Bytes>>, small: &mut BytesMut) {
+    if !small.is_empty() {
+        frames.push_back(Frame::data(small.split().freeze()));
     }
 }
 

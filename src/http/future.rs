@@ -32,7 +32,9 @@ pin_project! {
     /// If the inner service (or the response body, while it is buffered) panics, the leader's
     /// future panics again with the same message (`std::panic::resume_unwind`), so that
     /// `CatchPanicLayer` or the server sees the panic exactly as without this layer. The
-    /// followers do not panic: they are released to make their own calls.
+    /// followers do not panic for it: they are released to make their own calls. (A panic of
+    /// user code while a waiter's own copy is made, such as a response extension's `Clone`,
+    /// is that waiter's alone.)
     pub struct ResponseFuture<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>>,
@@ -239,9 +241,11 @@ fn mark<B>(
     res.extensions_mut().insert(by);
     if header {
         if let Ok(value) = HeaderValue::try_from(entry()) {
-            // RFC 9211: each cache appends its entry, the one nearest the client last.
-            res.headers_mut()
-                .append(HeaderName::from_static("cache-status"), value);
+            // RFC 9211: each cache appends its entry, the one nearest the client last. A map
+            // already at `HeaderMap`'s capacity goes out without it.
+            let _ = res
+                .headers_mut()
+                .try_append(HeaderName::from_static("cache-status"), value);
         }
     }
     res
