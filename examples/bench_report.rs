@@ -9,7 +9,8 @@
 //! cargo run --release --example bench_report
 //! ```
 //!
-//! Reads criterion's `estimates.json` files (median of the samples) and the JSON files the
+//! Reads criterion's `sample.json` (the fastest sample, the headline time) and
+//! `estimates.json` (the median) files, and the JSON files the
 //! benches write next to them in `target/criterion`: backend calls per wave
 //! (`tower-coalesce-calls.json`), heap per request (`tower-coalesce-memory.json`), paired
 //! rounds (`tower-coalesce-paired.json`), instruction counts
@@ -299,7 +300,8 @@ fn markdown(r: &Results) -> String {
          backend; a request is a tokio task, as in a server. Times are the fastest of \
          criterion's samples (interference from other work only adds time), with the median \
          under it in the first table. \
-         \"blog post\" is the approach in `shared/reference/` re-implemented as written \
+         \"blog post\" is the request-coalescing blog post this crate started from, its \
+         approach (`Mutex<HashMap<Shared>>`, remove after await) re-implemented as written \
          (`benches/support/blog.rs`).\n"
     );
 

@@ -1,4 +1,5 @@
-//! The blog post this crate started from (`shared/reference/`), through the layer: two
+//! The request-coalescing blog post this crate started from (its approach is re-implemented
+//! as written in `benches/support/blog.rs`), its example served through the layer: two
 //! clients make eight concurrent requests; a spy shows the remote system was called once per
 //! client, and each client's callers all got the same data.
 //!

@@ -113,13 +113,16 @@ where
     }
 
     /// Whether this request leads its flight (its own request made the call), rather than
-    /// waiting for another request's response or bypassing coalescing.
+    /// waiting for another request's response or bypassing coalescing. A request that calls
+    /// alone over a capacity bound leads a call of its own: `is_leader` and
+    /// [`is_alone`](Self::is_alone) are both true.
     pub fn is_leader(&self) -> bool {
         matches!(&self.kind, Kind::Coalesced { run } if run.is_leader())
     }
 
     /// Whether this request joined another request's flight: its response will be a clone of
-    /// that request's response.
+    /// that request's response (a caller served a [lingering](crate::CoalesceLayer::linger)
+    /// response counts as one).
     pub fn is_follower(&self) -> bool {
         matches!(&self.kind, Kind::Coalesced { run } if !run.is_leader())
     }

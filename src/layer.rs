@@ -8,6 +8,7 @@ use tower_layer::Layer;
 
 use crate::flight::{Config, Group};
 use crate::service::{CoalesceService, OnTimeout, Options};
+use crate::stats::Stats;
 
 /// Applies request coalescing to the services it wraps.
 ///
@@ -185,6 +186,23 @@ impl<F, K> CoalesceLayer<F, K> {
     /// The registry shared by every service this layer makes.
     pub fn group(&self) -> &Group<K> {
         &self.group
+    }
+
+    /// A snapshot of the shared registry's counters (as [`Group::stats`]).
+    ///
+    /// ```
+    /// use tower_coalesce::CoalesceLayer;
+    ///
+    /// let layer = CoalesceLayer::new(|key: &u64| Some(*key));
+    /// assert_eq!(layer.stats().leaders, 0);
+    /// ```
+    pub fn stats(&self) -> Stats {
+        self.group.stats()
+    }
+
+    /// The number of keys with a call in flight in the shared registry.
+    pub fn in_flight(&self) -> usize {
+        self.group.in_flight()
     }
 }
 

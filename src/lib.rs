@@ -34,6 +34,8 @@
 //!
 //! # Contract
 //!
+//! With the options off (each option's docs say what it changes):
+//!
 //! 1. At most one call per key is in flight at a time, per registry; different keys never wait
 //!    on each other.
 //! 2. No stale joins: a request that arrives after a call's response was published starts a
@@ -105,3 +107,8 @@ pub use future::ResponseFuture;
 pub use layer::CoalesceLayer;
 pub use service::{CoalesceService, OnTimeout};
 pub use stats::Stats;
+
+/// The README's Rust examples, compiled and run as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

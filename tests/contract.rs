@@ -298,7 +298,7 @@ async fn join_spawned<T: Send + 'static>(handles: Vec<tokio::task::JoinHandle<T>
 // 1. At most one flight per key; other keys never wait
 // ---------------------------------------------------------------------------------------------
 
-/// The blog post in `shared/reference/`: eight concurrent requests over two keys make two
+/// The blog post this crate started from: eight concurrent requests over two keys make two
 /// remote calls, and each key's callers all get the same data. The second round checks the
 /// seed's trap: a finished round must not leave anything behind that a later round joins.
 #[tokio::test(start_paused = true)]

@@ -1,4 +1,5 @@
-//! The approach of the blog post in `shared/reference/`, re-implemented for comparison.
+//! The approach of the request-coalescing blog post this crate started from (the project's
+//! shared reference, outside this repository), re-implemented for comparison.
 //!
 //! Kept faithful on purpose, bugs included (see DESIGN.md, "Known traps"): one
 //! `tokio::sync::Mutex<HashMap<K, Shared<BoxFuture>>>` for every key, a strong `Shared` in the

@@ -128,3 +128,29 @@ pub enum ServedBy {
     /// The request was not eligible for coalescing and went straight to the inner service.
     Bypass,
 }
+
+impl ServedBy {
+    /// A short lowercase name (`leader`, `follower`, `released`, `bypass`), for metrics labels
+    /// and logs.
+    ///
+    /// ```
+    /// use tower_coalesce::http::ServedBy;
+    ///
+    /// assert_eq!(ServedBy::Follower.as_str(), "follower");
+    /// assert_eq!(ServedBy::Bypass.to_string(), "bypass");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServedBy::Leader => "leader",
+            ServedBy::Follower => "follower",
+            ServedBy::Released => "released",
+            ServedBy::Bypass => "bypass",
+        }
+    }
+}
+
+impl std::fmt::Display for ServedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
