@@ -812,7 +812,7 @@ where
             (flight, slot)
         });
         #[cfg(feature = "tracing")]
-        let span = entry.span.clone();
+        let span = clone_span(&entry.span);
         shard.table.insert_unique(hash, entry, |e| e.hash);
         shard.counters.leaders += 1;
         shard.counters.running += 1;
@@ -1188,7 +1188,7 @@ impl<T> Flight<T> {
                 published_to: 0,
             }),
             #[cfg(feature = "tracing")]
-            span: entry.span.clone(),
+            span: clone_span(&entry.span),
         }
     }
 }
@@ -1636,8 +1636,10 @@ where
         }
         drop(state);
         // A follower's waker that panics keeps nobody else from being served.
-        if let (Err(panic), Ok(())) = (wake_all(&mut wakers[..served]), &woken) {
-            woken = Err(panic);
+        match (wake_all(&mut wakers[..served]), &woken) {
+            (Err(panic), Ok(())) => woken = Err(panic),
+            (Err(panic), Err(_)) => drop_panic(panic),
+            (Ok(()), _) => {}
         }
         if last {
             // Copies made for followers that left while this ran: dropped unlocked.
@@ -1967,7 +1969,7 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
         let flight = self.flight.as_ref().expect("a follower's");
         let meta = |is_err| Meta {
             #[cfg(feature = "tracing")]
-            span: flight.span.clone(),
+            span: clone_span(&flight.span),
             ..Meta::new(flight.hash, flight.id, is_err, gate)
         };
         match catch_unwind(AssertUnwindSafe(make)) {
@@ -2195,6 +2197,16 @@ impl<K, T: Send + 'static> Run<K, T> {
 fn emit(_name: &'static str) {
     #[cfg(feature = "metrics")]
     contained(|| metrics::counter!(_name).increment(1));
+}
+
+/// A clone of `span`: the subscriber's `clone_span` is user code, contained as in
+/// [`contained`] (a panic there gives the copy no span).
+#[cfg(feature = "tracing")]
+fn clone_span(span: &tracing::Span) -> tracing::Span {
+    catch_unwind(AssertUnwindSafe(|| span.clone())).unwrap_or_else(|panic| {
+        drop_panic(panic);
+        tracing::Span::none()
+    })
 }
 
 /// Runs observability code (a `tracing` subscriber, a `metrics` recorder: user code) so that

@@ -73,13 +73,12 @@ pub(crate) async fn buffer<B: Body>(body: B, limit: usize) -> Buffered<B> {
     // turns out to be too large; one allocation per buffered body (per flight, not per waiter).
     let mut body = Box::pin(body);
     let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
-    // Small data frames, copied together until they make a frame worth keeping on its own.
-    let mut small = BytesMut::new();
+    let mut small = SmallFrames::default();
     let mut read: u64 = 0;
     loop {
         match body.frame().await {
             None => {
-                keep_small(&mut frames, &mut small);
+                small.flush(&mut frames);
                 return Buffered::Complete {
                     data: concat(&mut frames, read),
                     trailers: trailers(frames),
@@ -95,27 +94,24 @@ pub(crate) async fn buffer<B: Body>(body: B, limit: usize) -> Buffered<B> {
                     Ok(data) => {
                         read += data.len() as u64;
                         if data.len() < SMALL_FRAME && !after_trailers {
-                            small.extend_from_slice(&data);
-                            if small.len() >= SMALL_FRAME {
-                                keep_small(&mut frames, &mut small);
-                            }
+                            small.push(data, &mut frames);
                         } else {
-                            keep_small(&mut frames, &mut small);
+                            small.flush(&mut frames);
                             frames.push_back(Frame::data(data));
                         }
                     }
                     Err(frame) => {
-                        keep_small(&mut frames, &mut small);
+                        small.flush(&mut frames);
                         frames.push_back(frame);
                     }
                 }
                 if read > limit || after_trailers {
-                    keep_small(&mut frames, &mut small);
+                    small.flush(&mut frames);
                     return Buffered::Incomplete(CoalesceBody::replay(frames, None, body));
                 }
             }
             Some(Err(error)) => {
-                keep_small(&mut frames, &mut small);
+                small.flush(&mut frames);
                 return Buffered::Incomplete(CoalesceBody::replay(frames, Some(error), body));
             }
         }
@@ -125,10 +121,39 @@ pub(crate) async fn buffer<B: Body>(body: B, limit: usize) -> Buffered<B> {
 /// Data frames smaller than this are copied together while a body is buffered.
 const SMALL_FRAME: usize = 4096;
 
-/// Moves the small frames copied together so far into `frames`, as one data frame.
-fn keep_small(frames: &mut VecDeque<Frame<Bytes>>, small: &mut BytesMut) {
-    if !small.is_empty() {
-        frames.push_back(Frame::data(small.split().freeze()));
+/// Small data frames while a body is buffered. The first is kept as it came, so that a body of
+/// one small frame is not copied; from a second on they are copied together, until they make
+/// a frame worth keeping on its own.
+#[derive(Default)]
+struct SmallFrames {
+    first: Option<Bytes>,
+    merged: BytesMut,
+}
+
+impl SmallFrames {
+    fn push(&mut self, data: Bytes, frames: &mut VecDeque<Frame<Bytes>>) {
+        match self.first.take() {
+            None if self.merged.is_empty() => self.first = Some(data),
+            first => {
+                if let Some(first) = first {
+                    self.merged.extend_from_slice(&first);
+                }
+                self.merged.extend_from_slice(&data);
+                if self.merged.len() >= SMALL_FRAME {
+                    self.flush(frames);
+                }
+            }
+        }
+    }
+
+    /// Moves the small frames held so far into `frames`, in order.
+    fn flush(&mut self, frames: &mut VecDeque<Frame<Bytes>>) {
+        if let Some(first) = self.first.take() {
+            frames.push_back(Frame::data(first));
+        }
+        if !self.merged.is_empty() {
+            frames.push_back(Frame::data(self.merged.split().freeze()));
+        }
     }
 }
 
