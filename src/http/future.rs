@@ -15,7 +15,7 @@ use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::body::CoalesceBody;
-use super::key::{Bypass, Key};
+use super::key::{Bypass, Key, Writes};
 use super::share::{Outcome, Release};
 use super::ServedBy;
 use crate::flight::Run;
@@ -57,6 +57,8 @@ pin_project! {
             #[pin]
             call: Oneshot<S, Request<ReqBody>>,
             reason: Bypass,
+            // A write's URI slot, counted when its response has a non-error status.
+            write: Option<(Arc<Writes>, usize)>,
         },
         Leader {
             run: Run<Key, Outcome>,
@@ -83,10 +85,15 @@ where
     pub(crate) fn bypass(
         call: Oneshot<S, Request<ReqBody>>,
         reason: Bypass,
+        write: Option<(Arc<Writes>, usize)>,
         cache_status: bool,
     ) -> Self {
         ResponseFuture {
-            state: State::Bypass { call, reason },
+            state: State::Bypass {
+                call,
+                reason,
+                write,
+            },
             cache_status,
         }
     }
@@ -143,8 +150,15 @@ where
         let header = *this.cache_status;
         loop {
             let reason = match this.state.as_mut().project() {
-                StateProj::Bypass { call, reason } => {
+                StateProj::Bypass {
+                    call,
+                    reason,
+                    write,
+                } => {
                     let res = ready!(call.poll(cx))?;
+                    if let Some((writes, slot)) = write.take() {
+                        writes.wrote(slot, res.status());
+                    }
                     let (fwd, detail) = reason.cache_status();
                     let entry = || format!("tower-coalesce; fwd={fwd}; detail={detail}");
                     let res = res.map(CoalesceBody::original);

@@ -1,6 +1,8 @@
 //! Request rules: which requests may be coalesced, and the key they are coalesced under.
 
 use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,6 +28,62 @@ pub(crate) struct Key {
     /// the host but not for credentials.
     userinfo: Option<Box<str>>,
     identity: Option<Bytes>,
+    /// The writes to this URI seen so far ([`Writes`]): a read made after a write's response
+    /// never joins a flight that started before it.
+    writes: u64,
+}
+
+/// Writes that went through the layer, counted per target URI: an unsafe request (not `GET`,
+/// `HEAD`, `OPTIONS`, `TRACE`) answered with a non-error status invalidates its URI (RFC 9111
+/// §4.4), and a read's key holds its URI's count, so that it starts a new flight rather than
+/// join one made before the write. Counted by the URI's hash in a fixed table (shared by a
+/// layer's services): a collision only keeps some reads from joining older flights.
+pub(crate) struct Writes([AtomicU64; WRITE_SLOTS]);
+
+const WRITE_SLOTS: usize = 1024;
+
+impl Writes {
+    /// The slot of `parts`'s target URI (authority, path and query).
+    fn slot(parts: &Parts) -> usize {
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().as_bytes())
+            .or_else(|| parts.headers.get(header::HOST).map(HeaderValue::as_bytes));
+        let path = parts.uri.path_and_query().map(|p| p.as_str());
+        let hash = foldhash::fast::FixedState::default().hash_one((authority, path));
+        hash as usize % WRITE_SLOTS
+    }
+
+    /// The count a read of `parts`'s URI keys on.
+    pub(crate) fn seen(&self, parts: &Parts) -> u64 {
+        self.0[Self::slot(parts)].load(Ordering::Acquire)
+    }
+
+    /// The slot a request writes to when it succeeds, if its method is unsafe.
+    pub(crate) fn write_slot(parts: &Parts) -> Option<usize> {
+        let safe = [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE];
+        (!safe.contains(&parts.method)).then(|| Self::slot(parts))
+    }
+
+    /// Records a write to `slot` if its response had a non-error status.
+    pub(crate) fn wrote(&self, slot: usize, status: http::StatusCode) {
+        if status.is_success() || status.is_redirection() {
+            self.0[slot].fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Default for Writes {
+    fn default() -> Self {
+        Writes(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl fmt::Debug for Writes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Writes").finish_non_exhaustive()
+    }
 }
 
 /// Why a request went straight to the inner service.
@@ -138,7 +196,12 @@ impl KeyRules {
     }
 
     /// The key `parts` and `body` are coalesced under, or why they must bypass.
-    pub(crate) fn classify<B: Body>(&self, parts: &Parts, body: &B) -> Result<Key, Bypass> {
+    pub(crate) fn classify<B: Body>(
+        &self,
+        parts: &Parts,
+        body: &B,
+        writes: &Writes,
+    ) -> Result<Key, Bypass> {
         if parts.method == Method::CONNECT || !self.methods.contains(&parts.method) {
             return Err(Bypass::Method);
         }
@@ -184,6 +247,7 @@ impl KeyRules {
             headers: keyed,
             userinfo: userinfo.map(Into::into),
             identity,
+            writes: writes.seen(parts),
         })
     }
 }
@@ -230,7 +294,7 @@ mod tests {
     }
 
     fn key(rules: &KeyRules, req: http::request::Builder) -> Result<Key, Bypass> {
-        rules.classify(&parts(req), &Empty::<Bytes>::new())
+        rules.classify(&parts(req), &Empty::<Bytes>::new(), &Writes::default())
     }
 
     #[test]
@@ -489,29 +553,51 @@ mod tests {
     fn requests_with_a_body_bypass() {
         let rules = KeyRules::default();
         let full = Full::new(Bytes::from_static(b"x"));
-        assert_eq!(rules.classify(&parts(get("/a")), &full), Err(Bypass::Body));
+        assert_eq!(
+            rules.classify(&parts(get("/a")), &full, &Writes::default()),
+            Err(Bypass::Body)
+        );
         let empty = Empty::<Bytes>::new();
         let p = |r| parts(r);
         assert_eq!(
-            rules.classify(&p(get("/a").header("content-length", "3")), &empty),
+            rules.classify(
+                &p(get("/a").header("content-length", "3")),
+                &empty,
+                &Writes::default()
+            ),
             Err(Bypass::Body)
         );
         assert_eq!(
-            rules.classify(&p(get("/a").header("content-length", "x")), &empty),
+            rules.classify(
+                &p(get("/a").header("content-length", "x")),
+                &empty,
+                &Writes::default()
+            ),
             Err(Bypass::Body)
         );
         assert_eq!(
-            rules.classify(&p(get("/a").header("transfer-encoding", "chunked")), &empty),
+            rules.classify(
+                &p(get("/a").header("transfer-encoding", "chunked")),
+                &empty,
+                &Writes::default()
+            ),
             Err(Bypass::Body)
         );
         assert!(rules
-            .classify(&p(get("/a").header("content-length", "0")), &empty)
+            .classify(
+                &p(get("/a").header("content-length", "0")),
+                &empty,
+                &Writes::default()
+            )
             .is_ok());
         // A body of unknown length is a body.
         let stream = http_body_util::StreamBody::new(futures::stream::empty::<
             Result<http_body::Frame<Bytes>, ()>,
         >());
-        assert_eq!(rules.classify(&p(get("/a")), &stream), Err(Bypass::Body));
+        assert_eq!(
+            rules.classify(&p(get("/a")), &stream, &Writes::default()),
+            Err(Bypass::Body)
+        );
     }
 
     /// A request made of a few parts, each drawn from a small alphabet so that equal and
@@ -583,8 +669,8 @@ mod tests {
         fn keys_are_equal_iff_keyed_parts_are(a in sample(), b in sample()) {
             let rules = KeyRules::default();
             let body = Empty::<Bytes>::new();
-            let ka = rules.classify(&build(&a), &body).unwrap();
-            let kb = rules.classify(&build(&b), &body).unwrap();
+            let ka = rules.classify(&build(&a), &body, &Writes::default()).unwrap();
+            let kb = rules.classify(&build(&b), &body, &Writes::default()).unwrap();
             proptest::prop_assert_eq!(ka == kb, projection(&a) == projection(&b));
         }
     }

@@ -10,7 +10,7 @@ use http::request::Parts;
 use http::Method;
 use tower_layer::Layer;
 
-use super::key::{Key, KeyRules};
+use super::key::{Key, KeyRules, Writes};
 use super::service::CoalesceHttpService;
 use crate::flight::{Group, GroupBuilder};
 use crate::Stats;
@@ -61,6 +61,7 @@ pub struct CoalesceHttpLayer {
     config: Arc<Config>,
     group: Group<Key>,
     waiting: Arc<AtomicUsize>,
+    writes: Arc<Writes>,
 }
 
 impl CoalesceHttpLayer {
@@ -77,6 +78,7 @@ impl CoalesceHttpLayer {
             }),
             group: Group::new(),
             waiting: Arc::default(),
+            writes: Arc::default(),
         }
     }
 
@@ -87,6 +89,7 @@ impl CoalesceHttpLayer {
             group: GroupBuilder::new().detached(config.detached).build(),
             config: Arc::new(config),
             waiting: Arc::default(),
+            writes: Arc::default(),
         }
     }
 
@@ -249,6 +252,7 @@ impl<S> Layer<S> for CoalesceHttpLayer {
             Arc::clone(&self.config),
             self.group.clone(),
             Arc::clone(&self.waiting),
+            Arc::clone(&self.writes),
         )
     }
 }

@@ -36,10 +36,13 @@
 //!
 //! The first request of a key (the *leader*) calls the inner service; identical requests that
 //! arrive while it runs (the *followers*) wait. Its response is shared with them only if a
-//! shared cache could store it: no `Set-Cookie`, no `Cache-Control: private`, `no-store` or
-//! `no-cache`, no `Vary: *`, not `text/event-stream`, not `101`, and a body within
+//! shared cache could reuse it: no `Set-Cookie`, no `Cache-Control: private`, `no-store` or
+//! `no-cache`, no `Vary: *`, not stale on arrival (`max-age=0`, `s-maxage=0`, an `Expires`
+//! not after its `Date`), not `text/event-stream`, not `101`, and a body within
 //! [`max_body_bytes`](CoalesceHttpLayer::max_body_bytes) (default 2 MiB). Every status may be
 //! shared, errors such as `500` included, as every waiter would have waited for the same call.
+//! A write through the layer (an unsafe method with a non-error response) invalidates its URI:
+//! reads made after it do not join a call that began before it.
 //!
 //! A shared body is buffered into memory with its trailers, and every waiter (the leader too)
 //! gets a rebuilt copy: same status, version, headers, extensions, body and trailers. A

@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use super::body::{buffer, content_length, Buffered, CoalesceBody};
 use super::future::{LeaderSlot, ResponseFuture, Slot, WaitGuard};
-use super::key::Key;
+use super::key::{Bypass, Key, Writes};
 use super::layer::Config;
 use super::share::{shareable, Outcome, Release, SharedResponse};
 use crate::flight::Group;
@@ -33,6 +33,7 @@ pub struct CoalesceHttpService<S> {
     config: Arc<Config>,
     group: Group<Key>,
     waiting: Arc<AtomicUsize>,
+    writes: Arc<Writes>,
 }
 
 impl<S> CoalesceHttpService<S> {
@@ -41,12 +42,14 @@ impl<S> CoalesceHttpService<S> {
         config: Arc<Config>,
         group: Group<Key>,
         waiting: Arc<AtomicUsize>,
+        writes: Arc<Writes>,
     ) -> Self {
         CoalesceHttpService {
             inner,
             config,
             group,
             waiting,
+            writes,
         }
     }
 
@@ -105,14 +108,22 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let config = &self.config;
         let (parts, body) = req.into_parts();
-        let classified = config.rules.classify(&parts, &body);
+        let classified = config.rules.classify(&parts, &body, &self.writes);
+        // A write (an unsafe method the layer does not coalesce) that succeeds invalidates its
+        // URI: reads made after its response do not join older flights.
+        let write = match classified {
+            Err(Bypass::Method) => {
+                Writes::write_slot(&parts).map(|slot| (self.writes.clone(), slot))
+            }
+            _ => None,
+        };
         let req = Request::from_parts(parts, body);
         let key = match classified {
             Ok(key) => key,
             Err(reason) => {
                 self.group.note_bypass();
                 let call = Oneshot::new(self.inner.clone(), req);
-                return ResponseFuture::bypass(call, reason, config.cache_status);
+                return ResponseFuture::bypass(call, reason, write, config.cache_status);
             }
         };
         let slot: LeaderSlot<ResBody, S::Error> = Arc::new(Mutex::new(None));
@@ -214,6 +225,7 @@ impl<S: Clone> Clone for CoalesceHttpService<S> {
             config: Arc::clone(&self.config),
             group: self.group.clone(),
             waiting: Arc::clone(&self.waiting),
+            writes: Arc::clone(&self.writes),
         }
     }
 }

@@ -39,7 +39,8 @@ pub(crate) enum Release {
     Panic,
     /// `Set-Cookie`: the response starts or changes somebody's session.
     SetCookie,
-    /// `Cache-Control: private`, `no-store` or `no-cache`.
+    /// `Cache-Control: private`, `no-store` or `no-cache`, or a response stale the moment it
+    /// was made (a zero freshness lifetime), which a shared cache may not reuse unvalidated.
     CacheControl,
     /// `Vary: *`, or a `Vary` that cannot be read.
     VaryAny,
@@ -83,7 +84,8 @@ pub(crate) fn shareable(parts: &Parts) -> Result<Vec<HeaderName>, Release> {
         headers,
         &header::CACHE_CONTROL,
         &["private", "no-store", "no-cache"],
-    ) {
+    ) || stale_on_arrival(headers)
+    {
         return Err(Release::CacheControl);
     }
     if headers
@@ -94,6 +96,50 @@ pub(crate) fn shareable(parts: &Parts) -> Result<Vec<HeaderName>, Release> {
         return Err(Release::Stream);
     }
     vary_names(headers)
+}
+
+/// Whether the response is stale the moment it is made, for a shared cache (RFC 9111 §4.2.1):
+/// its freshness lifetime is `s-maxage`, else `max-age`, else `Expires` minus `Date`, and a
+/// zero one (`max-age=0`, `s-maxage=0`, an `Expires` not after `Date`, or an `Expires` that
+/// cannot be read, which §5.3 says means the past) may not be reused for another request
+/// without revalidating it (§4.2.4), as collapsing caches (nginx, Varnish) do not. A response
+/// with none of these has a heuristic lifetime and is shared.
+fn stale_on_arrival(headers: &HeaderMap) -> bool {
+    for directive in ["s-maxage", "max-age"] {
+        if let Some(seconds) = directive_value(headers, directive) {
+            // Invalid freshness information counts as stale (§4.2.1).
+            return seconds
+                .trim_matches('"')
+                .parse::<u64>()
+                .map_or(true, |s| s == 0);
+        }
+    }
+    let mut expires = headers.get_all(header::EXPIRES).iter();
+    let Some(value) = expires.next() else {
+        return false;
+    };
+    let date = |v: &HeaderValue| httpdate::parse_http_date(v.to_str().ok()?).ok();
+    match (date(value), expires.next()) {
+        (Some(expires), None) => {
+            let now = headers.get(header::DATE).and_then(date);
+            expires <= now.unwrap_or_else(std::time::SystemTime::now)
+        }
+        // Unreadable, or several: in the past (§5.3).
+        _ => true,
+    }
+}
+
+/// The value of the first `Cache-Control` directive `name` that has one.
+fn directive_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .find_map(|directive| {
+            let (key, value) = directive.split_once('=')?;
+            key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
+        })
 }
 
 fn starts_with_ignore_case(value: &[u8], prefix: &[u8]) -> bool {
