@@ -1,7 +1,7 @@
 //! Request rules: which requests may be coalesced, and the key they are coalesced under.
 
 use std::fmt;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -43,16 +43,37 @@ pub(crate) struct Writes([AtomicU64; WRITE_SLOTS]);
 const WRITE_SLOTS: usize = 1024;
 
 impl Writes {
-    /// The slot of `parts`'s target URI (authority, path and query).
+    /// The slot of `parts`'s target URI: its host (from the URI or `Host`; lower case, without
+    /// userinfo or a default port, so that every spelling of one URI (RFC 9110 §4.2.3) meets
+    /// in one slot), path and query.
     fn slot(parts: &Parts) -> usize {
         let authority = parts
             .uri
             .authority()
             .map(|a| a.as_str().as_bytes())
-            .or_else(|| parts.headers.get(header::HOST).map(HeaderValue::as_bytes));
-        let path = parts.uri.path_and_query().map(|p| p.as_str());
-        let hash = foldhash::fast::FixedState::default().hash_one((authority, path));
-        hash as usize % WRITE_SLOTS
+            .or_else(|| parts.headers.get(header::HOST).map(HeaderValue::as_bytes))
+            .unwrap_or_default();
+        let host = match authority.iter().rposition(|&b| b == b'@') {
+            Some(at) => &authority[at + 1..],
+            None => authority,
+        };
+        let host = [&b":80"[..], b":443"]
+            .iter()
+            .find_map(|port| host.strip_suffix(*port))
+            .unwrap_or(host);
+        let mut hasher = foldhash::fast::FixedState::default().build_hasher();
+        for byte in host {
+            hasher.write_u8(byte.to_ascii_lowercase());
+        }
+        hasher.write_u8(0xff);
+        hasher.write(
+            parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .as_bytes(),
+        );
+        hasher.finish() as usize % WRITE_SLOTS
     }
 
     /// The count a read of `parts`'s URI keys on.

@@ -105,13 +105,17 @@ pub(crate) fn shareable(parts: &Parts) -> Result<Vec<HeaderName>, Release> {
 /// without revalidating it (§4.2.4), as collapsing caches (nginx, Varnish) do not. A response
 /// with none of these has a heuristic lifetime and is shared.
 fn stale_on_arrival(headers: &HeaderMap) -> bool {
-    for directive in ["s-maxage", "max-age"] {
-        if let Some(seconds) = directive_value(headers, directive) {
+    // Its age when it arrived, from an upstream cache (§4.2.3); fresh only while younger.
+    let age = headers
+        .get(header::AGE)
+        .and_then(|v| delta_seconds(v.to_str().ok()?))
+        .unwrap_or(0);
+    for name in ["s-maxage", "max-age"] {
+        if let Some(value) = directive(headers, name) {
             // Invalid freshness information counts as stale (§4.2.1).
-            return seconds
-                .trim_matches('"')
-                .parse::<u64>()
-                .map_or(true, |s| s == 0);
+            return value
+                .and_then(delta_seconds)
+                .is_none_or(|lifetime| lifetime <= age);
         }
     }
     let mut expires = headers.get_all(header::EXPIRES).iter();
@@ -122,24 +126,60 @@ fn stale_on_arrival(headers: &HeaderMap) -> bool {
     match (date(value), expires.next()) {
         (Some(expires), None) => {
             let now = headers.get(header::DATE).and_then(date);
-            expires <= now.unwrap_or_else(std::time::SystemTime::now)
+            let now = now.unwrap_or_else(std::time::SystemTime::now);
+            expires
+                .duration_since(now)
+                .map_or(true, |lifetime| lifetime.as_secs() <= age)
         }
         // Unreadable, or several: in the past (§5.3).
         _ => true,
     }
 }
 
-/// The value of the first `Cache-Control` directive `name` that has one.
-fn directive_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+/// The first `Cache-Control` directive `name`: `Some(None)` when it has no value.
+fn directive<'h>(headers: &'h HeaderMap, name: &str) -> Option<Option<&'h str>> {
     headers
         .get_all(header::CACHE_CONTROL)
         .iter()
         .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
+        .flat_map(split_directives)
         .find_map(|directive| {
-            let (key, value) = directive.split_once('=')?;
-            key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
+            let (key, value) = match directive.split_once('=') {
+                Some((key, value)) => (key, Some(value.trim())),
+                None => (directive, None),
+            };
+            key.trim().eq_ignore_ascii_case(name).then_some(value)
         })
+}
+
+/// The directives of one `Cache-Control` value: split on the commas outside quoted strings, so
+/// that an argument such as `ext="a, s-maxage=60"` is not read as a directive.
+fn split_directives(value: &str) -> Vec<&str> {
+    let (mut parts, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
+    for (i, byte) in value.bytes().enumerate() {
+        match byte {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b',' if !quoted => {
+                parts.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&value[start..]);
+    parts
+}
+
+/// A delta-seconds value (§1.2.2): digits only (a quoted form accepted); one too large for
+/// the clock is 2^31, as the RFC says. `None` if invalid.
+fn delta_seconds(value: &str) -> Option<u64> {
+    let value = value.trim_matches('"');
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(value.parse().unwrap_or(1 << 31))
 }
 
 fn starts_with_ignore_case(value: &[u8], prefix: &[u8]) -> bool {
