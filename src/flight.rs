@@ -787,18 +787,17 @@ where
             // Contained: a subscriber's panic here would leave the shard's counters counting a
             // flight that is never registered.
             #[cfg(feature = "tracing")]
-            span: catch_unwind(|| {
-                tracing::debug_span!(
-                    "coalesce.flight",
-                    key_hash = hash,
-                    waiters = tracing::field::Empty,
-                    outcome = tracing::field::Empty,
-                )
-            })
-            .unwrap_or_else(|panic| {
-                drop_panic(panic);
-                tracing::Span::none()
-            }),
+            span: contained_or(
+                || {
+                    tracing::debug_span!(
+                        "coalesce.flight",
+                        key_hash = hash,
+                        waiters = tracing::field::Empty,
+                        outcome = tracing::field::Empty,
+                    )
+                },
+                tracing::Span::none,
+            ),
         };
         // Detached: the flight's state is needed up front, for the caller waits as a follower.
         let detached = detach.as_ref().map(|_| {
@@ -1636,11 +1635,7 @@ where
         }
         drop(state);
         // A follower's waker that panics keeps nobody else from being served.
-        match (wake_all(&mut wakers[..served]), &woken) {
-            (Err(panic), Ok(())) => woken = Err(panic),
-            (Err(panic), Err(_)) => drop_panic(panic),
-            (Ok(()), _) => {}
-        }
+        keep_first(&mut woken, wake_all(&mut wakers[..served]));
         if last {
             // Copies made for followers that left while this ran: dropped unlocked.
             for copy in batch.iter_mut() {
@@ -1672,14 +1667,19 @@ fn wake_all(wakers: &mut [Option<Waker>]) -> Result<(), Panic> {
                 }
             }
         }));
-        match (pass, &woken) {
-            (Err(panic), Ok(())) => woken = Err(panic),
-            // The payload's destructor is user code too.
-            (Err(panic), Err(_)) => drop_panic(panic),
-            (Ok(()), _) => {}
-        }
+        keep_first(&mut woken, pass);
     }
     woken
+}
+
+/// Keeps the first of several panics caught one after another (to pass on later); a later
+/// one's payload is dropped, contained: its destructor is user code too.
+fn keep_first(first: &mut Result<(), Panic>, next: Result<(), Panic>) {
+    match (next, &first) {
+        (Err(panic), Ok(())) => *first = Err(panic),
+        (Err(panic), Err(_)) => drop_panic(panic),
+        (Ok(()), _) => {}
+    }
 }
 
 /// Drops a caught panic's payload, whose destructor (user code) may panic in turn.
@@ -2199,23 +2199,27 @@ fn emit(_name: &'static str) {
     contained(|| metrics::counter!(_name).increment(1));
 }
 
-/// A clone of `span`: the subscriber's `clone_span` is user code, contained as in
-/// [`contained`] (a panic there gives the copy no span).
+/// A clone of `span`: the subscriber's `clone_span` is user code, contained (a panic there
+/// gives the copy no span).
 #[cfg(feature = "tracing")]
 fn clone_span(span: &tracing::Span) -> tracing::Span {
-    catch_unwind(AssertUnwindSafe(|| span.clone())).unwrap_or_else(|panic| {
-        drop_panic(panic);
-        tracing::Span::none()
-    })
+    contained_or(|| span.clone(), tracing::Span::none)
+}
+
+/// [`contained_or`] with the output's default.
+#[cfg(any(feature = "tracing", feature = "metrics"))]
+fn contained<R: Default>(f: impl FnOnce() -> R) -> R {
+    contained_or(f, R::default)
 }
 
 /// Runs observability code (a `tracing` subscriber, a `metrics` recorder: user code) so that
-/// its panic cannot stop a flight halfway; the panic hook has reported the panic already.
+/// its panic cannot stop a flight halfway, `or`'s value in its place; the panic hook has
+/// reported the panic already.
 #[cfg(any(feature = "tracing", feature = "metrics"))]
-fn contained<R: Default>(f: impl FnOnce() -> R) -> R {
+fn contained_or<R>(f: impl FnOnce() -> R, or: impl FnOnce() -> R) -> R {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
         drop_panic(panic);
-        R::default()
+        or()
     })
 }
 
@@ -2224,7 +2228,6 @@ fn slot_key(key: usize) -> u32 {
     u32::try_from(key).expect("fewer than 2^32 waiters of one flight")
 }
 
-/// The waker of one caller waiting for a lingering output to be put back, if any has one.
 /// Wakes `waker`, the waiter picked to take a turn (to drive an orphaned call, or to copy a
 /// lingering output). A waker is the executor's code: if it panics, `next` picks another
 /// waiter under the flight's lock, so that the turn is not lost with it; the first panic is
@@ -2234,18 +2237,16 @@ fn pass_turn<T>(
     mut waker: Option<Waker>,
     next: fn(&mut State<T>) -> Option<Waker>,
 ) {
-    let mut panicked = None;
+    let mut panicked = Ok(());
     while let Some(turn) = waker.take() {
-        match catch_unwind(AssertUnwindSafe(|| turn.wake())) {
-            Ok(()) => break,
-            Err(panic) => match panicked {
-                None => panicked = Some(panic),
-                Some(_) => drop_panic(panic),
-            },
+        let woken = catch_unwind(AssertUnwindSafe(|| turn.wake()));
+        if woken.is_ok() {
+            break;
         }
+        keep_first(&mut panicked, woken);
         waker = next(&mut flight.state.lock());
     }
-    if let Some(panic) = panicked {
+    if let Err(panic) = panicked {
         resume_unwind(panic);
     }
 }
@@ -2266,6 +2267,7 @@ fn next_lingerer_of<T>(state: &mut State<T>) -> Option<Waker> {
     }
 }
 
+/// The waker of one caller waiting for a lingering output to be put back, if any has one.
 fn next_lingerer(lingerers: &mut Slab<Option<Waker>>) -> Option<Waker> {
     lingerers.iter_mut().find_map(|(_, waker)| waker.take())
 }

@@ -285,6 +285,33 @@ fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     has_directive(headers, name, &[token])
 }
 
+/// The directives of one `Cache-Control` value: split on the commas outside quoted strings, so
+/// that an argument such as `ext="a, s-maxage=60"` is not read as a directive.
+pub(crate) fn split_directives(value: &str) -> impl Iterator<Item = &str> {
+    let mut bytes = value.bytes().enumerate();
+    let (mut start, mut quoted, mut escaped, mut done) = (0, false, false, false);
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        for (i, byte) in bytes.by_ref() {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' if quoted => escaped = true,
+                b'"' => quoted = !quoted,
+                b',' if !quoted => {
+                    let directive = &value[start..i];
+                    start = i + 1;
+                    return Some(directive);
+                }
+                _ => {}
+            }
+        }
+        done = true;
+        Some(&value[start..])
+    })
+}
+
 /// Whether a comma-separated directive list (`Cache-Control`, `Pragma`, `Connection`) has one
 /// of `wanted`, case-insensitively, with or without an argument. A value that is not visible
 /// ASCII counts as a match: when unsure, do not share.
@@ -293,7 +320,7 @@ pub(crate) fn has_directive(headers: &HeaderMap, name: &HeaderName, wanted: &[&s
         .get_all(name)
         .iter()
         .any(|value| match value.to_str() {
-            Ok(value) => value.split(',').any(|directive| {
+            Ok(value) => split_directives(value).any(|directive| {
                 let name = directive.split('=').next().unwrap_or("").trim();
                 wanted.iter().any(|w| name.eq_ignore_ascii_case(w))
             }),

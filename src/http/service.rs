@@ -108,24 +108,21 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let config = &self.config;
         let (parts, body) = req.into_parts();
-        let classified = config.rules.classify(&parts, &body, &self.writes);
-        // A write (an unsafe method the layer does not coalesce) that succeeds invalidates its
-        // URI: reads made after its response do not join older flights.
-        let write = match classified {
-            Err(Bypass::Method) => {
-                Writes::write_slot(&parts).map(|slot| (self.writes.clone(), slot))
-            }
-            _ => None,
-        };
-        let req = Request::from_parts(parts, body);
-        let key = match classified {
+        let key = match config.rules.classify(&parts, &body, &self.writes) {
             Ok(key) => key,
             Err(reason) => {
                 self.group.note_bypass();
-                let call = Oneshot::new(self.inner.clone(), req);
+                // A write (an unsafe method the layer does not coalesce) that succeeds
+                // invalidates its URI: reads made after its response do not join older flights.
+                let write = match reason {
+                    Bypass::Method => Writes::write_slot(&parts).map(|s| (self.writes.clone(), s)),
+                    _ => None,
+                };
+                let call = Oneshot::new(self.inner.clone(), Request::from_parts(parts, body));
                 return ResponseFuture::bypass(call, reason, write, config.cache_status);
             }
         };
+        let req = Request::from_parts(parts, body);
         let slot: LeaderSlot<ResBody, S::Error> = Arc::new(Mutex::new(None));
         // Taken only by `make`, which runs only for the leader: whoever still holds the
         // request afterwards is a follower and can make its own call if it must.

@@ -10,7 +10,7 @@ use http::{Extensions, HeaderMap, Response, StatusCode, Version};
 use http_body::Body;
 
 use super::body::CoalesceBody;
-use super::key::has_directive;
+use super::key::{has_directive, split_directives};
 
 /// What a flight hands its followers.
 #[derive(Clone, Debug)]
@@ -150,26 +150,6 @@ fn directive<'h>(headers: &'h HeaderMap, name: &str) -> Option<Option<&'h str>> 
             };
             key.trim().eq_ignore_ascii_case(name).then_some(value)
         })
-}
-
-/// The directives of one `Cache-Control` value: split on the commas outside quoted strings, so
-/// that an argument such as `ext="a, s-maxage=60"` is not read as a directive.
-fn split_directives(value: &str) -> Vec<&str> {
-    let (mut parts, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
-    for (i, byte) in value.bytes().enumerate() {
-        match byte {
-            _ if escaped => escaped = false,
-            b'\\' if quoted => escaped = true,
-            b'"' => quoted = !quoted,
-            b',' if !quoted => {
-                parts.push(&value[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    parts.push(&value[start..]);
-    parts
 }
 
 /// A delta-seconds value (§1.2.2): digits only (a quoted form accepted); one too large for
