@@ -67,7 +67,7 @@ struct Meta<T> {
     /// The flight's span, entered while the inner future is polled. Only the driving waiter
     /// holds it (and the flight's shared state): followers do not clone it each.
     #[cfg(feature = "tracing")]
-    span: tracing::Span,
+    span: FlightSpan,
 }
 
 impl<T> Meta<T> {
@@ -78,7 +78,7 @@ impl<T> Meta<T> {
             is_err,
             gate,
             #[cfg(feature = "tracing")]
-            span: tracing::Span::none(),
+            span: FlightSpan::default(),
         }
     }
 
@@ -88,12 +88,50 @@ impl<T> Meta<T> {
     }
 
     #[cfg(feature = "tracing")]
-    fn span(&self) -> &tracing::Span {
+    fn span(&self) -> &FlightSpan {
         &self.span
     }
 
     #[cfg(not(feature = "tracing"))]
     fn span(&self) {}
+}
+
+/// A flight's `tracing` span, one for its entry, its driver and its followers. The caller that
+/// registers the flight makes it once it has let the shard's lock go (a subscriber is user
+/// code, rule 8), so a follower that joins in between logs without it. Written once (the
+/// `OnceLock`), read by any holder after; the last holder drops it, unlocked (an entry is
+/// dropped only once out of its shard).
+#[cfg(feature = "tracing")]
+#[derive(Clone, Default)]
+struct FlightSpan(Option<Arc<std::sync::OnceLock<tracing::Span>>>);
+
+#[cfg(feature = "tracing")]
+impl FlightSpan {
+    /// One to be made by [`make`](Self::make): cloning it is not subscriber code.
+    fn pending() -> Self {
+        FlightSpan(Some(Arc::default()))
+    }
+
+    fn get(&self) -> Option<&tracing::Span> {
+        self.0.as_deref()?.get()
+    }
+
+    /// Makes the span. Contained: a subscriber's panic leaves the flight without one.
+    fn make(&self, hash: u64) {
+        let Some(cell) = &self.0 else { return };
+        let made = contained(|| {
+            Some(tracing::debug_span!(
+                "coalesce.flight",
+                key_hash = hash,
+                waiters = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+            ))
+        });
+        if let Some(span) = made {
+            // Only the registering caller makes it: the cell is empty.
+            drop(cell.set(span));
+        }
+    }
 }
 
 /// A flight's inner future with its [`Meta`].
@@ -116,7 +154,7 @@ impl<T, F: Future<Output = T>> Future for Driven<T, F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
         let this = self.project();
         #[cfg(feature = "tracing")]
-        let _entered = this.meta.span.enter();
+        let _entered = this.meta.span.get().map(tracing::Span::enter);
         this.fut.poll(cx)
     }
 }
@@ -430,7 +468,7 @@ struct Entry<K> {
     /// removed: never joined; a new flight of the key waits for it before it starts.
     cancelling: bool,
     #[cfg(feature = "tracing")]
-    span: tracing::Span,
+    span: FlightSpan,
 }
 
 struct Expiry {
@@ -451,7 +489,7 @@ struct Flight<T> {
     cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
     state: Mutex<State<T>>,
     #[cfg(feature = "tracing")]
-    span: tracing::Span,
+    span: FlightSpan,
 }
 
 /// Guarded by `Flight::state`.
@@ -742,7 +780,10 @@ where
                 drop(guard);
                 emit("tower_coalesce_followers_total");
                 #[cfg(feature = "tracing")]
-                contained(|| tracing::trace!(parent: &flight.span, "follower joined"));
+                contained(|| match flight.span.get() {
+                    Some(span) => tracing::trace!(parent: span, "follower joined"),
+                    None => tracing::trace!(key_hash = hash, "follower joined"),
+                });
                 // Boxing is user-visible work only for callers that asked to keep `make`.
                 let role = Role::Follower(slot_key(slot), keep.map(|keep| keep(make, is_err)));
                 let mut run = Run::new(cell, Some(flight), true, role);
@@ -784,20 +825,8 @@ where
             lingering: false,
             forgotten: false,
             cancelling: false,
-            // Contained: a subscriber's panic here would leave the shard's counters counting a
-            // flight that is never registered.
             #[cfg(feature = "tracing")]
-            span: contained_or(
-                || {
-                    tracing::debug_span!(
-                        "coalesce.flight",
-                        key_hash = hash,
-                        waiters = tracing::field::Empty,
-                        outcome = tracing::field::Empty,
-                    )
-                },
-                tracing::Span::none,
-            ),
+            span: FlightSpan::pending(),
         };
         // Detached: the flight's state is needed up front, for the caller waits as a follower.
         let detached = detach.as_ref().map(|_| {
@@ -811,12 +840,14 @@ where
             (flight, slot)
         });
         #[cfg(feature = "tracing")]
-        let span = clone_span(&entry.span);
+        let span = entry.span.clone();
         shard.table.insert_unique(hash, entry, |e| e.hash);
         shard.counters.leaders += 1;
         shard.counters.running += 1;
         drop(guard);
         emit("tower_coalesce_leaders_total");
+        #[cfg(feature = "tracing")]
+        span.make(hash);
         let run = 'lead: {
             // `make` is user code: called unlocked, its panic ends the flight at once. The
             // `Run` is built once, with its role, after it.
@@ -1187,7 +1218,7 @@ impl<T> Flight<T> {
                 published_to: 0,
             }),
             #[cfg(feature = "tracing")]
-            span: clone_span(&entry.span),
+            span: entry.span.clone(),
         }
     }
 }
@@ -1765,7 +1796,7 @@ fn clone_one<T>(
 
 impl<T> Flight<T> {
     #[cfg(feature = "tracing")]
-    fn span(&self) -> &tracing::Span {
+    fn span(&self) -> &FlightSpan {
         &self.span
     }
 
@@ -1774,11 +1805,14 @@ impl<T> Flight<T> {
 }
 
 #[cfg(feature = "tracing")]
-fn trace_end(span: &tracing::Span, end: End, waiters: usize) {
-    contained(|| {
-        span.record("waiters", waiters);
-        span.record("outcome", end.name());
-        tracing::debug!(parent: span, outcome = end.name(), waiters, "flight finished");
+fn trace_end(span: &FlightSpan, end: End, waiters: usize) {
+    contained(|| match span.get() {
+        Some(span) => {
+            span.record("waiters", waiters);
+            span.record("outcome", end.name());
+            tracing::debug!(parent: span, outcome = end.name(), waiters, "flight finished");
+        }
+        None => tracing::debug!(outcome = end.name(), waiters, "flight finished"),
     });
     #[cfg(feature = "metrics")]
     contained(|| {
@@ -1969,7 +2003,7 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
         let flight = self.flight.as_ref().expect("a follower's");
         let meta = |is_err| Meta {
             #[cfg(feature = "tracing")]
-            span: clone_span(&flight.span),
+            span: flight.span.clone(),
             ..Meta::new(flight.hash, flight.id, is_err, gate)
         };
         match catch_unwind(AssertUnwindSafe(make)) {
@@ -2199,27 +2233,14 @@ fn emit(_name: &'static str) {
     contained(|| metrics::counter!(_name).increment(1));
 }
 
-/// A clone of `span`: the subscriber's `clone_span` is user code, contained (a panic there
-/// gives the copy no span).
-#[cfg(feature = "tracing")]
-fn clone_span(span: &tracing::Span) -> tracing::Span {
-    contained_or(|| span.clone(), tracing::Span::none)
-}
-
-/// [`contained_or`] with the output's default.
+/// Runs observability code (a `tracing` subscriber, a `metrics` recorder: user code) so that
+/// its panic cannot stop a flight halfway, the output's default in its place; the panic hook
+/// has reported the panic already.
 #[cfg(any(feature = "tracing", feature = "metrics"))]
 fn contained<R: Default>(f: impl FnOnce() -> R) -> R {
-    contained_or(f, R::default)
-}
-
-/// Runs observability code (a `tracing` subscriber, a `metrics` recorder: user code) so that
-/// its panic cannot stop a flight halfway, `or`'s value in its place; the panic hook has
-/// reported the panic already.
-#[cfg(any(feature = "tracing", feature = "metrics"))]
-fn contained_or<R>(f: impl FnOnce() -> R, or: impl FnOnce() -> R) -> R {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
         drop_panic(panic);
-        or()
+        R::default()
     })
 }
 

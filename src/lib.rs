@@ -69,7 +69,8 @@
 //!   hyper) under the shared-cache rules of RFC 9111.
 //! - `grpc`: `grpc::CoalesceGrpcLayer`, coalescing of allow-listed unary gRPC
 //!   methods (tonic).
-//! - `tracing`: a `coalesce.flight` span per call.
+//! - `tracing`: a `coalesce.flight` span per flight (key hash, waiters, outcome), made
+//!   outside the registry's locks: a subscriber may call back into the group.
 //! - `metrics`: counters for the `metrics` crate, each matching a [`Stats`] field:
 //!   `tower_coalesce_leaders_total` (calls started, retries included),
 //!   `tower_coalesce_followers_total`, `tower_coalesce_lingered_total`,

@@ -69,7 +69,7 @@ mod clone_span {
     /// Tests that set a thread's default subscriber run one at a time: `tracing`'s callsite
     /// interest is global, and another thread's guard coming or going can leave a span of
     /// this one disabled (no `clone_span` to panic).
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    pub(super) static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// What a test holds while the subscriber is this thread's default.
     struct Installed {
@@ -204,5 +204,156 @@ mod clone_span {
             group.in_flight()
         );
         assert!(ready_soon(&mut later));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A subscriber is user code: no registry lock may be held while it runs (rule 8)
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(feature = "tracing")]
+mod reentrant {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use std::sync::{mpsc, OnceLock};
+    use std::time::Duration;
+    use tower_coalesce::GroupBuilder;
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Metadata, Subscriber};
+
+    /// Calls back into the group (every shard's lock) from each of its methods: a subscriber
+    /// called under a shard's lock deadlocks on it.
+    struct Reentrant {
+        group: Arc<OnceLock<Group<u32>>>,
+        spans: Arc<AtomicU64>,
+        calls: Arc<AtomicU64>,
+    }
+
+    impl Reentrant {
+        fn call_back(&self) {
+            if let Some(group) = self.group.get() {
+                self.calls.fetch_add(1, SeqCst);
+                let _ = (group.in_flight(), group.len());
+            }
+        }
+    }
+
+    impl Subscriber for Reentrant {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            self.call_back();
+            Id::from_u64(self.spans.fetch_add(1, SeqCst) + 1)
+        }
+        fn clone_span(&self, id: &Id) -> Id {
+            self.call_back();
+            id.clone()
+        }
+        fn try_close(&self, _: Id) -> bool {
+            self.call_back();
+            true
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {
+            self.call_back();
+        }
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, _: &Event<'_>) {
+            self.call_back();
+        }
+        fn enter(&self, _: &Id) {
+            self.call_back();
+        }
+        fn exit(&self, _: &Id) {
+            self.call_back();
+        }
+    }
+
+    /// Runs `scenario` on a thread whose default subscriber calls back into `group`; fails
+    /// (instead of hanging the suite) if it does not finish: a deadlock never does.
+    fn with_reentrant_subscriber(
+        group: Group<u32>,
+        scenario: impl FnOnce(Group<u32>) + Send + 'static,
+    ) {
+        let _serial = super::clone_span::SERIAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (done, finished) = mpsc::channel();
+        let spans = Arc::new(AtomicU64::new(0));
+        let calls = Arc::new(AtomicU64::new(0));
+        let (s, c) = (spans.clone(), calls.clone());
+        std::thread::spawn(move || {
+            let cell = Arc::new(OnceLock::new());
+            let subscriber = Reentrant {
+                group: cell.clone(),
+                spans: s,
+                calls: c,
+            };
+            let _default = tracing::subscriber::set_default(subscriber);
+            tracing::callsite::rebuild_interest_cache();
+            let _ = cell.set(group.clone());
+            scenario(group);
+            done.send(()).unwrap();
+        });
+        finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a subscriber calling back into the group deadlocked on a registry lock");
+        assert!(
+            spans.load(SeqCst) > 0,
+            "no flight span was made: nothing proved"
+        );
+        assert!(calls.load(SeqCst) > 0, "the subscriber never called back");
+    }
+
+    /// A flight with followers, from registration to publish: the span is made, entered,
+    /// recorded and closed, and a follower's join is logged, all without a shard's lock.
+    #[test]
+    fn a_subscriber_may_call_into_the_group_during_a_shared_flight() {
+        with_reentrant_subscriber(Group::new(), |group| {
+            let (tx, rx) = oneshot::channel::<()>();
+            let mut leader = group.run(1, move || async move {
+                let _ = rx.await;
+                7u32
+            });
+            let mut followers: Vec<_> = (0..3).map(|_| group.run(1, || async { 0u32 })).collect();
+            assert!(matches!(poll_once(&mut leader), Ok(Poll::Pending)));
+            for f in &mut followers {
+                assert!(matches!(poll_once(f), Ok(Poll::Pending)));
+            }
+            tx.send(()).unwrap();
+            assert!(matches!(poll_once(&mut leader), Ok(Poll::Ready(Ok(7)))));
+            for f in &mut followers {
+                assert!(matches!(poll_once(f), Ok(Poll::Ready(Ok(7)))));
+            }
+            drop((leader, followers));
+            assert_eq!(group.len(), 0);
+        });
+    }
+
+    /// Lingering outputs, a cancelled flight and `forget`: each path that ends or drops a
+    /// flight (and so its span) runs the subscriber unlocked.
+    #[test]
+    fn a_subscriber_may_call_into_the_group_when_flights_linger_cancel_or_are_forgotten() {
+        let group = GroupBuilder::new()
+            .linger(Duration::from_secs(3600))
+            .build();
+        with_reentrant_subscriber(group, |group| {
+            let mut first = group.run(1, || async { 1u32 });
+            assert!(matches!(poll_once(&mut first), Ok(Poll::Ready(Ok(1)))));
+            let mut copy = group.run(1, || async { 2u32 });
+            assert!(ready_soon(&mut copy));
+            assert!(group.forget(&1));
+            let (_tx, rx) = oneshot::channel::<()>();
+            let mut cancelled = group.run(2, move || async move {
+                let _ = rx.await;
+                3u32
+            });
+            let mut follower = group.run(2, || async { 4u32 });
+            assert!(matches!(poll_once(&mut cancelled), Ok(Poll::Pending)));
+            assert!(matches!(poll_once(&mut follower), Ok(Poll::Pending)));
+            drop((cancelled, follower));
+            assert_eq!(group.in_flight(), 0);
+            drop((first, copy));
+        });
     }
 }
