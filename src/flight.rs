@@ -64,6 +64,12 @@ struct Meta<T> {
     /// The id of a cancelled entry of the same key whose future is still being dropped: the
     /// inner future is not polled until that entry is gone.
     gate: Option<NonZeroU64>,
+    /// Set when a follower took the call over from a driver that left: it did not make the
+    /// call, so if it fails and may be retried, that follower waits for the retry (and may
+    /// run it) rather than take the failure as its own.
+    adopted: bool,
+    /// The `make` of the follower that took the call over, if it kept one: to run the retry.
+    kept: Option<Make<T>>,
     /// The flight's span, entered while the inner future is polled. Only the driving waiter
     /// holds it (and the flight's shared state): followers do not clone it each.
     #[cfg(feature = "tracing")]
@@ -77,6 +83,8 @@ impl<T> Meta<T> {
             id,
             is_err,
             gate,
+            adopted: false,
+            kept: None,
             #[cfg(feature = "tracing")]
             span: FlightSpan::default(),
         }
@@ -369,7 +377,8 @@ impl GroupBuilder {
     /// panic), its followers retry it as one new flight, up to `retries` times per flight: one
     /// of them runs its own call and the others wait for it, as before. The caller whose call
     /// failed gets its error (in a detached flight its caller is a follower, so it gets the
-    /// retry's output). Only followers that can make the call take part (those of
+    /// retry's output). A follower that took a call over from a caller that left did not make
+    /// it: if the call fails, it runs the retry with its own call, or waits for the others'. Only followers that can make the call take part (those of
     /// [`Group::run_retryable`] and of the tower layer); with none, everybody gets the error.
     pub fn retry_failed(mut self, retries: u32) -> Self {
         self.config.retries = retries;
@@ -1890,13 +1899,78 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
             Ok(Poll::Ready(value)) => Ok(value),
             Err(payload) => Err(Panicked::new(payload)),
         };
-        let meta = fut.as_mut().meta_mut().take();
+        let mut meta = fut.as_mut().meta_mut().take();
         // Release what the inner future holds before the followers are woken. A
         // future that panicked may panic again when dropped; that is its own.
         if let Role::Driver(fut) = mem::replace(&mut self.role, Role::Finished) {
             let _ = catch_unwind(AssertUnwindSafe(move || drop(fut)));
         }
+        if meta.adopted && self.rejoin(&mut meta, &out, cx.waker()) {
+            // Woken with the other followers, to elect the next driver. `out`'s destructor is
+            // user code: it runs here, once the retry is under way.
+            return Poll::Pending;
+        }
         Poll::Ready(self.complete(meta, out))
+    }
+
+    /// The driver of a call it took over from a driver that left, which failed: if the call
+    /// may be retried, this waiter, which did not make it, does not take the failure as its
+    /// own. With its own `make` it runs the retry at once, for everybody; without one it
+    /// becomes a follower again and the followers (`waker` among them) are woken to elect the
+    /// next driver. Returns whether it did either (`waker` is woken to poll it in its new
+    /// role); if not, the failure is published to everybody as usual.
+    #[inline(never)]
+    fn rejoin(&mut self, meta: &mut Meta<T>, out: &Result<T, Panicked>, waker: &Waker) -> bool {
+        let end = match out {
+            Err(_) => End::Panicked,
+            Ok(v) if (meta.is_err)(v) => End::Err,
+            Ok(_) => return false,
+        };
+        if self.registry.config.retries == 0 || !self.registered {
+            return false;
+        }
+        let Some(flight) = self.flight.clone() else {
+            return false;
+        };
+        let mut state = flight.state.lock();
+        let able = meta.kept.is_some() || state.makers > 0;
+        if state.retries_left == 0 || !able || state.phase != Phase::Running {
+            return false;
+        }
+        if let Some(make) = meta.kept.take() {
+            // The next attempt is this waiter's own call; it keeps `driven`.
+            state.retries_left -= 1;
+            drop(state);
+            self.registry.lock().counters.count(end);
+            self.role = Role::Follower(0, Some(make));
+            if let Some(Poll::Ready(out)) = self.start_retry(0, None, meta.gate) {
+                // Its `make` panicked: that is its own call's failure, ended by now.
+                self.role = Role::Ready(Box::new(out));
+            }
+            waker.wake_by_ref();
+            return true;
+        }
+        let slot = slot_key(state.followers.insert(Slot::Parked(Some(waker.clone()))));
+        drop(state);
+        self.role = Role::Follower(slot, None);
+        match self.retry(&flight, out, meta.gate) {
+            Ok(mut wakers) => {
+                self.registry.lock().counters.count(end);
+                if let Err(panic) = wake_all(&mut wakers) {
+                    resume_unwind(panic);
+                }
+                true
+            }
+            Err(spare) => {
+                // The followers that could retry left meanwhile: nobody will, so the failure
+                // goes to everybody, this waiter included (`complete` finds the same).
+                let slot = flight.state.lock().try_remove_slot(slot as usize);
+                self.role = Role::Finished;
+                drop(slot);
+                drop(spare);
+                false
+            }
+        }
     }
 
     /// Takes this follower's copy if it is in, takes over the call if its driver left or a
@@ -1928,15 +2002,21 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
                 Some(Poll::Ready(out))
             }
             Slot::Parked(waker) => {
-                if let Some(orphan) = state.orphan.take() {
+                if let Some(mut orphan) = state.orphan.take() {
                     // The driver left: take over polling for everybody.
                     let slot = state.remove_slot(key);
                     state.makers -= usize::from(mem::take(&mut self.maker));
                     state.driven = true;
                     drop(guard);
-                    // Its old waker is user code to drop: unlocked.
-                    drop(slot);
+                    let meta = orphan.as_mut().meta_mut();
+                    meta.adopted = true;
+                    // The `make` of a follower that took it over before and left.
+                    let previous = mem::replace(&mut meta.kept, make.take());
                     self.role = Role::Driver(orphan);
+                    // Both user code to drop (its old waker, that `make`): unlocked. (Apart: a
+                    // tuple would be one more output-sized slot in a debug frame.)
+                    drop(slot);
+                    drop(previous);
                     return None;
                 }
                 if state.needs_driver && make.is_some() {

@@ -154,8 +154,10 @@ where
 
     /// When a call fails (an error or a panic), its followers retry it as one new call: one
     /// of them makes its own call for everybody, the others wait for it, up to `retries` times
-    /// per call. The request whose call failed gets its error. The default, 0, hands every
-    /// follower the error. See [`GroupBuilder::retry_failed`](crate::GroupBuilder::retry_failed).
+    /// per call. The request whose call failed gets its error; a follower that took a call
+    /// over from a request that went away did not make it, and retries. The default, 0, hands
+    /// every follower the error. See
+    /// [`GroupBuilder::retry_failed`](crate::GroupBuilder::retry_failed).
     pub fn retry_failed(self, retries: u32) -> Self {
         self.reconfigure(|c| c.retries = retries)
     }

@@ -224,6 +224,42 @@ fn loom_retry_is_one_new_call_by_one_follower() {
     });
 }
 
+/// A follower that took over the call of a leader that left did not make it: when it fails,
+/// the followers still retry it as one new call, and both get the retry's output (the one
+/// that drove the failed call among them).
+#[test]
+fn loom_a_taken_over_call_that_fails_is_retried_for_everybody() {
+    loom::model(|| {
+        let group = crate::flight::GroupBuilder::new()
+            .retry_failed(1)
+            .build::<u8>();
+        let made = Arc::new(AtomicUsize::new(0));
+        let m = made.clone();
+        let leader = group.run_retryable(1, move || {
+            m.fetch_add(1, SeqCst);
+            async { Err::<u32, u32>(0) }
+        });
+        let followers: Vec<_> = (1..=2)
+            .map(|id| {
+                let m = made.clone();
+                let fut = group.run_retryable(1, move || {
+                    m.fetch_add(1, SeqCst);
+                    async move { Ok::<u32, u32>(id) }
+                });
+                thread::spawn(move || block_on(fut).unwrap())
+            })
+            .collect();
+        drop(leader);
+        let got: Vec<_> = followers.into_iter().map(|f| f.join().unwrap()).collect();
+        assert!(
+            got[0].is_ok() && got[0] == got[1],
+            "one retry for both: {got:?}"
+        );
+        assert_eq!(made.load(SeqCst), 2, "the failed call and one retry");
+        assert_eq!(group.in_flight(), 0);
+    });
+}
+
 #[test]
 fn loom_linger_never_starts_a_second_call() {
     loom::model(|| {
