@@ -342,8 +342,20 @@ impl<B: Body> Body for CoalesceBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Full { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len()) as u64)
+            Kind::Full { data, trailers } => {
+                let len = data.as_ref().map_or(0, |d| d.len()) as u64;
+                match trailers {
+                    // An exact size makes an HTTP/1.1 server frame the body with
+                    // `Content-Length`, which cannot carry trailers (hyper drops them):
+                    // inexact, it is sent chunked, trailers and all, to a client that asked
+                    // for them (`TE: trailers`).
+                    Some(_) => {
+                        let mut hint = SizeHint::new();
+                        hint.set_lower(len);
+                        hint
+                    }
+                    None => SizeHint::with_exact(len),
+                }
             }
             Kind::Replay {
                 frames,
@@ -535,7 +547,10 @@ mod tests {
                 Some(trailers("a", "b")),
             );
             assert!(full.is_buffered());
-            assert_eq!(full.size_hint().exact(), Some(3));
+            // With trailers, no exact size: an HTTP/1.1 server then sends it chunked, trailers
+            // and all, not with a `Content-Length` that cannot carry them.
+            assert_eq!(full.size_hint().exact(), None);
+            assert_eq!(full.size_hint().lower(), 3);
             let (bytes, tr, _) = drain(full).await;
             assert_eq!(bytes, b"xyz");
             assert_eq!(tr.unwrap()["a"], "b");

@@ -200,7 +200,7 @@ where
                             let (_, req) = own.as_ref().expect("polled after completion");
                             if shared.vary_matches(req.headers()) {
                                 let entry = || "tower-coalesce; fwd=miss; collapsed".to_owned();
-                                let res = shared.to_response();
+                                let res = shared.to_follower_response();
                                 return Poll::Ready(Ok(mark(
                                     res,
                                     ServedBy::Follower,

@@ -26,7 +26,10 @@
 //! the conditional headers (`If-None-Match`, `If-Modified-Since`, `If-Match`,
 //! `If-Unmodified-Since`, `If-Range`) and of `Host`, `Forwarded`, `X-Forwarded-Host`,
 //! `X-Forwarded-Proto`, `X-Forwarded-Port`, `X-Forwarded-Prefix`; and the identity, if configured.
-//! The key is compared field by field, never reduced to a hash.
+//! The key is compared field by field, never reduced to a hash. An HTTP/2 request carries its
+//! scheme and authority in its URI, an HTTP/1.1 one only its path (the authority in `Host`): a
+//! handler may answer by the scheme, which HTTP/1.1 does not say, so the two are keyed apart and
+//! each protocol's requests share their own call.
 //!
 //! **The response must depend on nothing else.** If a handler reads another header, a query
 //! parameter it ignores does not matter, but a header it reads does: add it with
@@ -45,9 +48,17 @@
 //! reads made after it do not join a call that began before it.
 //!
 //! A shared body is buffered into memory with its trailers, and every waiter (the leader too)
-//! gets a rebuilt copy: same status, version, headers, extensions, body and trailers. A
-//! follower whose request headers differ from the leader's on a header named by the response's
-//! `Vary` does not get it.
+//! gets a rebuilt copy: same status, version, headers, extensions, body and trailers. Framing
+//! is the server's: the copies drop the handler's `Transfer-Encoding` (their length is known;
+//! one with trailers goes out chunked to an HTTP/1.1 client that sends `TE: trailers`), and a
+//! follower's copy goes without the hop-by-hop fields (`Connection` and the fields it names,
+//! `Keep-Alive`, `Proxy-Connection`, `TE`, `Upgrade`), which were about the leader's
+//! connection. A follower whose request headers differ from the leader's on a header named by
+//! the response's `Vary` does not get it.
+//!
+//! Under axum a `HEAD` request is answered by the `GET` handler, whose body axum drops only
+//! after this layer: the layer buffers (and judges against the limit) that body, and the
+//! waiters' copies, like the leader's, have none by the time they leave the server.
 //!
 //! Buffering has a cost: a shared response reaches its waiters (the leader included) only once
 //! its whole body has arrived, so the body's transfer time is added to the time to first

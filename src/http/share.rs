@@ -197,6 +197,8 @@ pub(crate) struct SharedResponse {
     pub(crate) trailers: Option<HeaderMap>,
     /// For each header the response's `Vary` names, the leader's request values.
     pub(crate) vary: Vec<(HeaderName, Vec<HeaderValue>)>,
+    /// The hop-by-hop fields among `headers`, left out of followers' copies (usually none).
+    hop_by_hop: Vec<HeaderName>,
 }
 
 impl SharedResponse {
@@ -215,14 +217,21 @@ impl SharedResponse {
                 (name.clone(), values)
             })
             .collect();
+        let mut headers = parts.headers;
+        // The inner service's framing of its body, which the copies do not have: a rebuilt
+        // body's length is known, and the server frames it itself. (Kept, it went out with a
+        // `Content-Length` the server or axum added, and hyper refused the pair.)
+        headers.remove(header::TRANSFER_ENCODING);
+        let hop_by_hop = hop_by_hop(&headers);
         SharedResponse {
             status: parts.status,
             version: parts.version,
-            headers: parts.headers,
+            headers,
             extensions: parts.extensions,
             body,
             trailers,
             vary,
+            hop_by_hop,
         }
     }
 
@@ -244,6 +253,17 @@ impl SharedResponse {
         res
     }
 
+    /// A copy for a follower: without the hop-by-hop fields (RFC 9110 §7.6.1: `Connection`
+    /// and the fields it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Upgrade`), which
+    /// were about the leader's connection (`Connection: close` closes the leader's only).
+    pub(crate) fn to_follower_response<B: Body>(&self) -> Response<CoalesceBody<B>> {
+        let mut res = self.to_response();
+        for name in &self.hop_by_hop {
+            res.headers_mut().remove(name);
+        }
+        res
+    }
+
     /// A fresh copy of the response for one waiter.
     pub(crate) fn to_response<B: Body>(&self) -> Response<CoalesceBody<B>> {
         let mut res = Response::new(CoalesceBody::full(self.body.clone(), self.trailers.clone()));
@@ -253,6 +273,31 @@ impl SharedResponse {
         *res.extensions_mut() = self.extensions.clone();
         res
     }
+}
+
+/// The hop-by-hop fields present in `headers` (RFC 9110 §7.6.1): `Connection`, the fields it
+/// names, `Keep-Alive`, `Proxy-Connection`, `TE` and `Upgrade`.
+fn hop_by_hop(headers: &HeaderMap) -> Vec<HeaderName> {
+    let named = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok());
+    let fixed = [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::UPGRADE,
+    ];
+    let mut found: Vec<HeaderName> = Vec::new();
+    for name in fixed.into_iter().chain(named) {
+        if headers.contains_key(&name) && !found.contains(&name) {
+            found.push(name);
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -404,11 +449,49 @@ mod tests {
         assert_eq!(copy.headers()["x-a"], "1");
         assert_eq!(copy.extensions().get::<Tag>(), Some(&Tag(7)));
         assert!(copy.body().is_buffered());
-        assert_eq!(copy.body().size_hint().exact(), Some(4));
+        // Trailers: inexact, so that an HTTP/1.1 server sends the body chunked, with them.
+        assert_eq!(copy.body().size_hint().exact(), None);
+        assert_eq!(copy.body().size_hint().lower(), 4);
         let last = shared.into_response::<http_body_util::Empty<Bytes>>();
         assert_eq!(last.status(), copy.status());
         assert_eq!(last.headers(), copy.headers());
         assert_eq!(last.extensions().get::<Tag>(), Some(&Tag(7)));
-        assert_eq!(last.body().size_hint().exact(), Some(4));
+        assert_eq!(last.body().size_hint().exact(), None);
+    }
+
+    #[test]
+    fn copies_drop_framing_and_followers_copies_drop_hop_by_hop_fields() {
+        let res = ok()
+            .header("transfer-encoding", "chunked")
+            .header("connection", "close, x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("upgrade", "websocket")
+            .header("te", "trailers")
+            .header("x-kept", "2");
+        let shared = SharedResponse::new(
+            parts(res),
+            &[],
+            &HeaderMap::new(),
+            Bytes::from_static(b"body"),
+            None,
+        );
+        let leader = shared.to_response::<http_body_util::Empty<Bytes>>();
+        assert!(!leader.headers().contains_key("transfer-encoding"));
+        assert_eq!(leader.headers()["connection"], "close, x-hop");
+        assert_eq!(leader.headers()["x-hop"], "1");
+        assert_eq!(leader.body().size_hint().exact(), Some(4));
+        let follower = shared.to_follower_response::<http_body_util::Empty<Bytes>>();
+        for name in [
+            "transfer-encoding",
+            "connection",
+            "x-hop",
+            "keep-alive",
+            "upgrade",
+            "te",
+        ] {
+            assert!(!follower.headers().contains_key(name), "{name}");
+        }
+        assert_eq!(follower.headers()["x-kept"], "2");
     }
 }
