@@ -1648,3 +1648,39 @@ async fn one_layer_over_two_services_lets_them_share_answers() {
     })
     .await;
 }
+
+/// A `Set-Cookie` in the trailers of a successful call (response metadata sent as trailers) is
+/// state for one client, as in the head: the follower makes its own call, the leader gets its
+/// own response untouched, and the call is not counted as failed.
+#[tokio::test(start_paused = true)]
+async fn a_set_cookie_in_the_trailers_is_not_shared() {
+    bounded(async {
+        let server = first_then_ok(|| {
+            reply(
+                200,
+                &[("content-type", "application/grpc"), ("x-call", "1")],
+                vec![
+                    data(msg("call 1")),
+                    trailers(&[("grpc-status", "0"), ("set-cookie", "s=leader")]),
+                ],
+            )
+        });
+        let out = race(
+            layer(),
+            server,
+            vec![send(grpc(PATH), msg("x")), send(grpc(PATH), msg("x"))],
+        )
+        .await;
+        assert_eq!(out.calls, 2);
+        assert_eq!(out.served(), [Leader, Released]);
+        let leader_cookie = out.got[0].body.trailers().and_then(|t| t.get("set-cookie"));
+        assert_eq!(leader_cookie.map(|v| v.to_str().unwrap()), Some("s=leader"));
+        assert_eq!(out.got[1].call(), Some("2"));
+        assert!(out.got[1]
+            .body
+            .trailers()
+            .is_some_and(|t| t.get("set-cookie").is_none()));
+        assert_eq!((out.stats.errors, out.stats.released), (0, 1));
+    })
+    .await;
+}

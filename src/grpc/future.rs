@@ -381,7 +381,8 @@ where
             (body, Outcome::Released { failed })
         }
         Buffered::Complete { data, trailers } => {
-            let outcome = if status::is_ok(&parts.headers, trailers.as_ref()) {
+            let ok = status::is_ok(&parts.headers, trailers.as_ref());
+            let outcome = if ok && status::trailers_may_share(trailers.as_ref()) {
                 Outcome::Shared(Arc::new(SharedResponse {
                     status: parts.status,
                     version: parts.version,
@@ -390,7 +391,7 @@ where
                     trailers: trailers.clone(),
                 }))
             } else {
-                Outcome::Released { failed: true }
+                Outcome::Released { failed: !ok }
             };
             (CoalesceBody::full(data, trailers), outcome)
         }

@@ -26,8 +26,8 @@ use crate::Stats;
 /// Calls share a response when their key is equal: method path, authority, content type,
 /// request message bytes, `grpc-encoding`, `grpc-accept-encoding`, `accept-encoding`, the
 /// [`metadata`](Self::metadata) keys configured, and the identity. Only a response whose
-/// `grpc-status` is `0` is shared, and only if it fits in
-/// [`response_limit`](Self::response_limit); otherwise its own caller gets it untouched and
+/// `grpc-status` is `0` is shared, and only if it carries no `set-cookie` (in its headers or
+/// trailers) and fits in [`response_limit`](Self::response_limit); otherwise its own caller gets it untouched and
 /// the followers make their own calls, all at once.
 ///
 /// # Registry scope

@@ -42,6 +42,12 @@ pub(crate) fn is_ok(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> bool {
     present && all_ok(headers) && trailers.is_none_or(all_ok)
 }
 
+/// Whether a successful response's trailers may go to followers too: no `Set-Cookie` (state
+/// for one client, as in the head; gRPC metadata may come as trailers).
+pub(crate) fn trailers_may_share(trailers: Option<&HeaderMap>) -> bool {
+    trailers.is_none_or(|t| !t.contains_key(header::SET_COOKIE))
+}
+
 /// No `grpc-status` other than `0` (vacuously true when there is none).
 fn all_ok(headers: &HeaderMap) -> bool {
     headers
@@ -127,5 +133,13 @@ mod tests {
             &[("content-type", "application/grpc-web")]
         )));
         assert!(!head_may_share(&parts(200, &[GRPC, ("set-cookie", "s=1")])));
+    }
+
+    #[test]
+    fn a_set_cookie_in_the_trailers_is_not_shared() {
+        assert!(trailers_may_share(None));
+        assert!(trailers_may_share(Some(&map(&[("grpc-status", "0")]))));
+        let cookie = map(&[("grpc-status", "0"), ("set-cookie", "s=1")]);
+        assert!(!trailers_may_share(Some(&cookie)));
     }
 }
