@@ -971,7 +971,8 @@ impl<K> Group<K> {
     }
 
     /// The number of entries in the registry: running flights plus lingering outputs, expired
-    /// ones included until they are purged.
+    /// ones included until they are purged, and forgotten flights whose call still runs (no
+    /// caller joins those; each is removed when its call ends). After the load stops, 0.
     pub fn len(&self) -> usize {
         self.registry
             .shards

@@ -7,6 +7,13 @@
 /// Counters only grow (except `in_flight`), from the registry's creation on. They count
 /// registered flights: a call run alone (`over_capacity`, or a follower that calls alone after
 /// its wait limit) counts only there, not in `leaders`, `errors` or `panics`.
+///
+/// Every request is counted once, as the first of: a leader (`leaders - retried`), a
+/// follower, a lingering hit, a bypass or a call run over capacity. So, once the requests are
+/// done, `leaders - retried + followers + lingered + bypassed + over_capacity` is the number of
+/// requests; `timed_out` and `released` are among the followers; `errors + panics +
+/// cancelled` is at most `leaders`. A follower that takes a call over from a leader that left
+/// is still counted as a follower (and counts under `max_followers`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
