@@ -1057,6 +1057,25 @@ async fn head_shares_a_huge_content_length_get_does_not() {
     assert_eq!(backend.calls(), 3);
 }
 
+/// A `HEAD` answered with the `GET` body (as axum's handlers do; axum drops the body only
+/// after the layer): the body, over the limit here, is not read, its length goes into
+/// `Content-Length`, and the `HEAD` followers share the call instead of being released as too
+/// large.
+#[tokio::test(start_paused = true)]
+async fn head_answered_with_a_get_body_over_the_limit_is_shared_unread() {
+    let backend = Backend::new();
+    let layer = CoalesceHttpLayer::new().max_body_bytes(16);
+    let mut svc = layer.layer(backend.service(|n, _| res(200, &[], format!("{n:0>64}"))));
+    let reqs = vec![head("/h", &[]), head("/h", &[]), head("/h", &[])];
+    let out = burst(&mut svc, &backend, reqs, 1).await;
+    assert_eq!(by(&out), [Leader, Follower, Follower]);
+    for r in &out {
+        assert!(r.body.is_empty());
+        assert_eq!(r.header("content-length"), "64");
+    }
+    assert_eq!(backend.calls(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // What a copy carries
 // ---------------------------------------------------------------------------------------------

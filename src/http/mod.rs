@@ -56,9 +56,10 @@
 //! connection. A follower whose request headers differ from the leader's on a header named by
 //! the response's `Vary` does not get it.
 //!
-//! Under axum a `HEAD` request is answered by the `GET` handler, whose body axum drops only
-//! after this layer: the layer buffers (and judges against the limit) that body, and the
-//! waiters' copies, like the leader's, have none by the time they leave the server.
+//! A `HEAD` response's body is never sent, but under axum a `HEAD` request is answered by the
+//! `GET` handler, whose body axum drops only after this layer. When its length is known, the
+//! layer does not read it: the copies go out with no body and that length in `Content-Length`
+//! (whatever `max_body_bytes`). One of unknown length is buffered as any other.
 //!
 //! Buffering has a cost: a shared response reaches its waiters (the leader included) only once
 //! its whole body has arrived, so the body's transfer time is added to the time to first

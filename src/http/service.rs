@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 
-use http::{Method, Request, Response, StatusCode};
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower::util::Oneshot;
 use tower_service::Service;
@@ -199,6 +200,23 @@ where
             CoalesceBody::original(body),
         )));
         return Outcome::Released(Release::TooLarge);
+    }
+    if head {
+        if let Some(len) = body.size_hint().exact() {
+            // No server sends a `HEAD` response's body (axum answers `HEAD` with the `GET`
+            // handler and drops the body after this layer): it is not read, only its length
+            // kept, as the server would have announced it.
+            let mut parts = parts;
+            let bodiless_status = parts.status.is_informational()
+                || parts.status == StatusCode::NO_CONTENT
+                || parts.status == StatusCode::NOT_MODIFIED;
+            if !bodiless_status && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+                parts.headers.insert(header::CONTENT_LENGTH, len.into());
+            }
+            drop(body);
+            let shared = SharedResponse::new(parts, &vary, &request_headers, Bytes::new(), None);
+            return Outcome::Shared(Arc::new(shared));
+        }
     }
     match buffer(body, limit).await {
         Buffered::Complete { data, trailers } => Outcome::Shared(Arc::new(SharedResponse::new(
