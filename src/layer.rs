@@ -174,6 +174,10 @@ impl<F, K> CoalesceLayer<F, K> {
     /// [`detached`](Self::detached) runs its calls undetached there; so does one whose limit
     /// ends past the clock's range. A response that came in before the limit is the follower's even
     /// if its future is first polled after it.
+    ///
+    /// A follower that takes the call over (its leader went away) waits no longer: it drives
+    /// the call for everybody, and its limit is gone for good (also if, with
+    /// [`retry_failed`](Self::retry_failed), it then waits for another follower's retry).
     pub fn follower_timeout(mut self, limit: Duration) -> Self {
         self.options.follower_timeout = Some(limit);
         self
