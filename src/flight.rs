@@ -13,7 +13,10 @@
 //! as in any hash map.
 
 // Without `tracing` a span is `()`, passed along to keep one code path.
-#![cfg_attr(not(feature = "tracing"), allow(clippy::unit_arg))]
+#![cfg_attr(
+    not(feature = "tracing"),
+    allow(clippy::unit_arg, clippy::let_unit_value)
+)]
 
 use std::any::{Any, TypeId};
 use std::borrow::Borrow;
@@ -101,14 +104,23 @@ impl<T> Meta<T> {
     }
 
     #[cfg(not(feature = "tracing"))]
-    fn span(&self) {}
+    fn span(&self) -> &SpanHold {
+        &()
+    }
 }
+
+/// What a flight's span is held as: nothing without `tracing`.
+#[cfg(feature = "tracing")]
+type SpanHold = FlightSpan;
+#[cfg(not(feature = "tracing"))]
+type SpanHold = ();
 
 /// A flight's `tracing` span, one for its entry, its driver and its followers. The caller that
 /// registers the flight makes it once it has let the shard's lock go (a subscriber is user
 /// code, rule 8), so a follower that joins in between logs without it. Written once (the
-/// `OnceLock`), read by any holder after; the last holder drops it, unlocked (an entry is
-/// dropped only once out of its shard).
+/// `OnceLock`), read by any holder after. The entry and the followers' state give theirs up
+/// when the flight ends, so that the span closes then, not when a lingering output expires;
+/// the last holder drops it, unlocked.
 #[cfg(feature = "tracing")]
 #[derive(Clone, Default)]
 struct FlightSpan(Option<Arc<std::sync::OnceLock<tracing::Span>>>);
@@ -497,8 +509,6 @@ struct Flight<T> {
     /// (whose `Drop` cannot require it) can still publish.
     cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
     state: Mutex<State<T>>,
-    #[cfg(feature = "tracing")]
-    span: FlightSpan,
 }
 
 /// Guarded by `Flight::state`.
@@ -545,6 +555,9 @@ struct State<T> {
     caller_slot: Option<usize>,
     /// How many followers the output was handed to; written when it is published.
     published_to: usize,
+    /// The flight's span: for its followers' events and retries; taken when the flight ends.
+    #[cfg(feature = "tracing")]
+    span: FlightSpan,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -784,15 +797,19 @@ where
                 }
                 let slot = state.followers.insert(Slot::Parked(None));
                 state.makers += usize::from(keep.is_some());
+                #[cfg(feature = "tracing")]
+                let span = state.span.clone();
                 drop(state);
                 shard.counters.followers += 1;
                 drop(guard);
                 emit("tower_coalesce_followers_total");
                 #[cfg(feature = "tracing")]
-                contained(|| match flight.span.get() {
+                contained(|| match span.get() {
                     Some(span) => tracing::trace!(parent: span, "follower joined"),
                     None => tracing::trace!(key_hash = hash, "follower joined"),
                 });
+                #[cfg(feature = "tracing")]
+                drop(span);
                 // Boxing is user-visible work only for callers that asked to keep `make`.
                 let role = Role::Follower(slot_key(slot), keep.map(|keep| keep(make, is_err)));
                 let mut run = Run::new(cell, Some(flight), true, role);
@@ -1117,8 +1134,16 @@ impl<K> ShardCell<K> {
         };
         let entry = found.get_mut();
         let downcast = |f: Arc<dyn Any + Send + Sync>| f.downcast::<Flight<T>>().ok();
+        // A lingering entry gives its span up (dropped unlocked, below): it closes as the
+        // flight ends, not when the output expires.
+        #[cfg(feature = "tracing")]
+        let mut _span = FlightSpan::default();
         let (removed, flight) = match linger {
             Some((until, keep)) if !entry.forgotten => {
+                #[cfg(feature = "tracing")]
+                {
+                    _span = mem::take(&mut entry.span);
+                }
                 // The entry keeps its flight, to hold the output.
                 let holder = match entry.flight.clone().and_then(downcast) {
                     Some(flight) => flight,
@@ -1226,9 +1251,9 @@ impl<T> Flight<T> {
                 detached: false,
                 caller_slot: None,
                 published_to: 0,
+                #[cfg(feature = "tracing")]
+                span: entry.span.clone(),
             }),
-            #[cfg(feature = "tracing")]
-            span: entry.span.clone(),
         }
     }
 }
@@ -1464,7 +1489,10 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         // A copy made for a retry that did not happen. Its destructor is user code: dropped
         // when this returns, after the flight has ended for everybody.
         let mut _spare = None;
-        if !matches!(end, End::Ok) && self.registry.config.retries > 0 {
+        // A call taken over (`adopted`) is retried by `rejoin` or by nobody: had it declined
+        // and a follower able to retry joined since, retrying here would hand this waiter,
+        // which did not make the call, its failure while the others get the retry's output.
+        if !matches!(end, End::Ok) && self.registry.config.retries > 0 && !meta.adopted {
             if self.flight.is_none() {
                 self.flight = self.registry.flight_of(hash, id);
             }
@@ -1568,6 +1596,7 @@ fn publish<T>(
     // the ones that leave from cancelling the flight, so counting now and filling later is
     // sound; a slot that empties meanwhile is just skipped.
     let mut state = flight.state.lock();
+    let span = take_span(&mut state);
     let wanted = state.followers.len();
     let failure = state.failure.take();
     // A detached flight's driver is a task, not a waiter.
@@ -1576,7 +1605,7 @@ fn publish<T>(
         state.published();
         drop(state);
         drop(failure);
-        trace_end(flight.span(), end, waiters);
+        trace_end(&span, end, waiters);
         return Ok(false);
     }
     state.published_to = wanted;
@@ -1599,7 +1628,7 @@ fn publish<T>(
     } else {
         serve_on_heap(flight, &mut copier, wanted, keys)
     };
-    trace_end(flight.span(), end, waiters);
+    trace_end(&span, end, waiters);
     woken.map(|()| true)
 }
 
@@ -1804,14 +1833,10 @@ fn clone_one<T>(
     catch_unwind(AssertUnwindSafe(|| cloner(out))).unwrap_or_else(|p| Err(Panicked::new(p)))
 }
 
-impl<T> Flight<T> {
+/// Takes the flight's span from its state as the flight ends (to drop unlocked).
+fn take_span<T>(_state: &mut State<T>) -> SpanHold {
     #[cfg(feature = "tracing")]
-    fn span(&self) -> &FlightSpan {
-        &self.span
-    }
-
-    #[cfg(not(feature = "tracing"))]
-    fn span(&self) {}
+    return mem::take(&mut _state.span);
 }
 
 #[cfg(feature = "tracing")]
@@ -1831,7 +1856,7 @@ fn trace_end(span: &FlightSpan, end: End, waiters: usize) {
 }
 
 #[cfg(not(feature = "tracing"))]
-fn trace_end(_span: (), _end: End, _waiters: usize) {
+fn trace_end(_span: &SpanHold, _end: End, _waiters: usize) {
     #[cfg(feature = "metrics")]
     contained(|| {
         metrics::counter!("tower_coalesce_flights_total", "outcome" => _end.name()).increment(1)
@@ -2082,9 +2107,11 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
         };
         let make = make.take().expect("checked by the caller");
         let flight = self.flight.as_ref().expect("a follower's");
+        #[cfg(feature = "tracing")]
+        let span = flight.state.lock().span.clone();
         let meta = |is_err| Meta {
             #[cfg(feature = "tracing")]
-            span: flight.span.clone(),
+            span: span.clone(),
             ..Meta::new(flight.hash, flight.id, is_err, gate)
         };
         match catch_unwind(AssertUnwindSafe(make)) {
@@ -2251,6 +2278,7 @@ impl<K, T: Send + 'static> Run<K, T> {
             state.phase = Phase::Cancelled;
             let failure = state.failure.take();
             let orphan = state.orphan.take();
+            let span = take_span(&mut state);
             drop(state);
             let mut shard = self.registry.lock();
             self.registry.cancelling(&mut shard, flight.hash, flight.id);
@@ -2261,7 +2289,7 @@ impl<K, T: Send + 'static> Run<K, T> {
                 drop(orphan);
             }));
             self.registry.cancelled(flight.hash, flight.id);
-            trace_end(flight.span(), End::Cancelled, 0);
+            trace_end(&span, End::Cancelled, 0);
             if let Err(panic) = dropped {
                 std::panic::resume_unwind(panic);
             }

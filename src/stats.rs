@@ -13,7 +13,8 @@
 /// done, `leaders - retried + followers + lingered + bypassed + over_capacity` is the number of
 /// requests; `timed_out` and `released` are among the followers; `errors + panics +
 /// cancelled` is at most `leaders`. A follower that takes a call over from a leader that left
-/// is still counted as a follower (and counts under `max_followers`).
+/// is still counted as a follower (though, driving the call, no longer under
+/// `max_followers`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {

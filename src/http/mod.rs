@@ -41,7 +41,8 @@
 //! arrive while it runs (the *followers*) wait. Its response is shared with them only if a
 //! shared cache could reuse it: no `Set-Cookie`, no `Cache-Control: private`, `no-store` or
 //! `no-cache`, no `Vary: *`, not stale on arrival (`max-age=0`, `s-maxage=0`, an `Expires`
-//! not after its `Date`), not `text/event-stream`, not `101`, and a body within
+//! not after its `Date`), not `text/event-stream`, not `101`, no transfer coding but `chunked`
+//! (a `gzip` one would leave the copies coded and unlabelled), and a body within
 //! [`max_body_bytes`](CoalesceHttpLayer::max_body_bytes) (default 2 MiB). Every status may be
 //! shared, errors such as `500` included, as every waiter would have waited for the same call.
 //! A write through the layer (an unsafe method with a non-error response) invalidates its URI:
@@ -52,8 +53,8 @@
 //! is the server's: the copies drop the handler's `Transfer-Encoding` (their length is known;
 //! one with trailers goes out chunked to an HTTP/1.1 client that sends `TE: trailers`), and a
 //! follower's copy goes without the hop-by-hop fields (`Connection` and the fields it names,
-//! `Keep-Alive`, `Proxy-Connection`, `TE`, `Upgrade`), which were about the leader's
-//! connection. A follower whose request headers differ from the leader's on a header named by
+//! in the headers and the trailers, `Keep-Alive`, `Proxy-Connection`, `TE`, `Upgrade`), which
+//! were about the leader's connection. A follower whose request headers differ from the leader's on a header named by
 //! the response's `Vary` does not get it.
 //!
 //! A `HEAD` response's body is never sent, but under axum a `HEAD` request is answered by the

@@ -47,7 +47,8 @@ pub(crate) enum Release {
     /// The body is larger than the limit (by `Content-Length`, size hint, or while reading),
     /// or failed while being read.
     TooLarge,
-    /// A stream that is not meant to end (`text/event-stream`) or a protocol switch.
+    /// A stream that is not meant to end (`text/event-stream`), a protocol switch, or a body in
+    /// a transfer coding other than `chunked` (`gzip`...), which a rebuilt copy cannot keep.
     Stream,
     /// Shared, but the follower's request differs from the leader's in a header the
     /// response's `Vary` names.
@@ -74,7 +75,7 @@ impl Release {
 /// read. Returns the response's `Vary` header names (lower case, no duplicates) when it may.
 pub(crate) fn shareable(parts: &Parts) -> Result<Vec<HeaderName>, Release> {
     let headers = &parts.headers;
-    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS || transfer_coded(headers) {
         return Err(Release::Stream);
     }
     if headers.contains_key(header::SET_COOKIE) {
@@ -222,7 +223,7 @@ impl SharedResponse {
         // body's length is known, and the server frames it itself. (Kept, it went out with a
         // `Content-Length` the server or axum added, and hyper refused the pair.)
         headers.remove(header::TRANSFER_ENCODING);
-        let hop_by_hop = hop_by_hop(&headers);
+        let hop_by_hop = hop_by_hop(&headers, trailers.as_ref());
         SharedResponse {
             status: parts.status,
             version: parts.version,
@@ -257,10 +258,22 @@ impl SharedResponse {
     /// and the fields it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Upgrade`), which
     /// were about the leader's connection (`Connection: close` closes the leader's only).
     pub(crate) fn to_follower_response<B: Body>(&self) -> Response<CoalesceBody<B>> {
-        let mut res = self.to_response();
-        for name in &self.hop_by_hop {
-            res.headers_mut().remove(name);
+        if self.hop_by_hop.is_empty() {
+            return self.to_response();
         }
+        let mut headers = self.headers.clone();
+        let mut trailers = self.trailers.clone();
+        for name in &self.hop_by_hop {
+            headers.remove(name);
+            if let Some(trailers) = &mut trailers {
+                trailers.remove(name);
+            }
+        }
+        let mut res = Response::new(CoalesceBody::full(self.body.clone(), trailers));
+        *res.status_mut() = self.status;
+        *res.version_mut() = self.version;
+        *res.headers_mut() = headers;
+        *res.extensions_mut() = self.extensions.clone();
         res
     }
 
@@ -275,15 +288,28 @@ impl SharedResponse {
     }
 }
 
+/// Whether the body comes in a transfer coding besides `chunked` (RFC 9112 §6.1): a copy's
+/// buffered body is framed by the server, which knows nothing of the other codings, so it
+/// would go out still coded and unlabelled.
+fn transfer_coded(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"chunked"))
+}
+
 /// The hop-by-hop fields present in `headers` (RFC 9110 §7.6.1): `Connection`, the fields it
-/// names, `Keep-Alive`, `Proxy-Connection`, `TE` and `Upgrade`.
-fn hop_by_hop(headers: &HeaderMap) -> Vec<HeaderName> {
+/// names, `Keep-Alive`, `Proxy-Connection`, `TE` and `Upgrade`. Also those named only in the
+/// trailers: the names, byte by byte, so that one element that is not text does not hide
+/// the others.
+fn hop_by_hop(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Vec<HeaderName> {
     let named = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok());
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok());
     let fixed = [
         header::CONNECTION,
         HeaderName::from_static("keep-alive"),
@@ -291,9 +317,12 @@ fn hop_by_hop(headers: &HeaderMap) -> Vec<HeaderName> {
         header::TE,
         header::UPGRADE,
     ];
+    let present = |name: &HeaderName| {
+        headers.contains_key(name) || trailers.is_some_and(|t| t.contains_key(name))
+    };
     let mut found: Vec<HeaderName> = Vec::new();
     for name in fixed.into_iter().chain(named) {
-        if headers.contains_key(&name) && !found.contains(&name) {
+        if present(&name) && !found.contains(&name) {
             found.push(name);
         }
     }
