@@ -210,7 +210,9 @@ where
             let bodiless_status = parts.status.is_informational()
                 || parts.status == StatusCode::NO_CONTENT
                 || parts.status == StatusCode::NOT_MODIFIED;
-            if !bodiless_status && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+            // An empty body says nothing (a `HEAD` handler of a resource of unknown length):
+            // the server decides then, as it would have.
+            if len > 0 && !bodiless_status && !parts.headers.contains_key(header::CONTENT_LENGTH) {
                 parts.headers.insert(header::CONTENT_LENGTH, len.into());
             }
             drop(body);
