@@ -80,7 +80,8 @@ impl CoalesceError {
         matches!(*self.kind, Kind::Panicked(_))
     }
 
-    /// The panic message, if the inner service panicked with a string payload.
+    /// The panic message, if the inner service panicked: its payload if that was a string,
+    /// `<non-string panic payload>` otherwise.
     pub fn panic_message(&self) -> Option<&str> {
         match &*self.kind {
             Kind::Panicked(p) => Some(p.message()),

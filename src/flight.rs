@@ -390,8 +390,9 @@ impl GroupBuilder {
     /// of them runs its own call and the others wait for it, as before. The caller whose call
     /// failed gets its error (in a detached flight its caller is a follower, so it gets the
     /// retry's output). A follower that took a call over from a caller that left did not make
-    /// it: if the call fails, it runs the retry with its own call, or waits for the others'. Only followers that can make the call take part (those of
-    /// [`Group::run_retryable`] and of the tower layer); with none, everybody gets the error.
+    /// it: if the call fails, it runs the retry with its own call, or waits for the others'.
+    /// Only followers that can make the call take part (those of [`Group::run_retryable`] and
+    /// of the tower layer); with none, everybody gets the error.
     pub fn retry_failed(mut self, retries: u32) -> Self {
         self.config.retries = retries;
         self
@@ -1140,11 +1141,8 @@ impl<K> ShardCell<K> {
         let mut _span = FlightSpan::default();
         let (removed, flight) = match linger {
             Some((until, keep)) if !entry.forgotten => {
-                #[cfg(feature = "tracing")]
-                {
-                    _span = mem::take(&mut entry.span);
-                }
-                // The entry keeps its flight, to hold the output.
+                // The entry keeps its flight, to hold the output. (Made with the span, which
+                // `publish` records the outcome on and takes.)
                 let holder = match entry.flight.clone().and_then(downcast) {
                     Some(flight) => flight,
                     None => {
@@ -1154,6 +1152,10 @@ impl<K> ShardCell<K> {
                         holder
                     }
                 };
+                #[cfg(feature = "tracing")]
+                {
+                    _span = mem::take(&mut entry.span);
+                }
                 // Moved in, not cloned: no user code under the locks.
                 holder.state.lock().lingering = Some(keep);
                 entry.lingering = true;
@@ -2235,6 +2237,9 @@ impl<K, T: Send + 'static> Run<K, T> {
             .and_then(|e| e.flight.clone())
             .and_then(|f| f.downcast::<Flight<T>>().ok())
             .or_else(|| self.flight.clone());
+        // The followers' handle on the span, given up as the flight ends (a finished waiter
+        // may keep the state alive); dropped unlocked.
+        let mut _span = SpanHold::default();
         if let Some(flight) = flight {
             let mut state = flight.state.lock();
             state.driven = false;
@@ -2247,6 +2252,7 @@ impl<K, T: Send + 'static> Run<K, T> {
                 return;
             }
             state.phase = Phase::Cancelled;
+            _span = take_span(&mut state);
         }
         self.registry.cancelling(shard, hash, id);
         drop(guard);
@@ -2472,7 +2478,8 @@ impl Panicked {
         Panicked { message }
     }
 
-    /// The panic message, when the payload was a string.
+    /// The panic message: the payload if it was a string, `<non-string panic payload>`
+    /// otherwise.
     pub fn message(&self) -> &str {
         &self.message
     }

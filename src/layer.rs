@@ -176,8 +176,8 @@ impl<F, K> CoalesceLayer<F, K> {
     /// if its future is first polled after it.
     ///
     /// A follower that takes the call over (its leader went away) waits no longer: it drives
-    /// the call for everybody, and its limit is gone for good (also if, with
-    /// [`retry_failed`](Self::retry_failed), it then waits for another follower's retry).
+    /// the call for everybody, and its limit is gone for good (with
+    /// [`retry_failed`](Self::retry_failed), it runs the retry itself if that call fails).
     pub fn follower_timeout(mut self, limit: Duration) -> Self {
         self.options.follower_timeout = Some(limit);
         self

@@ -11,9 +11,11 @@
 /// Every request is counted once, as the first of: a leader (`leaders - retried`), a
 /// follower, a lingering hit, a bypass or a call run over capacity. So, once the requests are
 /// done, `leaders - retried + followers + lingered + bypassed + over_capacity` is the number of
-/// requests; `timed_out` and `released` are among the followers; `errors + panics +
-/// cancelled` is at most `leaders`. A follower that takes a call over from a leader that left
-/// is still counted as a follower (though, driving the call, no longer under
+/// requests; `timed_out` and `released` are among the followers; `errors + panics` is at most
+/// `leaders` (each call ends once) and `cancelled` at most `leaders - retried` (each flight
+/// once; a failed call handed to followers to retry, who all leave before the retry starts,
+/// counts as an error and its flight as cancelled). A follower that takes a call over from a
+/// leader that left is still counted as a follower (though, driving the call, no longer under
 /// `max_followers`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]

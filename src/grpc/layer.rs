@@ -20,15 +20,15 @@ use crate::Stats;
 /// coalesced only if it is a `POST` to an allow-listed path with an `application/grpc` content
 /// type, carries no credentials (`authorization`, `cookie`, `proxy-authorization`, userinfo in the
 /// URI) unless an [`identity`](Self::identity) tells callers apart, does not ask for a fresh answer
-/// (`cache-control: no-cache`), and its request message fits in
+/// (`cache-control: no-cache` or `no-store`, `pragma: no-cache`), and its request message fits in
 /// [`request_limit`](Self::request_limit). Every other call bypasses the layer untouched.
 ///
 /// Calls share a response when their key is equal: method path, authority, content type,
 /// request message bytes, `grpc-encoding`, `grpc-accept-encoding`, `accept-encoding`, the
 /// [`metadata`](Self::metadata) keys configured, and the identity. Only a response whose
 /// `grpc-status` is `0` is shared, and only if it carries no `set-cookie` (in its headers or
-/// trailers) and fits in [`response_limit`](Self::response_limit); otherwise its own caller gets it untouched and
-/// the followers make their own calls, all at once.
+/// trailers) and fits in [`response_limit`](Self::response_limit); otherwise its own caller
+/// gets it untouched and the followers make their own calls, all at once.
 ///
 /// # Registry scope
 ///

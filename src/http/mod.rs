@@ -27,9 +27,10 @@
 //! `If-Unmodified-Since`, `If-Range`) and of `Host`, `Forwarded`, `X-Forwarded-Host`,
 //! `X-Forwarded-Proto`, `X-Forwarded-Port`, `X-Forwarded-Prefix`; and the identity, if configured.
 //! The key is compared field by field, never reduced to a hash. An HTTP/2 request carries its
-//! scheme and authority in its URI, an HTTP/1.1 one only its path (the authority in `Host`): a
-//! handler may answer by the scheme, which HTTP/1.1 does not say, so the two are keyed apart and
-//! each protocol's requests share their own call.
+//! scheme and authority in its URI, an HTTP/1.1 one usually only its path (the authority in
+//! `Host`): a handler may answer by the scheme, which HTTP/1.1 does not say, so they usually get
+//! different keys and each protocol's requests share their own call. (The version itself is not
+//! in the key: requests that spell the URI and `Host` alike share a call.)
 //!
 //! **The response must depend on nothing else.** If a handler reads another header, a query
 //! parameter it ignores does not matter, but a header it reads does: add it with
@@ -50,17 +51,19 @@
 //!
 //! A shared body is buffered into memory with its trailers, and every waiter (the leader too)
 //! gets a rebuilt copy: same status, version, headers, extensions, body and trailers. Framing
-//! is the server's: the copies drop the handler's `Transfer-Encoding` (their length is known;
-//! one with trailers goes out chunked to an HTTP/1.1 client that sends `TE: trailers`), and a
-//! follower's copy goes without the hop-by-hop fields (`Connection` and the fields it names,
-//! in the headers and the trailers, `Keep-Alive`, `Proxy-Connection`, `TE`, `Upgrade`), which
-//! were about the leader's connection. A follower whose request headers differ from the leader's on a header named by
-//! the response's `Vary` does not get it.
+//! is the server's: the copies drop the handler's `Transfer-Encoding` and (but for a `HEAD`) a
+//! `Content-Length` beside it (their length is known; one with trailers reports no exact
+//! length, so that the server can send it chunked, trailers and all), and a follower's copy goes without the
+//! hop-by-hop fields (the header `Connection` and the fields it names, from the headers and
+//! the trailers, `Keep-Alive`, `Proxy-Connection`, `TE`, and `Upgrade` but on a `426`), which
+//! were about the leader's connection. A follower whose request headers differ from the
+//! leader's on a header named by the response's `Vary` does not get it.
 //!
 //! A `HEAD` response's body is never sent, but under axum a `HEAD` request is answered by the
 //! `GET` handler, whose body axum drops only after this layer. When its length is known, the
-//! layer does not read it: the copies go out with no body and that length in `Content-Length`
-//! (whatever `max_body_bytes`). One of unknown length is buffered as any other.
+//! layer does not read it: the copies go out with no body and, unless it is 0 or the status
+//! has no body, that length in `Content-Length` (whatever `max_body_bytes`). One of unknown
+//! length is buffered as any other.
 //!
 //! Buffering has a cost: a shared response reaches its waiters (the leader included) only once
 //! its whole body has arrived, so the body's transfer time is added to the time to first

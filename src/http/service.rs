@@ -188,6 +188,13 @@ where
             return Outcome::Released(release);
         }
     };
+    let mut parts = parts;
+    if !head && parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        // Overridden by the `Transfer-Encoding` (RFC 9112 §6.3), it says nothing of the body,
+        // which the copies carry buffered, without that field: kept, it would frame them by a
+        // wrong length. (A `HEAD` response's describes the `GET` body, and stays.)
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     // `Content-Length` describes the body of a `HEAD` response's `GET`, and there is no body
     // for 1xx, 204 and 304.
     let no_body = head
@@ -206,7 +213,6 @@ where
             // No server sends a `HEAD` response's body (axum answers `HEAD` with the `GET`
             // handler and drops the body after this layer): it is not read, only its length
             // kept, as the server would have announced it.
-            let mut parts = parts;
             let bodiless_status = parts.status.is_informational()
                 || parts.status == StatusCode::NO_CONTENT
                 || parts.status == StatusCode::NOT_MODIFIED;
@@ -221,6 +227,16 @@ where
         }
     }
     match buffer(body, limit).await {
+        // Trailers are judged as the head was: a cookie there is one client's too.
+        Buffered::Complete { data, trailers }
+            if trailers
+                .as_ref()
+                .is_some_and(|t| t.contains_key(header::SET_COOKIE)) =>
+        {
+            let body = CoalesceBody::full(data, trailers);
+            hand_to_leader(Ok(Response::from_parts(parts, body)));
+            Outcome::Released(Release::SetCookie)
+        }
         Buffered::Complete { data, trailers } => Outcome::Shared(Arc::new(SharedResponse::new(
             parts,
             &vary,

@@ -221,9 +221,10 @@ impl SharedResponse {
         let mut headers = parts.headers;
         // The inner service's framing of its body, which the copies do not have: a rebuilt
         // body's length is known, and the server frames it itself. (Kept, it went out with a
-        // `Content-Length` the server or axum added, and hyper refused the pair.)
+        // `Content-Length` the server or axum added, and hyper refused the pair.) A
+        // `Content-Length` beside it is the caller's to judge: see `flight`.
         headers.remove(header::TRANSFER_ENCODING);
-        let hop_by_hop = hop_by_hop(&headers, trailers.as_ref());
+        let hop_by_hop = hop_by_hop(parts.status, &headers, trailers.as_ref());
         SharedResponse {
             status: parts.status,
             version: parts.version,
@@ -304,7 +305,12 @@ fn transfer_coded(headers: &HeaderMap) -> bool {
 /// names, `Keep-Alive`, `Proxy-Connection`, `TE` and `Upgrade`. Also those named only in the
 /// trailers: the names, byte by byte, so that one element that is not text does not hide
 /// the others.
-fn hop_by_hop(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Vec<HeaderName> {
+/// `Upgrade` stays on a `426`, which must name the protocols to upgrade to (RFC 9110 §15.5.22).
+fn hop_by_hop(
+    status: StatusCode,
+    headers: &HeaderMap,
+    trailers: Option<&HeaderMap>,
+) -> Vec<HeaderName> {
     let named = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -317,12 +323,14 @@ fn hop_by_hop(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Vec<HeaderNa
         header::TE,
         header::UPGRADE,
     ];
+    let kept =
+        |name: &HeaderName| status == StatusCode::UPGRADE_REQUIRED && name == header::UPGRADE;
     let present = |name: &HeaderName| {
         headers.contains_key(name) || trailers.is_some_and(|t| t.contains_key(name))
     };
     let mut found: Vec<HeaderName> = Vec::new();
     for name in fixed.into_iter().chain(named) {
-        if present(&name) && !found.contains(&name) {
+        if present(&name) && !kept(&name) && !found.contains(&name) {
             found.push(name);
         }
     }
