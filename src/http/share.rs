@@ -259,9 +259,6 @@ impl SharedResponse {
     /// and the fields it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Upgrade`), which
     /// were about the leader's connection (`Connection: close` closes the leader's only).
     pub(crate) fn to_follower_response<B: Body>(&self) -> Response<CoalesceBody<B>> {
-        if self.hop_by_hop.is_empty() {
-            return self.to_response();
-        }
         let mut headers = self.headers.clone();
         let mut trailers = self.trailers.clone();
         for name in &self.hop_by_hop {
@@ -270,20 +267,24 @@ impl SharedResponse {
                 trailers.remove(name);
             }
         }
-        let mut res = Response::new(CoalesceBody::full(self.body.clone(), trailers));
-        *res.status_mut() = self.status;
-        *res.version_mut() = self.version;
-        *res.headers_mut() = headers;
-        *res.extensions_mut() = self.extensions.clone();
-        res
+        self.copy(headers, trailers)
     }
 
     /// A fresh copy of the response for one waiter.
     pub(crate) fn to_response<B: Body>(&self) -> Response<CoalesceBody<B>> {
-        let mut res = Response::new(CoalesceBody::full(self.body.clone(), self.trailers.clone()));
+        self.copy(self.headers.clone(), self.trailers.clone())
+    }
+
+    /// A copy with these headers and trailers.
+    fn copy<B: Body>(
+        &self,
+        headers: HeaderMap,
+        trailers: Option<HeaderMap>,
+    ) -> Response<CoalesceBody<B>> {
+        let mut res = Response::new(CoalesceBody::full(self.body.clone(), trailers));
         *res.status_mut() = self.status;
         *res.version_mut() = self.version;
-        *res.headers_mut() = self.headers.clone();
+        *res.headers_mut() = headers;
         *res.extensions_mut() = self.extensions.clone();
         res
     }
@@ -304,8 +305,7 @@ fn transfer_coded(headers: &HeaderMap) -> bool {
 /// The hop-by-hop fields present in `headers` (RFC 9110 §7.6.1): `Connection`, the fields it
 /// names, `Keep-Alive`, `Proxy-Connection`, `TE` and `Upgrade`. Also those named only in the
 /// trailers: the names, byte by byte, so that one element that is not text does not hide
-/// the others.
-/// `Upgrade` stays on a `426`, which must name the protocols to upgrade to (RFC 9110 §15.5.22).
+/// the others. `Upgrade` stays on a `426`, which must name the protocols to upgrade to (RFC 9110 §15.5.22).
 fn hop_by_hop(
     status: StatusCode,
     headers: &HeaderMap,
