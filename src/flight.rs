@@ -1485,7 +1485,8 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             Ok(_) => End::Ok,
         };
         if !self.registered {
-            trace_end(meta.span(), end, 1);
+            // A call run alone (over a capacity bound) is no flight: no span, no flight count,
+            // as `Stats` leaves it out.
             return out;
         }
         // A copy made for a retry that did not happen. Its destructor is user code: dropped

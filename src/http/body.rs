@@ -278,7 +278,8 @@ impl<B: Body> CoalesceBody<B> {
         matches!(&self.kind, Kind::Replay { error: Some(_), .. })
     }
 
-    /// Whether this body is held in memory whole (a shared, rebuilt response).
+    /// Whether this body is held in memory whole (a response rebuilt from a buffered body: a
+    /// shared one, or a leader's whose trailers kept it from being shared).
     pub fn is_buffered(&self) -> bool {
         matches!(self.kind, Kind::Full { .. })
     }

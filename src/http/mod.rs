@@ -53,11 +53,12 @@
 //! gets a rebuilt copy: same status, version, headers, extensions, body and trailers. Framing
 //! is the server's: the copies drop the handler's `Transfer-Encoding` and (but for a `HEAD`) a
 //! `Content-Length` beside it (their length is known; one with trailers reports no exact
-//! length, so that the server can send it chunked, trailers and all), and a follower's copy goes without the
-//! hop-by-hop fields (the header `Connection` and the fields it names, from the headers and
-//! the trailers, `Keep-Alive`, `Proxy-Connection`, `TE`, and `Upgrade` but on a `426`), which
-//! were about the leader's connection. A follower whose request headers differ from the
-//! leader's on a header named by the response's `Vary` does not get it.
+//! length, so that the server can send it chunked, trailers and all). A follower's copy goes
+//! without the hop-by-hop fields, which were about the leader's connection: the header
+//! `Connection` and the fields it names (from the headers and the trailers), `Keep-Alive`,
+//! `Proxy-Connection`, `TE` and `Upgrade` (a `426` keeps `Upgrade`, with `Connection:
+//! upgrade`). A follower whose request headers differ from the leader's on a header named by
+//! the response's `Vary` does not get it.
 //!
 //! A `HEAD` response's body is never sent, but under axum a `HEAD` request is answered by the
 //! `GET` handler, whose body axum drops only after this layer. When its length is known, the
@@ -71,8 +72,10 @@
 //! (large downloads, long polls) are better left out: route the layer around them, or lower
 //! the limit.
 //!
-//! When the response is not shared, the leader gets its own response, untouched (a body over
-//! the limit arrives whole: the bytes already read, then the rest of the stream), and every
+//! When the response is not shared, the leader gets its own response, untouched (but for a
+//! `Content-Length` beside a `Transfer-Encoding`, which overrode it and is dropped, RFC 9112
+//! §6.3; a body over the limit arrives whole: the bytes already read, then the rest of the
+//! stream), and every
 //! follower is released at once to make its own call to the inner service. The same happens
 //! when the inner service returns an error: the leader gets the error, the followers call.
 //!

@@ -267,6 +267,11 @@ impl SharedResponse {
                 trailers.remove(name);
             }
         }
+        if self.status == StatusCode::UPGRADE_REQUIRED && headers.contains_key(header::UPGRADE) {
+            // Whoever sends `Upgrade` names it in `Connection` (RFC 9110 §7.8): that option
+            // alone, the leader's others dropped.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
         self.copy(headers, trailers)
     }
 
