@@ -178,6 +178,14 @@ where
             return Outcome::Released(Release::Error);
         }
     };
+    let mut parts = parts;
+    if !head && parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        // Overridden by the `Transfer-Encoding` (RFC 9112 §6.3), it says nothing of the body:
+        // kept, it would frame the copies (which carry the body buffered, without that field)
+        // by a wrong length, and hyper refuses the pair on a response passed on as it is. (A
+        // `HEAD` response's describes the `GET` body, and stays.)
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     let vary = match shareable(&parts) {
         Ok(vary) => vary,
         Err(release) => {
@@ -188,13 +196,6 @@ where
             return Outcome::Released(release);
         }
     };
-    let mut parts = parts;
-    if !head && parts.headers.contains_key(header::TRANSFER_ENCODING) {
-        // Overridden by the `Transfer-Encoding` (RFC 9112 §6.3), it says nothing of the body,
-        // which the copies carry buffered, without that field: kept, it would frame them by a
-        // wrong length. (A `HEAD` response's describes the `GET` body, and stays.)
-        parts.headers.remove(header::CONTENT_LENGTH);
-    }
     // `Content-Length` describes the body of a `HEAD` response's `GET`, and there is no body
     // for 1xx, 204 and 304.
     let no_body = head
