@@ -75,9 +75,9 @@
 //! When the response is not shared, the leader gets its own response, untouched (but for a
 //! `Content-Length` beside a `Transfer-Encoding`, which overrode it and is dropped, RFC 9112
 //! §6.3; a body over the limit arrives whole: the bytes already read, then the rest of the
-//! stream), and every
-//! follower is released at once to make its own call to the inner service. The same happens
-//! when the inner service returns an error: the leader gets the error, the followers call.
+//! stream), and every follower is released at once to make its own call to the inner service.
+//! The same happens when the inner service returns an error: the leader gets the error, the
+//! followers call.
 //!
 //! # Errors and panics
 //!
