@@ -798,19 +798,23 @@ where
                 }
                 let slot = state.followers.insert(Slot::Parked(None));
                 state.makers += usize::from(keep.is_some());
+                // Only if a `trace` event may be recorded at all (a global atomic, no subscriber
+                // code): no reference-count traffic on a follower's path otherwise.
                 #[cfg(feature = "tracing")]
-                let span = state.span.clone();
+                let span = (tracing::level_filters::LevelFilter::current()
+                    >= tracing::Level::TRACE)
+                    .then(|| state.span.clone());
                 drop(state);
                 shard.counters.followers += 1;
                 drop(guard);
                 emit("tower_coalesce_followers_total");
                 #[cfg(feature = "tracing")]
-                contained(|| match span.get() {
-                    Some(span) => tracing::trace!(parent: span, "follower joined"),
-                    None => tracing::trace!(key_hash = hash, "follower joined"),
-                });
-                #[cfg(feature = "tracing")]
-                drop(span);
+                if let Some(span) = span {
+                    contained(|| match span.get() {
+                        Some(span) => tracing::trace!(parent: span, "follower joined"),
+                        None => tracing::trace!(key_hash = hash, "follower joined"),
+                    });
+                }
                 // Boxing is user-visible work only for callers that asked to keep `make`.
                 let role = Role::Follower(slot_key(slot), keep.map(|keep| keep(make, is_err)));
                 let mut run = Run::new(cell, Some(flight), true, role);
@@ -1500,15 +1504,9 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
                 self.flight = self.registry.flight_of(hash, id);
             }
             if let Some(flight) = self.flight.clone() {
-                match self.retry(&flight, &out, meta.gate) {
-                    Ok(mut wakers) => {
-                        self.registry.lock().counters.count(end);
-                        // This driver's error goes to nobody else: the followers retry.
-                        if let Err(panic) = wake_all(&mut wakers) {
-                            resume_unwind(panic);
-                        }
-                        return out;
-                    }
+                match self.retry(&flight, &out, meta.gate, end) {
+                    // This driver's error goes to nobody else: the followers retry.
+                    Ok(()) => return out,
                     Err(unused) => _spare = unused,
                 }
             }
@@ -1535,9 +1533,10 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         out
     }
 
-    /// Hands a failed attempt to the followers to retry, if it has retries left and a
-    /// follower that can; if it did, returns the followers' wakers, to wake so that they elect
-    /// the next driver (this driver keeps `out` either way); if not, the copy it made.
+    /// Hands a failed attempt (ended as `end`) to the followers to retry, if it has retries
+    /// left and a follower that can: counts its end and wakes the followers so that they elect
+    /// the next driver (this driver keeps `out` either way; a waker's panic is passed on once
+    /// all are woken). If not, returns the copy it made.
     // Not inlined: its copy of a large output stays out of `complete`'s frame.
     #[inline(never)]
     fn retry(
@@ -1545,7 +1544,8 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         flight: &Arc<Flight<T>>,
         out: &Result<T, Panicked>,
         gate: Option<NonZeroU64>,
-    ) -> Result<Vec<Option<Waker>>, Option<Kept<T>>> {
+        end: End,
+    ) -> Result<(), Option<Kept<T>>> {
         // Cloned before locking: the clone is user code.
         let spare = Some(Box::new(clone_one(flight.cloner, out)));
         let mut state = flight.state.lock();
@@ -1558,7 +1558,7 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
         state.driven = false;
         state.failure = spare;
         state.retry_gate = gate;
-        let wakers: Vec<_> = state
+        let mut wakers: Vec<_> = state
             .followers
             .iter_mut()
             .filter_map(|(_, slot)| match slot {
@@ -1567,7 +1567,11 @@ impl<K, T: Clone + Send + 'static> Run<K, T> {
             })
             .collect();
         drop(state);
-        Ok(wakers)
+        self.registry.lock().counters.count(end);
+        if let Err(panic) = wake_all(&mut wakers) {
+            resume_unwind(panic);
+        }
+        Ok(())
     }
 }
 
@@ -1982,14 +1986,8 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
         let slot = slot_key(state.followers.insert(Slot::Parked(Some(waker.clone()))));
         drop(state);
         self.role = Role::Follower(slot, None);
-        match self.retry(&flight, out, meta.gate) {
-            Ok(mut wakers) => {
-                self.registry.lock().counters.count(end);
-                if let Err(panic) = wake_all(&mut wakers) {
-                    resume_unwind(panic);
-                }
-                true
-            }
+        match self.retry(&flight, out, meta.gate, end) {
+            Ok(()) => true,
             Err(spare) => {
                 // The followers that could retry left meanwhile: nobody will, so the failure
                 // goes to everybody, this waiter included (`complete` finds the same).
