@@ -398,6 +398,14 @@ impl GroupBuilder {
         self
     }
 
+    /// The capacity bounds of the HTTP and gRPC layers, which keep them as options.
+    #[cfg(feature = "http")]
+    pub(crate) fn bounds(mut self, in_flight: Option<usize>, followers: Option<usize>) -> Self {
+        self.config.max_in_flight = in_flight;
+        self.config.max_followers = followers;
+        self
+    }
+
     /// Creates the registry.
     pub fn build<K: Hash + Eq + Send + 'static>(self) -> Group<K> {
         Group::with_config(self.config)

@@ -50,18 +50,49 @@ pin_project! {
 }
 
 impl Deadline {
-    /// A follower's wait limit, if its timer can be made. None when the limit ends past the
-    /// clock's range (the follower waits as for ever), or when the runtime has no time driver
-    /// (`tokio::time` panics there): the follower then waits with no limit rather than failing
-    /// its `call`, as outside a runtime.
     fn new(limit: Duration, action: OnTimeout) -> Option<Pin<Box<Self>>> {
-        let at = tokio::time::Instant::now().checked_add(limit)?;
-        let sleep = catch_unwind(|| tokio::time::sleep_until(at)).ok()?;
         Some(Box::pin(Deadline {
-            sleep,
+            sleep: limit_timer(limit)?,
             limit,
             action,
         }))
+    }
+}
+
+/// The timer of a follower's wait `limit`, if one can be made. None outside a tokio runtime
+/// (a `block_on` of another executor), in a runtime without a time driver (`tokio::time`
+/// panics there), or when the limit ends past the clock's range: the follower then waits with
+/// no limit rather than failing its `call` (a panic there would strike only once a second
+/// request for a key came: a crash under load). The runtime is looked up last, by the callers
+/// too: it costs a reference count on its handle.
+pub(crate) fn limit_timer(limit: Duration) -> Option<Sleep> {
+    tokio::runtime::Handle::try_current().ok()?;
+    let at = tokio::time::Instant::now().checked_add(limit)?;
+    catch_unwind(|| tokio::time::sleep_until(at)).ok()
+}
+
+/// Whether a wait limit's timer has fired. A timer panics when polled after its runtime shut
+/// down (its context entered through a kept handle): `None` then, and the waiter should drop
+/// it and wait with no limit, as outside a runtime.
+pub(crate) fn limit_passed(timer: Pin<&mut Sleep>, cx: &mut Context<'_>) -> Option<bool> {
+    catch_unwind(AssertUnwindSafe(|| timer.poll(cx).is_ready())).ok()
+}
+
+/// Whether the boxed wait limit of an HTTP or gRPC follower has passed (false without one).
+/// Drops a timer whose runtime has gone (see [`limit_passed`]).
+#[cfg(feature = "http")]
+pub(crate) fn boxed_limit_passed(
+    limit: &mut Option<Pin<Box<Sleep>>>,
+    cx: &mut Context<'_>,
+) -> bool {
+    let passed = limit.as_mut().map(|timer| limit_passed(timer.as_mut(), cx));
+    match passed {
+        Some(Some(passed)) => passed,
+        Some(None) => {
+            *limit = None;
+            false
+        }
+        None => false,
     }
 }
 
@@ -87,14 +118,8 @@ where
     S::Response: Send + 'static,
 {
     pub(crate) fn coalesced(run: Waiter<S, Req, K>, options: Options) -> Self {
-        // The limit needs tokio's timer. Outside a runtime (a `block_on` of another executor)
-        // a follower waits with no limit, as a detached call runs undetached there: a panic
-        // here would strike only once a second request for a key came, a crash under load.
-        // (Checked last: looking up the runtime costs a reference count on its handle.)
         let deadline = match options.follower_timeout {
-            Some(limit) if run.is_following() && tokio::runtime::Handle::try_current().is_ok() => {
-                Deadline::new(limit, options.on_timeout)
-            }
+            Some(limit) if run.is_following() => Deadline::new(limit, options.on_timeout),
             _ => None,
         };
         ResponseFuture {
@@ -202,15 +227,10 @@ where
             // The limit is looked at before the flight: an output that is in by then is taken,
             // not dropped for a timeout.
             let expired = match this.deadline.as_mut() {
-                Some(deadline) => {
-                    let sleep = deadline.as_mut().project().sleep;
-                    catch_unwind(AssertUnwindSafe(|| sleep.poll(cx).is_ready()))
-                }
-                None => Ok(false),
+                Some(deadline) => limit_passed(deadline.as_mut().project().sleep, cx),
+                None => Some(false),
             };
-            // A timer panics when its runtime has shut down (its context entered through a
-            // kept handle): no limit then, as outside a runtime.
-            let expired = expired.unwrap_or_else(|_| {
+            let expired = expired.unwrap_or_else(|| {
                 *this.deadline = None;
                 false
             });

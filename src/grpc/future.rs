@@ -23,6 +23,7 @@ use http::{Request, Response, StatusCode, Version};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::sync::oneshot;
+use tokio::time::Sleep;
 use tower::util::{Oneshot, ServiceExt};
 use tower_service::Service;
 
@@ -30,6 +31,7 @@ use super::key::{GrpcKey, KeyHead};
 use super::layer::Shared;
 use super::status;
 use crate::flight::Run;
+use crate::future::{boxed_limit_passed, limit_timer};
 use crate::http::body::{buffer, Buffered};
 use crate::http::{CoalesceBody, ServedBy};
 
@@ -74,6 +76,9 @@ pin_project! {
             // The leader's private reply channel; `None` for followers.
             reply: Option<oneshot::Receiver<Reply<S::Error, ResBody>>>,
             waiting: Option<WaitGuard>,
+            // A follower's wait limit (`follower_timeout`), boxed: only followers with one pay
+            // for it.
+            limit: Option<Pin<Box<Sleep>>>,
         },
         /// A call of its own: bypassed, or released by its flight.
         Calling {
@@ -144,13 +149,21 @@ where
                 own: None,
                 reply: Some(rx),
                 waiting: None,
+                limit: None,
             },
-            Some((inner, request, _unused)) => State::Waiting {
-                run,
-                own: Some((inner, request)),
-                reply: None,
-                waiting: Some(WaitGuard::new(&shared.waiting)),
-            },
+            Some((inner, request, _unused)) => {
+                let limit = shared
+                    .config
+                    .follower_timeout
+                    .filter(|_| run.is_following());
+                State::Waiting {
+                    limit: limit.and_then(limit_timer).map(Box::pin),
+                    run,
+                    own: Some((inner, request)),
+                    reply: None,
+                    waiting: Some(WaitGuard::new(&shared.waiting)),
+                }
+            }
         }
     }
 }
@@ -239,8 +252,34 @@ where
                     own,
                     reply,
                     waiting,
+                    limit,
                 } => {
-                    let outcome = ready!(Pin::new(&mut *run).poll(cx));
+                    // The limit is looked at before the flight: a response that is in by then
+                    // is taken, not dropped for a timeout.
+                    let passed = boxed_limit_passed(limit, cx);
+                    let outcome = match Pin::new(&mut *run).poll(cx) {
+                        Poll::Ready(outcome) => outcome,
+                        Poll::Pending => {
+                            if run.is_driving() {
+                                // It took the call over for everybody: no limit of its own.
+                                *limit = None;
+                            }
+                            if !passed || limit.take().is_none() {
+                                return Poll::Pending;
+                            }
+                            run.note_timeout();
+                            // Out of the flight now: its place must not hold up the others.
+                            run.give_up();
+                            drop(waiting.take());
+                            let (inner, request) =
+                                own.take().expect("a follower keeps its own request");
+                            state.set(State::Calling {
+                                call: inner.oneshot(request),
+                                served: ServedBy::Released,
+                            });
+                            continue;
+                        }
+                    };
                     drop(waiting.take());
                     if let Some(mut reply) = reply.take() {
                         // The caller that started the flight.

@@ -7,11 +7,14 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::Method;
+
+use super::layer::{DEFAULT_REQUEST_LIMIT, DEFAULT_RESPONSE_LIMIT};
 
 /// Extracts the caller identity part of the key.
 pub(crate) type IdentityFn = Arc<dyn Fn(&Parts) -> Option<Bytes> + Send + Sync>;
@@ -27,20 +30,23 @@ pub(crate) struct Config {
     pub(crate) request_limit: usize,
     pub(crate) response_limit: usize,
     pub(crate) detached: bool,
+    pub(crate) max_in_flight: Option<usize>,
+    pub(crate) max_followers: Option<usize>,
+    pub(crate) follower_timeout: Option<Duration>,
 }
 
 impl Config {
-    pub(crate) const DEFAULT_REQUEST_LIMIT: usize = 64 * 1024;
-    pub(crate) const DEFAULT_RESPONSE_LIMIT: usize = 4 * 1024 * 1024;
-
     pub(crate) fn new() -> Self {
         Config {
             methods: HashSet::new(),
             metadata: Vec::new(),
             identity: None,
-            request_limit: Self::DEFAULT_REQUEST_LIMIT,
-            response_limit: Self::DEFAULT_RESPONSE_LIMIT,
+            request_limit: DEFAULT_REQUEST_LIMIT,
+            response_limit: DEFAULT_RESPONSE_LIMIT,
             detached: false,
+            max_in_flight: None,
+            max_followers: None,
+            follower_timeout: None,
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HeaderName;
@@ -13,6 +14,13 @@ use super::key::{Config, GrpcKey, IdentityFn};
 use super::service::CoalesceGrpcService;
 use crate::flight::{Group, GroupBuilder};
 use crate::Stats;
+
+/// The default of [`CoalesceGrpcLayer::request_limit`]: 64 KiB.
+pub const DEFAULT_REQUEST_LIMIT: usize = 64 * 1024;
+
+/// The default of [`CoalesceGrpcLayer::response_limit`]: 4 MiB, tonic's default message size
+/// limit.
+pub const DEFAULT_RESPONSE_LIMIT: usize = 4 * 1024 * 1024;
 
 /// Coalesces concurrent identical unary gRPC calls to allow-listed methods.
 ///
@@ -110,8 +118,10 @@ impl CoalesceGrpcLayer {
     /// from.
     fn configure(mut self, change: impl FnOnce(&mut Config)) -> Self {
         change(Arc::make_mut(&mut self.shared.config));
+        let config = &self.shared.config;
         self.shared.group = GroupBuilder::new()
-            .detached(self.shared.config.detached)
+            .detached(config.detached)
+            .bounds(config.max_in_flight, config.max_followers)
             .build();
         self.shared.waiting = Arc::new(AtomicUsize::new(0));
         self
@@ -216,6 +226,48 @@ impl CoalesceGrpcLayer {
     /// whole response and the followers make their own calls.
     pub fn response_limit(self, bytes: usize) -> Self {
         self.configure(|c| c.response_limit = bytes)
+    }
+
+    /// At most `max` calls in flight at once, across every service this layer made. A call
+    /// that would start one more flight is made on its own instead: it never waits and never
+    /// fails for the bound. (Off by default.)
+    ///
+    /// ```
+    /// use tower_coalesce::grpc::CoalesceGrpcLayer;
+    ///
+    /// let layer = CoalesceGrpcLayer::new()
+    ///     .method("/catalog.v1.Catalog/GetItem")
+    ///     .max_in_flight(10_000)
+    ///     .max_followers(1_000);
+    /// ```
+    pub fn max_in_flight(self, max: usize) -> Self {
+        self.configure(|c| c.max_in_flight = Some(max))
+    }
+
+    /// At most `max` followers per flight. The calls after that are made on their own, as
+    /// over [`max_in_flight`](Self::max_in_flight). (Off by default.)
+    pub fn max_followers(self, max: usize) -> Self {
+        self.configure(|c| c.max_followers = Some(max))
+    }
+
+    /// How long a follower waits for the leader's response. Past `limit` it stops waiting and
+    /// calls the inner service with its own request, as a follower released for any other
+    /// reason; the flight goes on for the others. A follower that took the call over from a
+    /// leader that went away waits for that call with no limit. Counted in
+    /// [`Stats::timed_out`]. Off by default. The limit needs tokio's timer: outside a tokio
+    /// runtime followers wait with no limit. (A deadline for the whole call is the client's
+    /// `grpc-timeout`, which tonic's server enforces.)
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_coalesce::grpc::CoalesceGrpcLayer;
+    ///
+    /// let layer = CoalesceGrpcLayer::new()
+    ///     .method("/catalog.v1.Catalog/GetItem")
+    ///     .follower_timeout(Duration::from_secs(2));
+    /// ```
+    pub fn follower_timeout(self, limit: Duration) -> Self {
+        self.configure(|c| c.follower_timeout = Some(limit))
     }
 
     /// Runs each flight (the inner call and the buffering of its response) on a spawned tokio
@@ -332,10 +384,7 @@ mod tests {
             &layer.shared.waiting,
             &reconfigured.shared.waiting
         ));
-        assert_eq!(
-            layer.shared.config.response_limit,
-            Config::DEFAULT_RESPONSE_LIMIT
-        );
+        assert_eq!(layer.shared.config.response_limit, DEFAULT_RESPONSE_LIMIT);
         assert_eq!(reconfigured.shared.config.response_limit, 1);
     }
 

@@ -45,5 +45,5 @@ mod status;
 
 pub use builder::GrpcServiceBuilderExt;
 pub use future::ResponseFuture;
-pub use layer::CoalesceGrpcLayer;
+pub use layer::{CoalesceGrpcLayer, DEFAULT_REQUEST_LIMIT, DEFAULT_RESPONSE_LIMIT};
 pub use service::CoalesceGrpcService;

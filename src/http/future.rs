@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
@@ -11,6 +11,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
+use tokio::time::Sleep;
 use tower::util::Oneshot;
 use tower_service::Service;
 
@@ -19,10 +20,27 @@ use super::key::{Bypass, Key, Writes};
 use super::share::{Outcome, Release};
 use super::ServedBy;
 use crate::flight::Run;
+use crate::future::boxed_limit_passed;
 
-/// Where the flight leaves the leader's own response (or error) when it is not shared.
 pub(crate) type LeaderSlot<B, E> = Arc<Slot<B, E>>;
-pub(crate) type Slot<B, E> = Mutex<Option<Result<Response<CoalesceBody<B>>, E>>>;
+
+/// What the leader's request shares with its call alone.
+pub(crate) struct Slot<B: Body, E> {
+    /// Where the flight leaves the leader's own response (or error) when it is not shared.
+    pub(crate) reply: Mutex<Option<Result<Response<CoalesceBody<B>>, E>>>,
+    /// Set when the request calls alone (over a bound), before its call is first polled:
+    /// nobody can share its response, so it is passed on as it comes, unbuffered.
+    pub(crate) alone: AtomicBool,
+}
+
+impl<B: Body, E> Slot<B, E> {
+    pub(crate) fn new() -> Self {
+        Slot {
+            reply: Mutex::new(None),
+            alone: AtomicBool::new(false),
+        }
+    }
+}
 
 pin_project! {
     /// The response future of [`CoalesceHttpService`](super::CoalesceHttpService).
@@ -68,6 +86,8 @@ pin_project! {
             run: Run<Key, Outcome>,
             waiting: Option<WaitGuard>,
             own: Option<(S, Request<ReqBody>)>,
+            // Its wait limit (`follower_timeout`), boxed: only followers with one pay for it.
+            limit: Option<Pin<Box<Sleep>>>,
         },
         Released {
             #[pin]
@@ -114,6 +134,7 @@ where
         waiting: WaitGuard,
         inner: S,
         req: Request<ReqBody>,
+        limit: Option<Pin<Box<Sleep>>>,
         cache_status: bool,
     ) -> Self {
         ResponseFuture {
@@ -121,6 +142,7 @@ where
                 run,
                 waiting: Some(waiting),
                 own: Some((inner, req)),
+                limit,
             },
             cache_status,
         }
@@ -180,6 +202,7 @@ where
                             Err(shared) => shared.to_response(),
                         },
                         Ok(Outcome::Released(_)) => slot
+                            .reply
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
                             .take()
@@ -192,11 +215,35 @@ where
                     let entry = || "tower-coalesce; fwd=miss".to_owned();
                     return Poll::Ready(Ok(mark(res, ServedBy::Leader, header, entry)));
                 }
-                StateProj::Follower { run, waiting, own } => {
-                    let out = ready!(Pin::new(run).poll(cx));
+                StateProj::Follower {
+                    run,
+                    waiting,
+                    own,
+                    limit,
+                } => {
+                    // The limit is looked at before the flight: a response that is in by then
+                    // is taken, not dropped for a timeout.
+                    let passed = boxed_limit_passed(limit, cx);
+                    let out = match Pin::new(&mut *run).poll(cx) {
+                        Poll::Ready(out) => Some(out),
+                        Poll::Pending => {
+                            if run.is_driving() {
+                                // It took the call over for everybody: no limit of its own.
+                                *limit = None;
+                            }
+                            if !passed || limit.take().is_none() {
+                                return Poll::Pending;
+                            }
+                            run.note_timeout();
+                            // Out of the flight now: its place must not hold up the others.
+                            run.give_up();
+                            None
+                        }
+                    };
                     drop(waiting.take());
                     let reason = match out {
-                        Ok(Outcome::Shared(shared)) => {
+                        None => Release::TimedOut,
+                        Some(Ok(Outcome::Shared(shared))) => {
                             let (_, req) = own.as_ref().expect("polled after completion");
                             if shared.vary_matches(req.headers()) {
                                 let entry = || "tower-coalesce; fwd=miss; collapsed".to_owned();
@@ -210,8 +257,8 @@ where
                             }
                             Release::Vary
                         }
-                        Ok(Outcome::Released(reason)) => reason,
-                        Err(_) => Release::Panic,
+                        Some(Ok(Outcome::Released(reason))) => reason,
+                        Some(Err(_)) => Release::Panic,
                     };
                     reason
                 }
@@ -220,7 +267,10 @@ where
             let StateProj::Follower { own, run, .. } = this.state.as_mut().project() else {
                 unreachable!("only followers are released");
             };
-            run.note_released();
+            if reason != Release::TimedOut {
+                // A follower past its limit counts as timed out only.
+                run.note_released();
+            }
             let (inner, req) = own.take().expect("polled after completion");
             this.state.set(State::Released {
                 call: Oneshot::new(inner, req),

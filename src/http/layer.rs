@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HeaderName;
@@ -22,6 +23,9 @@ pub(crate) struct Config {
     pub(crate) max_body_bytes: usize,
     pub(crate) cache_status: bool,
     pub(crate) detached: bool,
+    pub(crate) max_in_flight: Option<usize>,
+    pub(crate) max_followers: Option<usize>,
+    pub(crate) follower_timeout: Option<Duration>,
 }
 
 /// The default of [`CoalesceHttpLayer::max_body_bytes`]: 2 MiB.
@@ -75,6 +79,9 @@ impl CoalesceHttpLayer {
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
                 cache_status: false,
                 detached: false,
+                max_in_flight: None,
+                max_followers: None,
+                follower_timeout: None,
             }),
             group: Group::new(),
             waiting: Arc::default(),
@@ -86,7 +93,10 @@ impl CoalesceHttpLayer {
         let mut config = Config::clone(&self.config);
         change(&mut config);
         CoalesceHttpLayer {
-            group: GroupBuilder::new().detached(config.detached).build(),
+            group: GroupBuilder::new()
+                .detached(config.detached)
+                .bounds(config.max_in_flight, config.max_followers)
+                .build(),
             config: Arc::new(config),
             waiting: Arc::default(),
             writes: Arc::default(),
@@ -178,6 +188,44 @@ impl CoalesceHttpLayer {
     /// The [`ServedBy`](super::ServedBy) response extension is always set.
     pub fn cache_status_header(self, enabled: bool) -> Self {
         self.configure(|c| c.cache_status = enabled)
+    }
+
+    /// At most `max` keys in flight at once, across every service this layer made. A request
+    /// that would start one more flight calls the inner service on its own instead: it never
+    /// waits and never fails for the bound, and its response streams to it unbuffered, as
+    /// without this layer. (Off by default.)
+    ///
+    /// ```
+    /// use tower_coalesce::http::CoalesceHttpLayer;
+    ///
+    /// let layer = CoalesceHttpLayer::new().max_in_flight(10_000).max_followers(1_000);
+    /// ```
+    pub fn max_in_flight(self, max: usize) -> Self {
+        self.configure(|c| c.max_in_flight = Some(max))
+    }
+
+    /// At most `max` followers per flight. The requests after that call the inner service on
+    /// their own, unbuffered, as over [`max_in_flight`](Self::max_in_flight). (Off by default.)
+    pub fn max_followers(self, max: usize) -> Self {
+        self.configure(|c| c.max_followers = Some(max))
+    }
+
+    /// How long a follower waits for the leader's response (nginx's
+    /// `proxy_cache_lock_timeout`). Past `limit` it stops waiting and calls the inner service
+    /// with its own request, as a follower released for any other reason, with `detail=timeout`
+    /// in its `Cache-Status` entry; the flight goes on for the others. A follower that took the
+    /// call over from a leader that went away waits for that call with no limit. Counted in
+    /// [`Stats::timed_out`]. Off by default: a follower waits as long as the call takes. The
+    /// limit needs tokio's timer: outside a tokio runtime followers wait with no limit.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_coalesce::http::CoalesceHttpLayer;
+    ///
+    /// let layer = CoalesceHttpLayer::new().follower_timeout(Duration::from_secs(5));
+    /// ```
+    pub fn follower_timeout(self, limit: Duration) -> Self {
+        self.configure(|c| c.follower_timeout = Some(limit))
     }
 
     /// Runs each flight (the inner call and the buffering of its body) on a spawned tokio task,

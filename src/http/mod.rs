@@ -88,6 +88,14 @@
 //! gone, timeout), a follower takes over the call; it does not get a response that was meant
 //! for the leader alone.
 //!
+//! # Bounds
+//!
+//! Off by default: [`follower_timeout`](CoalesceHttpLayer::follower_timeout) sends a follower
+//! that waited too long to make its own call (as released); past
+//! [`max_in_flight`](CoalesceHttpLayer::max_in_flight) or
+//! [`max_followers`](CoalesceHttpLayer::max_followers) a request calls on its own and gets its
+//! response as it streams (its [`ServedBy`] is `Leader`: its own call).
+//!
 //! # How a response was served
 //!
 //! Every response carries a [`ServedBy`] extension, and optionally an RFC 9211
@@ -145,7 +153,8 @@ pub enum ServedBy {
     /// The request joined another request's call and got a copy of its response.
     Follower,
     /// The request joined another request's call, but that response could not be shared
-    /// with it (or the call failed), so it made its own call.
+    /// with it (or the call failed, or it waited past its
+    /// [`follower_timeout`](CoalesceHttpLayer::follower_timeout)), so it made its own call.
     Released,
     /// The request was not eligible for coalescing and went straight to the inner service.
     Bypass,

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, PoisonError, Weak};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -17,6 +17,7 @@ use super::key::{Bypass, Key, Writes};
 use super::layer::Config;
 use super::share::{shareable, Outcome, Release, SharedResponse};
 use crate::flight::Group;
+use crate::future::limit_timer;
 use crate::Stats;
 
 /// Coalesces identical concurrent HTTP requests; made by
@@ -124,7 +125,7 @@ where
             }
         };
         let req = Request::from_parts(parts, body);
-        let slot: LeaderSlot<ResBody, S::Error> = Arc::new(Mutex::new(None));
+        let slot: LeaderSlot<ResBody, S::Error> = Arc::new(Slot::new());
         // Taken only by `make`, which runs only for the leader: whoever still holds the
         // request afterwards is a follower and can make its own call if it must.
         let mut own = Some(req);
@@ -140,10 +141,22 @@ where
         // An inner error counts as a failed flight (stats, span outcome, metrics).
         let run = self.group.run_classified(key, make, Outcome::failed, None);
         match own {
-            None => ResponseFuture::leader(run, slot, config.cache_status),
+            None => {
+                slot.alone.store(run.is_alone(), Ordering::Relaxed);
+                ResponseFuture::leader(run, slot, config.cache_status)
+            }
             Some(req) => {
                 let waiting = WaitGuard::new(&self.waiting);
-                ResponseFuture::follower(run, waiting, self.inner.clone(), req, config.cache_status)
+                let limit = config.follower_timeout.filter(|_| run.is_following());
+                let limit = limit.and_then(limit_timer).map(Box::pin);
+                ResponseFuture::follower(
+                    run,
+                    waiting,
+                    self.inner.clone(),
+                    req,
+                    limit,
+                    config.cache_status,
+                )
             }
         }
     }
@@ -164,7 +177,7 @@ where
 {
     let hand_to_leader = |result| {
         if let Some(slot) = slot.upgrade() {
-            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
+            *slot.reply.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
         }
     };
     // The leader's request headers, to compare with the followers' on whatever the response's
@@ -185,6 +198,16 @@ where
         // by a wrong length, and hyper refuses the pair on a response passed on as it is. (A
         // `HEAD` response's describes the `GET` body, and stays.)
         parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    if slot
+        .upgrade()
+        .is_some_and(|s| s.alone.load(Ordering::Relaxed))
+    {
+        hand_to_leader(Ok(Response::from_parts(
+            parts,
+            CoalesceBody::original(body),
+        )));
+        return Outcome::Released(Release::Alone);
     }
     let vary = match shareable(&parts) {
         Ok(vary) => vary,

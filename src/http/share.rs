@@ -53,6 +53,10 @@ pub(crate) enum Release {
     /// Shared, but the follower's request differs from the leader's in a header the
     /// response's `Vary` names.
     Vary,
+    /// A call run alone over a bound: nobody to share with. (Never a follower's reason.)
+    Alone,
+    /// A follower waited past its limit (`follower_timeout`). (Never a flight's outcome.)
+    TimedOut,
 }
 
 impl Release {
@@ -67,6 +71,8 @@ impl Release {
             Release::TooLarge => ("miss", "too-large"),
             Release::Stream => ("miss", "stream"),
             Release::Vary => ("vary-miss", "vary"),
+            Release::Alone => ("miss", "alone"),
+            Release::TimedOut => ("miss", "timeout"),
         }
     }
 }
