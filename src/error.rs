@@ -75,12 +75,14 @@ impl CoalesceError {
         matches!(*self.kind, Kind::TimedOut(_))
     }
 
-    /// Whether the inner service panicked (in `call` or in its future).
+    /// Whether user code run for this request's call panicked: the inner service (its
+    /// `Clone`, `poll_ready`, `call` or future), or the response's `Clone` while this
+    /// follower's copy was made (that panic is this follower's alone).
     pub fn is_panic(&self) -> bool {
         matches!(*self.kind, Kind::Panicked(_))
     }
 
-    /// The panic message, if the inner service panicked: its payload if that was a string,
+    /// The panic message, if [`is_panic`](Self::is_panic): its payload if that was a string,
     /// `<non-string panic payload>` otherwise.
     pub fn panic_message(&self) -> Option<&str> {
         match &*self.kind {
@@ -117,7 +119,7 @@ impl fmt::Display for CoalesceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &*self.kind {
             Kind::Inner(e) => write!(f, "inner service failed: {e}"),
-            Kind::Panicked(p) => write!(f, "inner service panicked: {}", p.message()),
+            Kind::Panicked(p) => write!(f, "coalesced call panicked: {}", p.message()),
             Kind::TimedOut(d) => write!(f, "gave up waiting for a coalesced call after {d:?}"),
         }
     }

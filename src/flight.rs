@@ -1644,7 +1644,7 @@ fn publish<T>(
         serve_on_heap(flight, &mut copier, wanted, keys)
     };
     trace_end(&span, end, waiters);
-    woken.map(|()| true)
+    woken
 }
 
 /// `serve` with the batch's copies on the stack. Not inlined, so that the array is in no
@@ -1655,7 +1655,7 @@ fn serve_on_stack<T, C>(
     copier: &mut Copier<'_, T, C>,
     wanted: usize,
     keys: usize,
-) -> Result<(), Panic>
+) -> Result<bool, Panic>
 where
     C: Fn(&Result<T, Panicked>) -> Result<T, Panicked>,
 {
@@ -1671,7 +1671,7 @@ fn serve_on_heap<T, C>(
     copier: &mut Copier<'_, T, C>,
     wanted: usize,
     keys: usize,
-) -> Result<(), Panic>
+) -> Result<bool, Panic>
 where
     C: Fn(&Result<T, Panicked>) -> Result<T, Panicked>,
 {
@@ -1682,14 +1682,15 @@ where
 }
 
 /// Fills the `wanted` follower slots among the first `keys` with copies made `copies.len()`
-/// at a time, and wakes their followers, a batch per lock section.
+/// at a time, and wakes their followers, a batch per lock section. Returns whether a follower
+/// got a copy (all may have left meanwhile).
 fn serve<T, C>(
     flight: &Flight<T>,
     copier: &mut Copier<'_, T, C>,
     copies: &mut [Option<Result<T, Panicked>>],
     wanted: usize,
     keys: usize,
-) -> Result<(), Panic>
+) -> Result<bool, Panic>
 where
     C: Fn(&Result<T, Panicked>) -> Result<T, Panicked>,
 {
@@ -1697,6 +1698,7 @@ where
     let mut woken = Ok(());
     // Slots not served yet, counting those whose follower left as if they still waited.
     let mut unserved = wanted;
+    let mut handed = false;
     let mut next = 0;
     loop {
         let batch = &mut copies[..unserved.min(BATCH)];
@@ -1714,6 +1716,7 @@ where
             next += 1;
         }
         unserved -= served;
+        handed |= served > 0;
         let last = unserved == 0 || next >= keys;
         if last {
             state.published();
@@ -1726,7 +1729,7 @@ where
             for copy in batch.iter_mut() {
                 drop(copy.take());
             }
-            return woken;
+            return woken.map(|()| handed);
         }
     }
 }
