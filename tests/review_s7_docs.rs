@@ -11,18 +11,17 @@
 //! `tokio::time::advance`. The two tests whose user code re-enters the registry run on a
 //! thread of their own with a watchdog (a deadlock no timeout inside the test could catch).
 
+mod support;
+
 use std::convert::Infallible;
-use std::error::Error;
-use std::fmt;
-use std::future::Future;
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::future::FutureExt;
+use support::{check_sum, pending, poll, ready, Boom};
 use tokio::sync::oneshot;
 use tower::Service;
 use tower_coalesce::{
@@ -49,70 +48,22 @@ fn setup() {
     span_capture::init();
 }
 
-fn poll<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
-    Pin::new(f).poll(&mut Context::from_waker(Waker::noop()))
-}
-
-fn pending<F: Future + Unpin>(f: &mut F, what: &str) {
-    for _ in 0..3 {
-        assert!(poll(f).is_pending(), "{what}: expected pending");
-    }
-}
-
-fn ready<F: Future + Unpin>(f: &mut F, what: &str) -> F::Output {
-    for _ in 0..16 {
-        if let Poll::Ready(out) = poll(f) {
-            return out;
-        }
-    }
-    panic!("{what}: not ready after 16 polls");
-}
-
-/// Runs `f` on a thread of its own; fails if it makes no progress for a minute (a deadlock).
+/// Runs `f` on a thread of its own (set up first); fails if it makes no progress for a minute
+/// (a deadlock).
 fn within<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    support::within(what, move || {
         setup();
-        let _ = tx.send(catch_unwind(AssertUnwindSafe(f)));
-    });
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok(r)) => r,
-        Ok(Err(panic)) => resume_unwind(panic),
-        Err(_) => panic!("{what}: no progress in 60 s (deadlock)"),
-    }
+        f()
+    })
 }
 
 /// The sum rules `Stats` documents (src/stats.rs), once the requests are done.
 fn check_sums(s: &Stats, requests: u64) {
-    let first = s
-        .leaders
-        .checked_sub(s.retried)
-        .expect("retried <= leaders");
-    assert_eq!(
-        first + s.followers + s.lingered + s.bypassed + s.over_capacity,
-        requests,
-        "leaders - retried + followers + lingered + bypassed + over_capacity: {s:?}"
-    );
-    assert_eq!(
-        s.fell_through,
-        s.over_capacity + s.timed_out + s.released,
-        "{s:?}"
-    );
+    check_sum(s, requests);
     assert!(s.timed_out + s.released <= s.followers, "{s:?}");
     assert!(s.errors + s.panics <= s.leaders, "{s:?}");
     assert!(s.cancelled <= s.leaders - s.retried, "{s:?}");
 }
-
-#[derive(Debug)]
-struct Boom(&'static str);
-
-impl fmt::Display for Boom {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "boom: {}", self.0)
-    }
-}
-
-impl Error for Boom {}
 
 // --- the tower layer over a mock ---
 
@@ -836,11 +787,15 @@ async fn detached_flight_caller_gets_the_retrys_output() {
 mod adapters {
     use super::*;
 
+    use std::fmt;
+    use std::task::Context;
+
     use bytes::Bytes;
     use futures::future::{BoxFuture, Shared};
     use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
-    use http_body::{Body as _, Frame, SizeHint};
+    use http_body::{Body as _, Frame};
     use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
+    use support::adapter::Unread;
     use tower::BoxError;
     use tower_coalesce::grpc::CoalesceGrpcLayer;
     use tower_coalesce::http::{CoalesceBody, CoalesceHttpLayer, ServedBy};
@@ -939,23 +894,6 @@ mod adapters {
             map.append(*k, HeaderValue::from_static(v));
         }
         map
-    }
-
-    /// A body of known length that must never be read.
-    struct Unread(u64);
-
-    impl http_body::Body for Unread {
-        type Data = Bytes;
-        type Error = Infallible;
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            panic!("the body of a HEAD response of known length was read");
-        }
-        fn size_hint(&self) -> SizeHint {
-            SizeHint::with_exact(self.0)
-        }
     }
 
     fn get(uri: &str) -> Request<Full<Bytes>> {

@@ -19,16 +19,18 @@
 //! trailers, or all kept when one element of its value was not text; and a false line in the
 //! `Stats` doc (an adopter no longer counts under `max_followers`).
 
+mod support;
+
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
+use support::{
+    assert_clean, check_calls_end_once, check_sum, out, pending, poll, ready, Calls as Probe, Res,
+    Waiter,
+};
 use tokio::sync::oneshot;
 use tower_coalesce::{Group, GroupBuilder, Panicked, Run, Stats};
 
@@ -36,142 +38,11 @@ use tower_coalesce::{Group, GroupBuilder, Panicked, Run, Stats};
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-/// One poll with a no-op waker.
-fn poll<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
-    Pin::new(f).poll(&mut Context::from_waker(Waker::noop()))
-}
-
-/// Polls `f` a few times; it must still be pending.
-fn pending<F: Future + Unpin>(f: &mut F, what: &str) {
-    for _ in 0..3 {
-        assert!(poll(f).is_pending(), "{what}: expected pending");
-    }
-}
-
-/// Polls `f` until it is ready (nothing it waits for needs a timer); fails if it is not soon.
-fn ready<F: Future + Unpin>(f: &mut F, what: &str) -> F::Output {
-    for _ in 0..16 {
-        if let Poll::Ready(out) = poll(f) {
-            return out;
-        }
-    }
-    panic!("{what}: not ready after 16 polls");
-}
-
 /// The sum rules `Stats` documents.
 fn check(s: &Stats, requests: u64) {
-    let leaders = s
-        .leaders
-        .checked_sub(s.retried)
-        .unwrap_or_else(|| panic!("more retries than calls: {s:?}"));
-    assert_eq!(
-        leaders + s.followers + s.lingered + s.bypassed + s.over_capacity,
-        requests,
-        "every request is counted once: {s:?}"
-    );
-    assert_eq!(
-        s.fell_through,
-        s.over_capacity + s.timed_out + s.released,
-        "{s:?}"
-    );
-    assert!(
-        s.errors + s.panics + s.cancelled <= s.leaders,
-        "a call ends once: {s:?}"
-    );
+    check_sum(s, requests);
+    check_calls_end_once(s);
 }
-
-fn assert_clean<K: std::hash::Hash + Eq + Send + 'static>(group: &Group<K>) {
-    assert_eq!(group.in_flight(), 0, "in_flight(): {:?}", group.stats());
-    assert_eq!(group.len(), 0, "entries left: {:?}", group.stats());
-}
-
-/// Counts what became of the `make`s handed to the registry.
-#[derive(Clone, Default)]
-struct Probe(Arc<ProbeCounts>);
-
-#[derive(Default)]
-struct ProbeCounts {
-    /// `make`s called.
-    made: AtomicUsize,
-    /// `make`s dropped without being called.
-    unused: AtomicUsize,
-}
-
-/// Moved into a `make`: counts it as unused if it is dropped uncalled.
-struct Mark {
-    counts: Arc<ProbeCounts>,
-    used: bool,
-}
-
-impl Drop for Mark {
-    fn drop(&mut self) {
-        if !self.used {
-            self.counts.unused.fetch_add(1, SeqCst);
-        }
-    }
-}
-
-impl Probe {
-    fn mark(&self) -> Mark {
-        Mark {
-            counts: self.0.clone(),
-            used: false,
-        }
-    }
-
-    /// A `make` whose call ends with what the test sends.
-    fn gated<T: Send + 'static>(
-        &self,
-    ) -> (
-        oneshot::Sender<T>,
-        impl FnOnce() -> BoxFut<T> + Send + 'static,
-    ) {
-        let (tx, rx) = oneshot::channel::<T>();
-        let mut mark = self.mark();
-        let make = move || -> BoxFut<T> {
-            mark.used = true;
-            mark.counts.made.fetch_add(1, SeqCst);
-            Box::pin(async move { rx.await.expect("gate dropped") })
-        };
-        (tx, make)
-    }
-
-    /// A `make` whose call ends at once with `v`.
-    fn now<T: Send + 'static>(&self, v: T) -> impl FnOnce() -> BoxFut<T> + Send + 'static {
-        let mut mark = self.mark();
-        move || -> BoxFut<T> {
-            mark.used = true;
-            mark.counts.made.fetch_add(1, SeqCst);
-            Box::pin(async move { v })
-        }
-    }
-
-    /// A `make` that panics when called.
-    fn panics<T: Send + 'static>(
-        &self,
-        msg: &'static str,
-    ) -> impl FnOnce() -> BoxFut<T> + Send + 'static {
-        let mut mark = self.mark();
-        move || -> BoxFut<T> {
-            mark.used = true;
-            mark.counts.made.fetch_add(1, SeqCst);
-            panic!("{msg}")
-        }
-    }
-
-    fn made(&self) -> usize {
-        self.0.made.load(SeqCst)
-    }
-
-    fn unused(&self) -> usize {
-        self.0.unused.load(SeqCst)
-    }
-}
-
-type Res = Result<u32, &'static str>;
-type Waiter = Run<u32, Res>;
 
 /// A leader (gated) and followers, all polled once so that each is parked.
 fn flight(group: &Group<u32>, probe: &Probe) -> (oneshot::Sender<Res>, Waiter) {
@@ -180,10 +51,6 @@ fn flight(group: &Group<u32>, probe: &Probe) -> (oneshot::Sender<Res>, Waiter) {
     assert!(leader.is_leader());
     pending(&mut leader, "leader");
     (tx, leader)
-}
-
-fn out(r: Result<Res, Panicked>) -> Res {
-    r.expect("no panic expected")
 }
 
 // =============================================================================================
@@ -755,22 +622,11 @@ fn an_adopter_reparking_under_max_followers_keeps_the_counts_consistent() {
 
 mod layer {
     use super::*;
-    use std::fmt;
+    use support::Boom;
     use tower::Service;
     use tower_coalesce::{CoalesceError, CoalesceLayer, OnTimeout};
     use tower_layer::Layer;
     use tower_test::mock;
-
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    struct Boom(&'static str);
-
-    impl fmt::Display for Boom {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "boom: {}", self.0)
-        }
-    }
-
-    impl std::error::Error for Boom {}
 
     type Req = (u32, u32);
 
@@ -894,47 +750,16 @@ mod layer {
 mod http_copies {
     use super::*;
     use bytes::Bytes;
-    use futures::stream;
-    use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-    use http::{Method, Request, Response};
-    use http_body::{Body, Frame};
-    use http_body_util::combinators::BoxBody;
-    use http_body_util::{BodyExt, Full, StreamBody};
+    use http::header::{self, HeaderMap};
+    use http::{Method, Response};
+    use http_body::Body;
+    use http_body_util::BodyExt;
     use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    use support::adapter::{map_bytes as map, request, streamed, Req, B};
     use tower::{service_fn, Layer, Service};
     use tower_coalesce::http::{CoalesceBody, CoalesceHttpLayer, ServedBy};
-
-    type B = BoxBody<Bytes, Infallible>;
-    type Req = Request<Full<Bytes>>;
-
-    fn body(data: &'static [u8], trailers: Option<HeaderMap>) -> B {
-        let mut frames: Vec<Result<Frame<Bytes>, Infallible>> =
-            vec![Ok(Frame::data(Bytes::from_static(data)))];
-        if let Some(t) = trailers {
-            frames.push(Ok(Frame::trailers(t)));
-        }
-        BoxBody::new(StreamBody::new(stream::iter(frames)))
-    }
-
-    fn map(pairs: &[(&str, &[u8])]) -> HeaderMap {
-        let mut m = HeaderMap::new();
-        for (name, value) in pairs {
-            m.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_bytes(value).unwrap(),
-            );
-        }
-        m
-    }
-
-    fn get(method: Method) -> Req {
-        Request::builder()
-            .method(method)
-            .uri("http://example.test/x")
-            .header(header::HOST, "example.test")
-            .body(Full::new(Bytes::new()))
-            .unwrap()
-    }
 
     struct Read {
         by: ServedBy,
@@ -991,14 +816,14 @@ mod http_copies {
         let counted = calls.clone();
         let inner = service_fn(move |_req: Req| {
             counted.fetch_add(1, SeqCst);
-            let mut res = Response::new(body(data, trailers.clone()));
+            let mut res = Response::new(streamed(&[data], trailers.clone()));
             *res.headers_mut() = headers.clone();
             async move { Ok::<_, Infallible>(res) }
         });
         let mut svc = CoalesceHttpLayer::new().layer(inner);
         let mut futs = Vec::new();
         for _ in 0..=followers {
-            futs.push(svc.call(get(method.clone())));
+            futs.push(svc.call(request(method.clone(), &[])));
         }
         let mut reads = Vec::new();
         for res in futures::future::join_all(futs).await {
@@ -1187,12 +1012,15 @@ mod http_copies {
         let counted = calls.clone();
         let inner = service_fn(move |_req: Req| {
             counted.fetch_add(1, SeqCst);
-            let res = Response::new(body(b"12345678", Some(map(&[("x-t", b"1")]))));
+            let res = Response::new(streamed(&[b"12345678"], Some(map(&[("x-t", b"1")]))));
             async move { Ok::<_, Infallible>(res) }
         });
         let inner = CoalesceHttpLayer::new().max_body_bytes(8).layer(inner);
         let mut svc = CoalesceHttpLayer::new().max_body_bytes(8).layer(inner);
-        let futs = vec![svc.call(get(Method::GET)), svc.call(get(Method::GET))];
+        let futs = vec![
+            svc.call(request(Method::GET, &[])),
+            svc.call(request(Method::GET, &[])),
+        ];
         let outs = futures::future::join_all(futs).await;
         let mut by = Vec::new();
         for res in outs {
@@ -1216,14 +1044,14 @@ mod http_copies {
             let mut gate = gate.clone();
             async move {
                 gate.wait_for(|o| *o).await.unwrap();
-                let mut res = Response::new(body(b"v", None));
+                let mut res = Response::new(streamed(&[b"v"], None));
                 *res.headers_mut() = map(&[("connection", b"close, x-hop"), ("x-hop", b"1")]);
                 Ok::<_, Infallible>(res)
             }
         });
         let mut svc = CoalesceHttpLayer::new().layer(inner);
-        let mut leader = Box::pin(svc.call(get(Method::GET)));
-        let mut follower = Box::pin(svc.call(get(Method::GET)));
+        let mut leader = Box::pin(svc.call(request(Method::GET, &[])));
+        let mut follower = Box::pin(svc.call(request(Method::GET, &[])));
         assert_eq!(follower.served_by(), ServedBy::Follower);
         assert!(futures::poll!(leader.as_mut()).is_pending());
         assert!(futures::poll!(follower.as_mut()).is_pending());
@@ -1244,30 +1072,16 @@ mod http_copies {
 
 #[cfg(feature = "grpc")]
 mod grpc_copies {
+    use super::support;
     use bytes::Bytes;
-    use futures::stream;
-    use http::header::{HeaderMap, HeaderName, HeaderValue};
     use http::{Request, Response};
-    use http_body::{Body, Frame};
-    use http_body_util::combinators::BoxBody;
-    use http_body_util::{BodyExt, Full, StreamBody};
+    use http_body::Body;
+    use http_body_util::{BodyExt, Full};
     use std::convert::Infallible;
+    use support::adapter::{grpc_body, grpc_request, map, GRPC_PATH};
     use tower::{service_fn, Layer, Service};
     use tower_coalesce::grpc::CoalesceGrpcLayer;
     use tower_coalesce::http::{CoalesceBody, ServedBy};
-
-    const PATH: &str = "/catalog.v1.Catalog/GetItem";
-
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut m = HeaderMap::new();
-        for (name, value) in pairs {
-            m.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
-        }
-        m
-    }
 
     /// The gRPC adapter rebuilds followers' copies on its own (not through the HTTP adapter's
     /// `SharedResponse`): gRPC runs over HTTP/2, where the server itself strips
@@ -1284,24 +1098,14 @@ mod grpc_copies {
             let headers = headers.clone();
             async move {
                 gate.wait_for(|o| *o).await.unwrap();
-                let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
-                    Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x01z"))),
-                    Ok(Frame::trailers(map(&[("grpc-status", "0")]))),
-                ];
-                let mut res = Response::new(BoxBody::new(StreamBody::new(stream::iter(frames))));
+                let mut res = Response::new(grpc_body(map(&[("grpc-status", "0")])));
                 *res.headers_mut() = headers;
                 Ok::<_, Infallible>(res)
             }
         });
-        let mut svc = CoalesceGrpcLayer::new().method(PATH).layer(inner);
-        let call = || {
-            Request::post(PATH)
-                .header("content-type", "application/grpc")
-                .body(Full::new(Bytes::from_static(b"\0\0\0\0\x01a")))
-                .unwrap()
-        };
-        let mut leader = Box::pin(svc.call(call()));
-        let mut follower = Box::pin(svc.call(call()));
+        let mut svc = CoalesceGrpcLayer::new().method(GRPC_PATH).layer(inner);
+        let mut leader = Box::pin(svc.call(grpc_request()));
+        let mut follower = Box::pin(svc.call(grpc_request()));
         assert!(futures::poll!(leader.as_mut()).is_pending());
         assert!(futures::poll!(follower.as_mut()).is_pending());
         open.send_replace(true);

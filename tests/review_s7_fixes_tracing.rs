@@ -13,295 +13,23 @@
 //! (the linger window, or for ever on a shard never used again); it closes as the flight ends.
 #![cfg(feature = "tracing")]
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::future::Future;
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::pin::Pin;
+mod support;
+
+use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use support::recorder::{clear_hook, install, serial, set_hook, Callback, Rec};
+use support::{gated, now, paused_runtime, pending, ready, within, BoxFut, Res};
 use tower_coalesce::{Group, GroupBuilder, Run};
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Metadata, Subscriber};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-type Res = Result<u32, &'static str>;
-
-fn poll<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
-    Pin::new(f).poll(&mut Context::from_waker(Waker::noop()))
-}
-
-fn pending<F: Future + Unpin>(f: &mut F, what: &str) {
-    for _ in 0..3 {
-        assert!(poll(f).is_pending(), "{what}: expected pending");
-    }
-}
-
-fn ready<F: Future + Unpin>(f: &mut F, what: &str) -> F::Output {
-    for _ in 0..16 {
-        if let Poll::Ready(out) = poll(f) {
-            return out;
-        }
-    }
-    panic!("{what}: not ready after 16 polls");
-}
-
-fn gated(v: Option<Res>) -> (oneshot::Sender<Res>, impl FnOnce() -> BoxFut<Res> + Send) {
-    let (tx, rx) = oneshot::channel::<Res>();
-    let make = move || -> BoxFut<Res> {
-        Box::pin(async move {
-            match v {
-                Some(v) => v,
-                None => rx.await.expect("gate dropped"),
-            }
-        })
-    };
-    (tx, make)
-}
-
 fn boom() -> Res {
     panic!("inner future panicked")
-}
-
-fn now(v: Res) -> impl FnOnce() -> BoxFut<Res> + Send {
-    gated(Some(v)).1
-}
-
-/// Runs `f` on a thread of its own; fails if it makes no progress for a minute (a deadlock).
-fn within<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(catch_unwind(AssertUnwindSafe(f)));
-    });
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok(r)) => r,
-        Ok(Err(panic)) => resume_unwind(panic),
-        Err(_) => panic!("{what}: no progress in 60 s (deadlock)"),
-    }
-}
-
-fn paused_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("runtime")
-}
-
-// ---------------------------------------------------------------------------------------------
-// A recording, re-entering subscriber
-// ---------------------------------------------------------------------------------------------
-
-const FLIGHT: &str = "coalesce.flight";
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Which subscriber method called the hook.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Callback {
-    NewFlightSpan,
-    NewSpan,
-    Clone,
-    Close,
-    Record,
-    Event,
-    Enter,
-    Exit,
-}
-
-#[derive(Clone, Debug)]
-struct Seen {
-    message: String,
-    key_hash: bool,
-    parent: Option<u64>,
-}
-
-#[derive(Default)]
-struct Book {
-    /// Spans open: name and reference count.
-    live: HashMap<u64, (&'static str, usize)>,
-    flights_made: Vec<u64>,
-    flights_closed: Vec<u64>,
-    entered: Vec<u64>,
-    events: Vec<Seen>,
-    hooked: HashMap<Callback, usize>,
-}
-
-#[derive(Default)]
-struct Shared {
-    next: AtomicU64,
-    book: Mutex<Book>,
-    /// `new_span` of a flight's span panics.
-    explode: AtomicBool,
-}
-
-#[derive(Clone, Default)]
-struct Rec(Arc<Shared>);
-
-type Hook = Rc<dyn Fn(Callback)>;
-
-thread_local! {
-    /// User code run from every subscriber method, with the subscriber's own lock let go.
-    static HOOK: RefCell<Option<Hook>> = RefCell::new(None);
-    static IN_HOOK: Cell<bool> = const { Cell::new(false) };
-}
-
-fn set_hook(hook: impl Fn(Callback) + 'static) {
-    HOOK.with(|h| *h.borrow_mut() = Some(Rc::new(hook)));
-}
-
-impl Rec {
-    fn book(&self) -> MutexGuard<'_, Book> {
-        self.0.book.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn reenter(&self, cb: Callback) {
-        if IN_HOOK.with(|f| f.replace(true)) {
-            return;
-        }
-        let hook = HOOK.with(|h| h.borrow().clone());
-        if let Some(hook) = hook {
-            *self.book().hooked.entry(cb).or_default() += 1;
-            hook(cb);
-        }
-        IN_HOOK.with(|f| f.set(false));
-    }
-
-    fn events(&self, message: &str) -> Vec<Seen> {
-        self.book()
-            .events
-            .iter()
-            .filter(|e| e.message == message)
-            .cloned()
-            .collect()
-    }
-
-    /// Flight spans made, and closed.
-    fn flights(&self) -> (Vec<u64>, Vec<u64>) {
-        let book = self.book();
-        let mut made = book.flights_made.clone();
-        let mut closed = book.flights_closed.clone();
-        made.sort_unstable();
-        closed.sort_unstable();
-        (made, closed)
-    }
-}
-
-struct Fields<'a>(&'a mut Seen);
-
-impl Visit for Fields<'_> {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        match field.name() {
-            "message" => self.0.message = format!("{value:?}"),
-            "key_hash" => self.0.key_hash = true,
-            _ => {}
-        }
-    }
-}
-
-impl Subscriber for Rec {
-    fn enabled(&self, _: &Metadata<'_>) -> bool {
-        true
-    }
-
-    fn new_span(&self, attrs: &Attributes<'_>) -> Id {
-        let name = attrs.metadata().name();
-        let flight = name == FLIGHT;
-        if flight && self.0.explode.load(SeqCst) {
-            panic!("subscriber exploded in new_span");
-        }
-        let id = self.0.next.fetch_add(1, SeqCst) + 1;
-        {
-            let mut book = self.book();
-            book.live.insert(id, (name, 1));
-            if flight {
-                book.flights_made.push(id);
-            }
-        }
-        self.reenter(match flight {
-            true => Callback::NewFlightSpan,
-            false => Callback::NewSpan,
-        });
-        Id::from_u64(id)
-    }
-
-    fn clone_span(&self, id: &Id) -> Id {
-        if let Some(live) = self.book().live.get_mut(&id.into_u64()) {
-            live.1 += 1;
-        }
-        self.reenter(Callback::Clone);
-        id.clone()
-    }
-
-    fn try_close(&self, id: Id) -> bool {
-        let closed = {
-            let mut book = self.book();
-            let key = id.into_u64();
-            let Some(live) = book.live.get_mut(&key) else {
-                return false;
-            };
-            live.1 -= 1;
-            if live.1 == 0 {
-                let (name, _) = book.live.remove(&key).expect("just seen");
-                if name == FLIGHT {
-                    book.flights_closed.push(key);
-                }
-                true
-            } else {
-                false
-            }
-        };
-        self.reenter(Callback::Close);
-        closed
-    }
-
-    fn record(&self, _: &Id, _: &Record<'_>) {
-        self.reenter(Callback::Record);
-    }
-
-    fn record_follows_from(&self, _: &Id, _: &Id) {}
-
-    fn event(&self, event: &Event<'_>) {
-        let mut seen = Seen {
-            message: String::new(),
-            key_hash: false,
-            parent: event.parent().map(Id::into_u64),
-        };
-        event.record(&mut Fields(&mut seen));
-        self.book().events.push(seen);
-        self.reenter(Callback::Event);
-    }
-
-    fn enter(&self, id: &Id) {
-        self.book().entered.push(id.into_u64());
-        self.reenter(Callback::Enter);
-    }
-
-    fn exit(&self, _: &Id) {
-        self.reenter(Callback::Exit);
-    }
-}
-
-/// Makes `rec` this thread's subscriber (dropped with the guard).
-fn install(rec: &Rec) -> tracing::subscriber::DefaultGuard {
-    let guard = tracing::subscriber::set_default(rec.clone());
-    // Another thread may have left this crate's callsites' interest at "never".
-    tracing::callsite::rebuild_interest_cache();
-    guard
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -332,7 +60,7 @@ fn a_reentrant_subscriber_sees_one_span_per_flight_each_closed_once_and_never_de
             });
 
             // Shared.
-            let (tx, make) = gated(None);
+            let (tx, make) = gated();
             let mut l = g.run_retryable(1, make);
             let mut fs: Vec<Run<u32, Res>> =
                 (0..2).map(|_| g.run_retryable(1, now(Ok(0)))).collect();
@@ -348,9 +76,9 @@ fn a_reentrant_subscriber_sees_one_span_per_flight_each_closed_once_and_never_de
             drop((l, fs));
 
             // Adopted, retried with the adopter's own make.
-            let (tx, make) = gated(None);
+            let (tx, make) = gated();
             let mut l = g.run_retryable(2, make);
-            let (a_tx, a_make) = gated(None);
+            let (a_tx, a_make) = gated();
             let mut a = g.run_retryable(2, a_make);
             let mut f = g.run_result(2, now(Ok(0)));
             pending(&mut l, "l");
@@ -366,10 +94,10 @@ fn a_reentrant_subscriber_sees_one_span_per_flight_each_closed_once_and_never_de
             drop((a, f));
 
             // Adopted by a follower without make, which re-parks; a maker retries.
-            let (tx, make) = gated(None);
+            let (tx, make) = gated();
             let mut l = g.run_retryable(3, make);
             let mut a = g.run_result(3, now(Ok(0)));
-            let (f_tx, f_make) = gated(None);
+            let (f_tx, f_make) = gated();
             let mut f = g.run_retryable(3, f_make);
             pending(&mut l, "l");
             pending(&mut a, "a");
@@ -385,13 +113,13 @@ fn a_reentrant_subscriber_sees_one_span_per_flight_each_closed_once_and_never_de
             drop((a, f));
 
             // Cancelled.
-            let (_tx, make) = gated(None);
+            let (_tx, make) = gated();
             let mut l = g.run_retryable(4, make);
             pending(&mut l, "l");
             drop(l);
 
             // Forgotten while it runs; a newer flight of the key.
-            let (tx, make) = gated(None);
+            let (tx, make) = gated();
             let mut old = g.run_retryable(5, make);
             pending(&mut old, "old");
             assert!(g.forget(&5));
@@ -405,7 +133,7 @@ fn a_reentrant_subscriber_sees_one_span_per_flight_each_closed_once_and_never_de
             let mut held = Vec::new();
             let mut gates = Vec::new();
             for k in 10..14 {
-                let (tx, make) = gated(None);
+                let (tx, make) = gated();
                 let mut r = g.run_retryable(k, make);
                 pending(&mut r, "held");
                 held.push(r);
@@ -468,7 +196,7 @@ fn a_reentrant_subscriber_sees_one_span_per_flight_each_closed_once_and_never_de
                 );
             }
         });
-        HOOK.with(|h| h.borrow_mut().take());
+        clear_hook();
     });
 }
 
@@ -500,9 +228,9 @@ fn a_follower_joining_before_the_span_is_made_logs_without_it_and_is_served() {
                 *slot.borrow_mut() = Some(run);
             }
         });
-        let (tx, make) = gated(None);
+        let (tx, make) = gated();
         let mut leader = group.run_result(1, make);
-        HOOK.with(|h| h.borrow_mut().take());
+        clear_hook();
         let mut follower = joined.borrow_mut().take().expect("joined from new_span");
         assert!(!follower.is_leader());
         let (made, _) = rec.flights();
@@ -539,9 +267,9 @@ fn an_empty_span_cell_through_adoption_and_retry_enters_nothing() {
         rec.0.explode.store(true, SeqCst);
         let _default = install(&rec);
         let group: Group<u32> = GroupBuilder::new().retry_failed(1).build();
-        let (tx, make) = gated(None);
+        let (tx, make) = gated();
         let mut l = group.run_retryable(1, make);
-        let (a_tx, a_make) = gated(None);
+        let (a_tx, a_make) = gated();
         let mut a = group.run_retryable(1, a_make);
         let mut f = group.run_result(1, now(Ok(0)));
         pending(&mut l, "l");

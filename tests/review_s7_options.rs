@@ -10,11 +10,11 @@
 //! the counters are checked against the sum rules `Stats` documents, and the registry must be
 //! empty once the load stops.
 
+mod support;
+
 use std::collections::VecDeque;
-use std::error::Error;
 use std::fmt;
 use std::future::Future;
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::sync::oneshot;
+use support::{check_calls_end_once, check_sum, paused_runtime, within, Boom, BoxFut, Calls, Res};
 use tokio::task::JoinHandle;
 use tower::{BoxError, Service};
 use tower_coalesce::{
@@ -34,8 +34,6 @@ use tower_test::mock::{self, Handle, Mock, SendResponse};
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 const MS: Duration = Duration::from_millis(1);
 const SEC: Duration = Duration::from_secs(1);
@@ -66,56 +64,18 @@ async fn pending<F: Future + Unpin>(fut: &mut F) {
     assert!(futures::poll!(fut).is_pending(), "expected to be pending");
 }
 
-/// Runs `f` on a thread of its own: user code that re-enters the registry synchronously could
-/// deadlock on a lock, which no tokio timeout can catch. The watchdog is a hang guard only.
-fn within<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(catch_unwind(AssertUnwindSafe(f)));
-    });
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok(r)) => r,
-        Ok(Err(panic)) => resume_unwind(panic),
-        Err(_) => panic!("{what}: no progress in 60 s (deadlock)"),
-    }
-}
-
-fn paused_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .expect("runtime")
-}
-
 /// The sum rules of `Stats`: every keyed or bypassed request is counted exactly once (as the
 /// leader of a flight, a follower, a lingering hit, a bypass or over capacity; `leaders` also
 /// counts retries, which are no requests), `fell_through = over_capacity + timed_out +
 /// released`, and each call ends at most once.
 fn check(s: &Stats, requests: u64) {
-    let leaders = s
-        .leaders
-        .checked_sub(s.retried)
-        .unwrap_or_else(|| panic!("more retries than calls: {s:?}"));
-    assert_eq!(
-        leaders + s.followers + s.lingered + s.bypassed + s.over_capacity,
-        requests,
-        "every request is counted once: {s:?}"
-    );
-    assert_eq!(
-        s.fell_through,
-        s.over_capacity + s.timed_out + s.released,
-        "{s:?}"
-    );
+    check_sum(s, requests);
     assert_eq!(
         s.released, 0,
         "only the HTTP and gRPC layers release: {s:?}"
     );
     assert!(s.timed_out <= s.followers, "{s:?}");
-    assert!(
-        s.errors + s.panics + s.cancelled <= s.leaders,
-        "a call ends once: {s:?}"
-    );
+    check_calls_end_once(s);
 }
 
 /// Nothing in flight, by every view, and no entry left.
@@ -136,17 +96,6 @@ fn in_flight<K: std::hash::Hash + Eq + Send + 'static>(group: &Group<K>) -> usiz
     );
     n
 }
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Boom(&'static str);
-
-impl fmt::Display for Boom {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "boom: {}", self.0)
-    }
-}
-
-impl Error for Boom {}
 
 // --- the tower side: a `tower_test::mock` backend, tracked -----------------------------------
 
@@ -312,92 +261,6 @@ fn boom(out: Out) -> Boom {
 }
 
 // --- the Group side: gated calls, counted ----------------------------------------------------
-
-#[derive(Default)]
-struct Tally {
-    made: AtomicUsize,
-    finished: AtomicUsize,
-    dropped: AtomicUsize,
-}
-
-#[derive(Clone, Default)]
-struct Calls(Arc<Tally>);
-
-struct CallGuard {
-    tally: Arc<Tally>,
-    done: bool,
-}
-
-impl Drop for CallGuard {
-    fn drop(&mut self) {
-        if self.done {
-            self.tally.finished.fetch_add(1, SeqCst);
-        } else {
-            self.tally.dropped.fetch_add(1, SeqCst);
-        }
-    }
-}
-
-impl Calls {
-    /// A make whose call ends with what the test sends.
-    fn gated<T: Send + 'static>(
-        &self,
-    ) -> (
-        oneshot::Sender<T>,
-        impl FnOnce() -> BoxFut<T> + Send + 'static,
-    ) {
-        let (tx, rx) = oneshot::channel::<T>();
-        let tally = self.0.clone();
-        let make = move || -> BoxFut<T> {
-            tally.made.fetch_add(1, SeqCst);
-            let guard = CallGuard { tally, done: false };
-            Box::pin(async move {
-                let mut guard = guard;
-                let v = rx.await.expect("gate dropped");
-                guard.done = true;
-                v
-            })
-        };
-        (tx, make)
-    }
-    /// A make whose call ends at once with `v` (after one yield).
-    fn ready<T: Send + 'static>(&self, v: T) -> impl FnOnce() -> BoxFut<T> + Send + 'static {
-        let tally = self.0.clone();
-        move || -> BoxFut<T> {
-            tally.made.fetch_add(1, SeqCst);
-            let guard = CallGuard { tally, done: false };
-            Box::pin(async move {
-                let mut guard = guard;
-                tokio::task::yield_now().await;
-                guard.done = true;
-                v
-            })
-        }
-    }
-    /// A make whose call never ends.
-    fn never<T: Send + 'static>(&self) -> impl FnOnce() -> BoxFut<T> + Send + 'static {
-        let tally = self.0.clone();
-        move || -> BoxFut<T> {
-            tally.made.fetch_add(1, SeqCst);
-            let guard = CallGuard { tally, done: false };
-            Box::pin(async move {
-                let _guard = guard;
-                std::future::pending::<T>().await
-            })
-        }
-    }
-    fn made(&self) -> usize {
-        self.0.made.load(SeqCst)
-    }
-    fn dropped(&self) -> usize {
-        self.0.dropped.load(SeqCst)
-    }
-    fn finished(&self) -> usize {
-        self.0.finished.load(SeqCst)
-    }
-}
-
-type Res = Result<u32, &'static str>;
 
 // =============================================================================================
 // Layer (tower_test::mock): retry + follower_timeout + panics

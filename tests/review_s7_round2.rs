@@ -28,64 +28,17 @@
 //!   retry is abandoned before it starts (counted as an error, then as cancelled): the doc
 //!   now bounds calls and flights apart.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+mod support;
+
 use std::time::Duration;
 
+use support::{assert_clean, check_sum, out, pending, ready, Calls as Made, Res, Waiter};
 use tokio::sync::oneshot;
-use tower_coalesce::{Group, GroupBuilder, Panicked, Run, Stats};
+use tower_coalesce::{Group, GroupBuilder, Stats};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-type Res = Result<u32, &'static str>;
-type Waiter = Run<u32, Res>;
-
-fn poll<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
-    Pin::new(f).poll(&mut Context::from_waker(Waker::noop()))
-}
-
-fn pending<F: Future + Unpin>(f: &mut F, what: &str) {
-    for _ in 0..3 {
-        assert!(poll(f).is_pending(), "{what}: expected pending");
-    }
-}
-
-fn ready<F: Future + Unpin>(f: &mut F, what: &str) -> F::Output {
-    for _ in 0..16 {
-        if let Poll::Ready(out) = poll(f) {
-            return out;
-        }
-    }
-    panic!("{what}: not ready after 16 polls");
-}
-
-fn out(r: Result<Res, Panicked>) -> Res {
-    r.expect("no panic expected")
-}
-
-/// The request-count rule `Stats` documents (every request counted once).
-fn check_sum(s: &Stats, requests: u64) {
-    let leaders = s
-        .leaders
-        .checked_sub(s.retried)
-        .unwrap_or_else(|| panic!("more retries than calls: {s:?}"));
-    assert_eq!(
-        leaders + s.followers + s.lingered + s.bypassed + s.over_capacity,
-        requests,
-        "every request is counted once: {s:?}"
-    );
-    assert_eq!(
-        s.fell_through,
-        s.over_capacity + s.timed_out + s.released,
-        "{s:?}"
-    );
-}
 
 /// Every rule `Stats` documents: each call ends once, each flight once.
 fn check(s: &Stats, requests: u64) {
@@ -98,46 +51,6 @@ fn check(s: &Stats, requests: u64) {
         s.cancelled <= s.leaders - s.retried,
         "Stats: `cancelled` is at most `leaders - retried`: {s:?}"
     );
-}
-
-fn assert_clean<K: std::hash::Hash + Eq + Send + 'static>(group: &Group<K>) {
-    assert_eq!(group.in_flight(), 0, "in_flight(): {:?}", group.stats());
-    assert_eq!(group.len(), 0, "entries left: {:?}", group.stats());
-}
-
-/// Counts the `make`s called.
-#[derive(Clone, Default)]
-struct Made(Arc<AtomicUsize>);
-
-impl Made {
-    /// A `make` whose call ends with what the test sends.
-    fn gated(
-        &self,
-    ) -> (
-        oneshot::Sender<Res>,
-        impl FnOnce() -> BoxFut<Res> + Send + 'static,
-    ) {
-        let (tx, rx) = oneshot::channel::<Res>();
-        let made = self.0.clone();
-        let make = move || -> BoxFut<Res> {
-            made.fetch_add(1, SeqCst);
-            Box::pin(async move { rx.await.expect("gate dropped") })
-        };
-        (tx, make)
-    }
-
-    /// A `make` whose call ends at once with `v`.
-    fn now(&self, v: Res) -> impl FnOnce() -> BoxFut<Res> + Send + 'static {
-        let made = self.0.clone();
-        move || -> BoxFut<Res> {
-            made.fetch_add(1, SeqCst);
-            Box::pin(async move { v })
-        }
-    }
-
-    fn count(&self) -> usize {
-        self.0.load(SeqCst)
-    }
 }
 
 /// A leader `l` (gated) and a follower `a` that keeps its `make` (gated), both parked; `l`
@@ -181,12 +94,12 @@ fn an_adopted_retry_orphaned_again_is_retried_by_the_next_adopters_make() {
 
     l_tx.send(Err("l's call")).unwrap();
     pending(&mut a, "a runs its own make as the retry");
-    assert_eq!(made.count(), 2, "l's call and a's retry");
+    assert_eq!(made.made(), 2, "l's call and a's retry");
     drop(a);
     pending(&mut f, "f adopts a's retry");
     a_tx.send(Err("a's retry")).unwrap();
     pending(&mut f, "f runs its own make");
-    assert_eq!(made.count(), 3);
+    assert_eq!(made.made(), 3);
     pending(&mut g, "g waits for f's retry");
     f_tx.send(Ok(7)).unwrap();
     assert_eq!(out(ready(&mut f, "f")), Ok(7));
@@ -277,7 +190,7 @@ async fn an_adopted_failure_lingers_only_once_the_retries_are_spent() {
         Err("a's retry"),
         "the retry's failure lingers, not the adopted one"
     );
-    assert_eq!(made.count(), 2);
+    assert_eq!(made.made(), 2);
     let s = group.stats();
     assert_eq!(
         (s.leaders, s.retried, s.errors, s.lingered),
@@ -297,12 +210,12 @@ async fn an_adopted_failure_lingers_only_once_the_retries_are_spent() {
 fn an_adopter_reparked_gets_the_failure_when_the_elected_maker_leaves() {
     let group: Group<u32> = GroupBuilder::new().retry_failed(1).build();
     let made = Made::default();
-    let (l_tx, l_make) = made.gated();
+    let (l_tx, l_make) = made.gated::<Res>();
     let mut l = group.run_retryable(1, l_make);
     pending(&mut l, "l");
     let mut a = group.run_result(1, made.now(Ok(0)));
     pending(&mut a, "a");
-    let (_m_tx, m_make) = made.gated();
+    let (_m_tx, m_make) = made.gated::<Res>();
     let mut m = group.run_retryable(1, m_make);
     pending(&mut m, "m");
     drop(l);
@@ -311,7 +224,7 @@ fn an_adopter_reparked_gets_the_failure_when_the_elected_maker_leaves() {
     pending(&mut a, "a has no make: it re-parks");
     drop(m);
     assert_eq!(out(ready(&mut a, "a")), Err("l's call"));
-    assert_eq!(made.count(), 1, "nobody retried");
+    assert_eq!(made.made(), 1, "nobody retried");
     let s = group.stats();
     assert_eq!((s.leaders, s.errors, s.cancelled), (1, 1, 0), "{s:?}");
     check(&s, 3);
@@ -329,14 +242,14 @@ fn a_retry_abandoned_before_it_starts_ends_the_call_once_in_the_counters() {
     let (l_tx, l_make) = made.gated();
     let mut l = group.run_retryable(1, l_make);
     pending(&mut l, "l");
-    let (_m_tx, m_make) = made.gated();
+    let (_m_tx, m_make) = made.gated::<Res>();
     let mut m = group.run_retryable(1, m_make);
     pending(&mut m, "m");
     l_tx.send(Err("l's call")).unwrap();
     assert_eq!(out(ready(&mut l, "l")), Err("l's call"));
     // `m` was woken to run the retry; it leaves first.
     drop(m);
-    assert_eq!(made.count(), 1, "no retry was made");
+    assert_eq!(made.made(), 1, "no retry was made");
     assert_clean(&group);
     let s = group.stats();
     assert_eq!((s.leaders, s.errors, s.cancelled), (1, 1, 1), "{s:?}");
@@ -350,145 +263,22 @@ fn a_retry_abandoned_before_it_starts_ends_the_call_once_in_the_counters() {
 #[cfg(feature = "http")]
 mod http_layer {
     use super::*;
-    use bytes::Bytes;
-    use futures::stream;
     use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-    use http::{Method, Request, Response, StatusCode, Version};
-    use http_body::{Body, Frame, SizeHint};
+    use http::{Method, Response, StatusCode, Version};
     use http_body_util::combinators::BoxBody;
-    use http_body_util::{BodyExt, Full, StreamBody};
-    use std::convert::Infallible;
-    use tower::util::BoxCloneService;
-    use tower::{Layer, Service};
-    use tower_coalesce::http::{CoalesceBody, CoalesceHttpLayer, CoalesceHttpService, ServedBy};
-
-    type B = BoxBody<Bytes, Infallible>;
-    type Req = Request<Full<Bytes>>;
-
-    /// A body of a known length that must never be read (a `HEAD` response's `GET` body).
-    struct Unread(u64);
-
-    impl Body for Unread {
-        type Data = Bytes;
-        type Error = Infallible;
-
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            panic!("a HEAD response's body of known length was read")
-        }
-
-        fn size_hint(&self) -> SizeHint {
-            SizeHint::with_exact(self.0)
-        }
-    }
-
-    /// A streamed body (size unknown), with trailers if given.
-    fn streamed(data: &'static [u8], trailers: Option<HeaderMap>) -> B {
-        let mut frames: Vec<Result<Frame<Bytes>, Infallible>> =
-            vec![Ok(Frame::data(Bytes::from_static(data)))];
-        if let Some(t) = trailers {
-            frames.push(Ok(Frame::trailers(t)));
-        }
-        BoxBody::new(StreamBody::new(stream::iter(frames)))
-    }
-
-    fn map(pairs: &[(&str, &[u8])]) -> HeaderMap {
-        let mut m = HeaderMap::new();
-        for (name, value) in pairs {
-            m.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_bytes(value).unwrap(),
-            );
-        }
-        m
-    }
-
-    fn request(method: Method, extra: &[(&str, &str)]) -> Req {
-        let mut req = Request::builder()
-            .method(method)
-            .uri("http://example.test/x")
-            .header(header::HOST, "example.test");
-        for (name, value) in extra {
-            req = req.header(*name, *value);
-        }
-        req.body(Full::new(Bytes::new())).unwrap()
-    }
-
-    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-    struct Tag(u32);
-
-    type Inner = BoxCloneService<Req, Response<B>, Infallible>;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    use support::adapter::{
+        burst, counted, map_bytes as map, request, response, streamed, Inner, Req, Tag, Unread, B,
+    };
+    use tower::Layer;
+    use tower_coalesce::http::{CoalesceHttpLayer, ServedBy};
 
     /// An inner service answering every request with `respond`, and its call count.
     fn inner(
         respond: impl Fn(&Req) -> Response<B> + Send + Sync + 'static,
     ) -> (Inner, Arc<AtomicUsize>) {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counted = calls.clone();
-        let respond = Arc::new(respond);
-        let svc = tower::service_fn(move |req: Req| {
-            counted.fetch_add(1, SeqCst);
-            let res = respond(&req);
-            async move { Ok::<_, Infallible>(res) }
-        });
-        (BoxCloneService::new(svc), calls)
-    }
-
-    fn response(status: u16, headers: HeaderMap, body: B) -> Response<B> {
-        let mut res = Response::new(body);
-        *res.status_mut() = StatusCode::from_u16(status).unwrap();
-        *res.headers_mut() = headers;
-        res
-    }
-
-    struct Read {
-        by: ServedBy,
-        status: StatusCode,
-        version: Version,
-        headers: HeaderMap,
-        tag: Option<Tag>,
-        exact: Option<u64>,
-        data: Bytes,
-        trailers: Option<HeaderMap>,
-    }
-
-    async fn read(res: Response<CoalesceBody<B>>) -> Read {
-        let by = *res.extensions().get::<ServedBy>().expect("ServedBy");
-        let tag = res.extensions().get::<Tag>().copied();
-        let (parts, body) = res.into_parts();
-        let exact = body.size_hint().exact();
-        // A response passed through untouched with a body of known length is a `HEAD`'s
-        // (`Unread`): the server never reads it, nor does this.
-        let (data, trailers) = if body.is_buffered() || exact.is_none() {
-            let collected = body.collect().await.unwrap();
-            let trailers = collected.trailers().cloned();
-            (collected.to_bytes(), trailers)
-        } else {
-            (Bytes::new(), None)
-        };
-        Read {
-            by,
-            status: parts.status,
-            version: parts.version,
-            headers: parts.headers,
-            tag,
-            exact,
-            data,
-            trailers,
-        }
-    }
-
-    /// Calls `svc` with every request (all registered before any is polled, so the first
-    /// leads and the others follow), then reads every response, the leader's first.
-    async fn burst(svc: &mut CoalesceHttpService<Inner>, reqs: Vec<Req>) -> Vec<Read> {
-        let futs: Vec<_> = reqs.into_iter().map(|r| svc.call(r)).collect();
-        let mut reads = Vec::new();
-        for res in futures::future::join_all(futs).await {
-            reads.push(read(res.unwrap()).await);
-        }
-        reads
+        counted(move |req, _| respond(req))
     }
 
     fn content_length(headers: &HeaderMap) -> Vec<&str> {
@@ -518,7 +308,7 @@ mod http_layer {
                     ("transfer-encoding", b"chunked"),
                     ("content-length", b"100"),
                 ]),
-                streamed(b"hello", None),
+                streamed(&[b"hello"], None),
             )
         });
         let mut svc = CoalesceHttpLayer::new().layer(svc);
@@ -560,7 +350,7 @@ mod http_layer {
                 );
             }
             let (svc, calls) =
-                inner(move |_| response(200, headers.clone(), streamed(b"abc", None)));
+                inner(move |_| response(200, headers.clone(), streamed(&[b"abc"], None)));
             let mut svc = CoalesceHttpLayer::new().layer(svc);
             let reads = burst(
                 &mut svc,
@@ -601,7 +391,7 @@ mod http_layer {
             }
             let expected = headers.clone();
             let (svc, calls) =
-                inner(move |_| response(200, headers.clone(), streamed(b"abc", None)));
+                inner(move |_| response(200, headers.clone(), streamed(&[b"abc"], None)));
             let mut svc = CoalesceHttpLayer::new()
                 .cache_status_header(true)
                 .layer(svc);
@@ -651,7 +441,7 @@ mod http_layer {
             response(
                 200,
                 map(&[("trailer", b"set-cookie")]),
-                streamed(b"data", Some(map(&[("set-cookie", cookie)]))),
+                streamed(&[b"data"], Some(map(&[("set-cookie", cookie)]))),
             )
         });
         let mut svc = CoalesceHttpLayer::new().layer(svc);
@@ -691,7 +481,7 @@ mod http_layer {
                 let mut res = response(
                     203,
                     headers,
-                    streamed(b"body", Some(map(&[("x-t", b"3"), ("x-h", b"4")]))),
+                    streamed(&[b"body"], Some(map(&[("x-t", b"3"), ("x-h", b"4")]))),
                 );
                 *res.version_mut() = Version::HTTP_2;
                 res.extensions_mut().insert(Tag(7));
@@ -858,7 +648,7 @@ mod http_layer {
         let (svc, calls) = inner(|req: &Req| {
             let body = match *req.method() {
                 Method::HEAD => BoxBody::new(Unread(4)),
-                _ => streamed(b"full", None),
+                _ => streamed(&[b"full"], None),
             };
             response(200, map(&[("vary", b"x-variant")]), body)
         });
@@ -911,7 +701,7 @@ mod http_layer {
     #[tokio::test]
     async fn head_of_unknown_length_over_the_limit_is_released() {
         let (svc, calls) =
-            inner(|_| response(200, HeaderMap::new(), streamed(b"0123456789", None)));
+            inner(|_| response(200, HeaderMap::new(), streamed(&[b"0123456789"], None)));
         let mut svc = CoalesceHttpLayer::new()
             .max_body_bytes(4)
             .cache_status_header(true)
@@ -942,29 +732,15 @@ mod http_layer {
 mod grpc_trailers {
     use super::*;
     use bytes::Bytes;
-    use futures::stream;
-    use http::header::{HeaderMap, HeaderName, HeaderValue};
     use http::{Request, Response};
-    use http_body::Frame;
-    use http_body_util::combinators::BoxBody;
-    use http_body_util::{BodyExt, Full, StreamBody};
+    use http_body_util::{BodyExt, Full};
     use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    use support::adapter::{grpc_body, grpc_request, map, GRPC_PATH};
     use tower::{service_fn, Layer, Service};
     use tower_coalesce::grpc::CoalesceGrpcLayer;
     use tower_coalesce::http::{CoalesceBody, ServedBy};
-
-    const PATH: &str = "/catalog.v1.Catalog/GetItem";
-
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut m = HeaderMap::new();
-        for (name, value) in pairs {
-            m.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
-        }
-        m
-    }
 
     /// A successful response with a `set-cookie` trailer (any case) goes to its own caller
     /// only, cookie and all; the follower is released to its own call, and the counters do
@@ -978,30 +754,20 @@ mod grpc_trailers {
             let inner = service_fn(move |_req: Request<CoalesceBody<Full<Bytes>>>| {
                 let n = counted.fetch_add(1, SeqCst);
                 let mut gate = gate.clone();
-                let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
-                    Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x01z"))),
-                    Ok(Frame::trailers(map(&[
-                        ("grpc-status", status),
-                        ("Set-Cookie", &format!("s={n}")),
-                    ]))),
-                ];
-                let mut res = Response::new(BoxBody::new(StreamBody::new(stream::iter(frames))));
+                let mut res = Response::new(grpc_body(map(&[
+                    ("grpc-status", status),
+                    ("Set-Cookie", &format!("s={n}")),
+                ])));
                 *res.headers_mut() = map(&[("content-type", "application/grpc")]);
                 async move {
                     gate.wait_for(|o| *o).await.unwrap();
                     Ok::<_, Infallible>(res)
                 }
             });
-            let mut svc = CoalesceGrpcLayer::new().method(PATH).layer(inner);
-            let call = || {
-                Request::post(PATH)
-                    .header("content-type", "application/grpc")
-                    .body(Full::new(Bytes::from_static(b"\0\0\0\0\x01a")))
-                    .unwrap()
-            };
+            let mut svc = CoalesceGrpcLayer::new().method(GRPC_PATH).layer(inner);
             // The key needs the request message: a call joins its flight when first polled.
-            let mut leader = Box::pin(svc.call(call()));
-            let mut follower = Box::pin(svc.call(call()));
+            let mut leader = Box::pin(svc.call(grpc_request()));
+            let mut follower = Box::pin(svc.call(grpc_request()));
             assert!(futures::poll!(leader.as_mut()).is_pending());
             assert!(futures::poll!(follower.as_mut()).is_pending());
             assert_eq!(calls.load(SeqCst), 1, "the follower waits");

@@ -17,52 +17,31 @@
 //! MUST send with it.
 #![cfg(feature = "http")]
 
+mod support;
+
 use std::convert::Infallible;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures::stream;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
+use http::header::{self, HeaderMap};
+use http::{Method, Response};
+use http_body::{Body, Frame};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
-use tower::util::BoxCloneService;
+use support::adapter::{
+    burst, counted, gated_counted, get, map, read, request, response, streamed, Inner, Req, Unread,
+    B,
+};
+use support::{pending, ready};
 use tower::{Layer, Service};
-use tower_coalesce::http::{CoalesceBody, CoalesceHttpLayer, CoalesceHttpService, ServedBy};
+use tower_coalesce::http::{CoalesceHttpLayer, ServedBy};
 use tower_coalesce::Stats;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-type B = BoxBody<Bytes, Infallible>;
-type Req = Request<Full<Bytes>>;
-type Inner = BoxCloneService<Req, Response<B>, Infallible>;
-type Svc = CoalesceHttpService<Inner>;
-
-fn poll<F: Future>(f: &mut Pin<Box<F>>) -> Poll<F::Output> {
-    f.as_mut().poll(&mut Context::from_waker(Waker::noop()))
-}
-
-fn pending<F: Future>(f: &mut Pin<Box<F>>, what: &str) {
-    for _ in 0..3 {
-        assert!(poll(f).is_pending(), "{what}: expected pending");
-    }
-}
-
-fn ready<F: Future>(f: &mut Pin<Box<F>>, what: &str) -> F::Output {
-    for _ in 0..16 {
-        if let Poll::Ready(out) = poll(f) {
-            return out;
-        }
-    }
-    panic!("{what}: not ready after 16 polls");
-}
 
 /// The request-count rule `Stats` documents: every request counted once.
 fn check_sum(s: &Stats, requests: u64) {
@@ -76,187 +55,18 @@ fn check_sum(s: &Stats, requests: u64) {
     assert_eq!(s.in_flight, 0, "{s:?}");
 }
 
-/// A body of a known length that must never be read (a `HEAD` response's `GET` body).
-struct Unread(u64);
-
-impl Body for Unread {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        panic!("a HEAD response's body of known length was read")
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.0)
-    }
-}
-
-/// A streamed body (size unknown): `chunks` as data frames, then `trailers` if given.
-fn streamed(chunks: &[&'static [u8]], trailers: Option<HeaderMap>) -> B {
-    let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = chunks
-        .iter()
-        .map(|c| Ok(Frame::data(Bytes::from_static(c))))
-        .collect();
-    if let Some(t) = trailers {
-        frames.push(Ok(Frame::trailers(t)));
-    }
-    BoxBody::new(StreamBody::new(stream::iter(frames)))
-}
-
-fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-    let mut m = HeaderMap::new();
-    for (name, value) in pairs {
-        m.append(
-            HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            HeaderValue::from_str(value).unwrap(),
-        );
-    }
-    m
-}
-
-fn request(method: Method) -> Req {
-    Request::builder()
-        .method(method)
-        .uri("http://example.test/x")
-        .header(header::HOST, "example.test")
-        .body(Full::new(Bytes::new()))
-        .unwrap()
-}
-
-fn get() -> Req {
-    request(Method::GET)
-}
-
-fn response(status: u16, headers: HeaderMap, body: B) -> Response<B> {
-    let mut res = Response::new(body);
-    *res.status_mut() = StatusCode::from_u16(status).unwrap();
-    *res.headers_mut() = headers;
-    res
-}
-
 /// An inner service answering the `n`th call (from 0) with `respond(n)`, and its call count.
 fn inner(
     respond: impl Fn(usize) -> Response<B> + Send + Sync + 'static,
 ) -> (Inner, Arc<AtomicUsize>) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counted = calls.clone();
-    let respond = Arc::new(respond);
-    let svc = tower::service_fn(move |_: Req| {
-        let res = respond(counted.fetch_add(1, SeqCst));
-        async move { Ok::<_, Infallible>(res) }
-    });
-    (BoxCloneService::new(svc), calls)
+    counted(move |_, n| respond(n))
 }
 
 /// The same, each response held until `open` is sent `true`.
 fn gated_inner(
     respond: impl Fn(usize) -> Response<B> + Send + Sync + 'static,
 ) -> (Inner, Arc<AtomicUsize>, tokio::sync::watch::Sender<bool>) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counted = calls.clone();
-    let respond = Arc::new(respond);
-    let (open, gate) = tokio::sync::watch::channel(false);
-    let svc = tower::service_fn(move |_: Req| {
-        let res = respond(counted.fetch_add(1, SeqCst));
-        let mut gate = gate.clone();
-        async move {
-            gate.wait_for(|o| *o).await.unwrap();
-            Ok::<_, Infallible>(res)
-        }
-    });
-    (BoxCloneService::new(svc), calls, open)
-}
-
-#[derive(Debug)]
-struct Read {
-    by: ServedBy,
-    /// `CoalesceBody::is_buffered`.
-    buffered: bool,
-    status: StatusCode,
-    headers: HeaderMap,
-    exact: Option<u64>,
-    data: Bytes,
-    trailers: Option<HeaderMap>,
-}
-
-impl Read {
-    fn cache_status(&self) -> String {
-        self.headers
-            .get_all("cache-status")
-            .iter()
-            .map(|v| v.to_str().unwrap())
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    fn values(&self, name: &str) -> Vec<String> {
-        self.headers
-            .get_all(name)
-            .iter()
-            .map(|v| v.to_str().unwrap().to_owned())
-            .collect()
-    }
-
-    fn trailer(&self, name: &str) -> Option<&str> {
-        self.trailers
-            .as_ref()
-            .and_then(|t| t.get(name))
-            .map(|v| v.to_str().unwrap())
-    }
-
-    /// Whether a server could frame this response: never `Transfer-Encoding` and
-    /// `Content-Length` together (RFC 9112 §6.3), and a `Content-Length` beside a body that
-    /// is sent equals the body's length.
-    fn framing_ok(&self, head: bool) -> bool {
-        let te = self.headers.contains_key(header::TRANSFER_ENCODING);
-        let cl = self.values("content-length");
-        if te && !cl.is_empty() {
-            return false;
-        }
-        head || self.status == StatusCode::NOT_MODIFIED
-            || self.status == StatusCode::NO_CONTENT
-            || cl.is_empty()
-            || cl == [self.data.len().to_string()]
-    }
-}
-
-async fn read(res: Response<CoalesceBody<B>>) -> Read {
-    let by = *res.extensions().get::<ServedBy>().expect("ServedBy");
-    let (parts, body) = res.into_parts();
-    let exact = body.size_hint().exact();
-    let buffered = body.is_buffered();
-    // An untouched body of known length is a `HEAD`'s (`Unread`): never read.
-    let (data, trailers) = if body.is_buffered() || exact.is_none() {
-        let collected = body.collect().await.unwrap();
-        let trailers = collected.trailers().cloned();
-        (collected.to_bytes(), trailers)
-    } else {
-        (Bytes::new(), None)
-    };
-    Read {
-        by,
-        buffered,
-        status: parts.status,
-        headers: parts.headers,
-        exact,
-        data,
-        trailers,
-    }
-}
-
-/// Calls `svc` with every request (all registered before any is polled, so the first leads
-/// and the others follow), then reads every response, the leader's first.
-async fn burst(svc: &mut Svc, reqs: Vec<Req>) -> Vec<Read> {
-    let futs: Vec<_> = reqs.into_iter().map(|r| svc.call(r)).collect();
-    let mut reads = Vec::new();
-    for res in futures::future::join_all(futs).await {
-        reads.push(read(res.unwrap()).await);
-    }
-    reads
+    gated_counted(move |_, n| respond(n))
 }
 
 fn gets(n: usize) -> Vec<Req> {
@@ -406,7 +216,7 @@ async fn chunked_beside_a_large_content_length_across_methods_and_bodiless_statu
             )
         });
         let mut svc = CoalesceHttpLayer::new().max_body_bytes(100).layer(svc);
-        let reqs = (0..2).map(|_| request(method.clone())).collect();
+        let reqs = (0..2).map(|_| request(method.clone(), &[])).collect();
         let reads = burst(&mut svc, reqs).await;
         let what = format!("{method} {status}");
         assert_eq!(calls.load(SeqCst), 1, "{what}: shared");
@@ -631,7 +441,11 @@ async fn a_head_of_unknown_length_with_a_set_cookie_trailer_is_released() {
         )
     });
     let mut svc = CoalesceHttpLayer::new().layer(svc);
-    let reads = burst(&mut svc, (0..2).map(|_| request(Method::HEAD)).collect()).await;
+    let reads = burst(
+        &mut svc,
+        (0..2).map(|_| request(Method::HEAD, &[])).collect(),
+    )
+    .await;
     assert_eq!(calls.load(SeqCst), 2);
     assert_eq!(
         (reads[0].by, reads[1].by),

@@ -40,38 +40,40 @@
 //! futures the server dropped before they finished (a client that went away). Every wait is
 //! bounded, so a hang fails the test instead of blocking it.
 
+mod support;
+
 use std::convert::Infallible;
-use std::fmt::Debug;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Path;
-use axum::http::header::{CONTENT_TYPE, TRAILER};
-use axum::http::{HeaderMap, Request, Response, StatusCode, Version};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, Request, Response, Version};
 use axum::routing::get;
 use axum::{Extension, Router};
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use futures::Stream;
 use http_body::Frame;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::wire::{
+    bounded, drive, get1, get2, h1, h2, join, join_all, observer, pass, plain, request_text, serve,
+    spawn_h1, spawn_h2, spawn_raw, streamed, tagged, trailers, until, within, Backend, Frames,
+    HttpServer, Raw, RawReply, Reply,
+};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Code, Status};
-use tower::Service;
 use tower_coalesce::grpc::CoalesceGrpcLayer;
 use tower_coalesce::http::CoalesceHttpLayer;
 
@@ -84,155 +86,13 @@ use pb::catalog_client::CatalogClient;
 use pb::catalog_server::{Catalog, CatalogServer};
 use pb::{GetItemRequest, Item};
 
-/// The bound on each single wait: ages for loopback, so running out of it means a hang.
-const WAIT: Duration = Duration::from_secs(10);
-
 const GET_ITEM: &str = "/catalog.v1.Catalog/GetItem";
-
-// ---------------------------------------------------------------------------------------------
-// Bounded waits
-// ---------------------------------------------------------------------------------------------
-
-/// Yields until `done(probe())`; fails with the last probed value after [`WAIT`].
-async fn until<T: Debug>(what: &str, probe: impl Fn() -> T, done: impl Fn(&T) -> bool) {
-    let waited = tokio::time::timeout(WAIT, async {
-        while !done(&probe()) {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
-    assert!(
-        waited.is_ok(),
-        "timed out waiting until {what}; last state: {:?}",
-        probe()
-    );
-}
-
-/// `f`, bounded by [`WAIT`].
-async fn bounded<F: Future>(what: &str, f: F) -> F::Output {
-    tokio::time::timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("hangs: {what}"))
-}
-
-/// Awaits a client task, bounded.
-async fn join<T: Send + 'static>(task: JoinHandle<T>) -> T {
-    bounded("a client task", task).await.expect("client task")
-}
-
-async fn join_all<T: Send + 'static>(tasks: Vec<JoinHandle<T>>) -> Vec<T> {
-    let mut out = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        out.push(join(task).await);
-    }
-    out
-}
-
-/// The whole test, bounded too.
-async fn within<F: Future<Output = ()>>(test: F) {
-    tokio::time::timeout(Duration::from_secs(90), test)
-        .await
-        .expect("test timed out: something hangs");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backend: counted calls held on a gate
-// ---------------------------------------------------------------------------------------------
-
-/// Adds one to a counter when dropped, unless disarmed: tells a finished future from one
-/// dropped half-way.
-struct CountIfDropped(Option<Arc<AtomicUsize>>);
-
-impl CountIfDropped {
-    fn new(counter: &Arc<AtomicUsize>) -> Self {
-        CountIfDropped(Some(counter.clone()))
-    }
-
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for CountIfDropped {
-    fn drop(&mut self) {
-        if let Some(counter) = self.0.take() {
-            counter.fetch_add(1, SeqCst);
-        }
-    }
-}
-
-/// Waits for `gate` to open; counts in `dropped` if dropped before.
-async fn pass(gate: &watch::Sender<bool>, dropped: &Arc<AtomicUsize>) {
-    let guard = CountIfDropped::new(dropped);
-    gate.subscribe()
-        .wait_for(|open| *open)
-        .await
-        .expect("gate sender lives");
-    guard.disarm();
-}
-
-#[derive(Clone)]
-struct Backend {
-    calls: Arc<AtomicUsize>,
-    cancelled: Arc<AtomicUsize>,
-    gate: Arc<watch::Sender<bool>>,
-    /// Holds the body of call 0 of `/over/{len}` half-way.
-    body_gate: Arc<watch::Sender<bool>>,
-    body_held: Arc<AtomicUsize>,
-    body_dropped: Arc<AtomicUsize>,
-}
-
-impl Backend {
-    fn new() -> Backend {
-        Backend {
-            calls: Arc::default(),
-            cancelled: Arc::default(),
-            gate: Arc::new(watch::channel(false).0),
-            body_gate: Arc::new(watch::channel(false).0),
-            body_held: Arc::default(),
-            body_dropped: Arc::default(),
-        }
-    }
-
-    /// Counts the call, waits for the gate, returns the call's number (from 0).
-    async fn enter(&self) -> usize {
-        let n = self.calls.fetch_add(1, SeqCst);
-        pass(&self.gate, &self.cancelled).await;
-        n
-    }
-
-    fn open(&self) {
-        self.gate.send_replace(true);
-    }
-
-    fn calls(&self) -> usize {
-        self.calls.load(SeqCst)
-    }
-
-    fn cancelled(&self) -> usize {
-        self.cancelled.load(SeqCst)
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The axum app
 // ---------------------------------------------------------------------------------------------
 
-type Frames = Vec<Result<Frame<Bytes>, Infallible>>;
-
-/// A body of `frames` with no known length.
-fn streamed(frames: Frames) -> Body {
-    Body::new(StreamBody::new(futures::stream::iter(frames)))
-}
-
 const CHUNK: usize = 16 * 1024;
-
-/// `len` bytes tagged at the start with the call that made them.
-fn big_bytes(n: usize, len: usize) -> Bytes {
-    let mut data = format!("call {n:04} ").into_bytes();
-    data.extend((0..len - data.len()).map(|i| b'a' + (i % 26) as u8));
-    Bytes::from(data)
-}
 
 fn tag_of(body: &[u8]) -> usize {
     std::str::from_utf8(&body[5..9]).unwrap().parse().unwrap()
@@ -241,7 +101,7 @@ fn tag_of(body: &[u8]) -> usize {
 #[track_caller]
 fn assert_whole(body: &[u8], len: usize) {
     assert_eq!(body.len(), len, "nobody loses a byte");
-    assert_eq!(body, &big_bytes(tag_of(body), len)[..], "intact bytes");
+    assert_eq!(body, &tagged(tag_of(body), len)[..], "intact bytes");
 }
 
 fn chunks(data: &Bytes) -> Frames {
@@ -259,35 +119,14 @@ async fn hot(Extension(b): Extension<Backend>) -> Response<Body> {
         .unwrap()
 }
 
-/// Not gated: for follow-up requests on a connection.
-async fn plain() -> &'static str {
-    "plain"
-}
-
 /// A big body in 16 KiB chunks, length unknown.
 async fn big(Extension(b): Extension<Backend>, Path(len): Path<usize>) -> Body {
-    streamed(chunks(&big_bytes(b.enter().await, len)))
+    streamed(chunks(&tagged(b.enter().await, len)))
 }
 
 /// A big body with a known length.
 async fn big_known(Extension(b): Extension<Backend>, Path(len): Path<usize>) -> Bytes {
-    big_bytes(b.enter().await, len)
-}
-
-/// Two chunks and a trailer naming the call, announced in `Trailer`.
-async fn trailers(Extension(b): Extension<Backend>) -> Response<Body> {
-    let n = b.enter().await;
-    let mut t = HeaderMap::new();
-    t.insert("x-checksum", format!("sum-{n}").parse().unwrap());
-    let body = streamed(vec![
-        Ok(Frame::data(Bytes::from("checked "))),
-        Ok(Frame::data(Bytes::from(format!("body {n}")))),
-        Ok(Frame::trailers(t)),
-    ]);
-    Response::builder()
-        .header(TRAILER, "x-checksum")
-        .body(body)
-        .unwrap()
+    tagged(b.enter().await, len)
 }
 
 /// Chunks held before this many bytes in call 0 of `/over/{len}`.
@@ -296,7 +135,7 @@ const HELD_AFTER: usize = 6 * CHUNK;
 /// A big streamed body; call 0 stops after [`HELD_AFTER`] bytes until the body gate opens.
 async fn over(Extension(b): Extension<Backend>, Path(len): Path<usize>) -> Body {
     let n = b.enter().await;
-    let data = big_bytes(n, len);
+    let data = tagged(n, len);
     let frames = futures::stream::unfold(0usize, move |at| {
         let (b, data) = (b.clone(), data.clone());
         async move {
@@ -381,244 +220,16 @@ fn routes() -> Router {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The observer: request futures the server dropped before they finished
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Clone)]
-struct Observed<S> {
-    inner: S,
-    abandoned: Arc<AtomicUsize>,
-}
-
-impl<S, B> Service<Request<B>> for Observed<S>
-where
-    S: Service<Request<B>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let fut = self.inner.call(req);
-        let guard = CountIfDropped::new(&self.abandoned);
-        Box::pin(async move {
-            let out = fut.await;
-            guard.disarm();
-            out
-        })
-    }
-}
-
-fn observer<S>(
-    abandoned: &Arc<AtomicUsize>,
-) -> impl tower::Layer<S, Service = Observed<S>> + Clone + Send + Sync + 'static {
-    let abandoned = abandoned.clone();
-    tower::layer::layer_fn(move |inner| Observed {
-        inner,
-        abandoned: abandoned.clone(),
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
 // The HTTP server
 // ---------------------------------------------------------------------------------------------
 
-struct HttpServer {
-    addr: SocketAddr,
-    backend: Backend,
-    layer: CoalesceHttpLayer,
-    abandoned: Arc<AtomicUsize>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// `axum::serve` on 127.0.0.1:0: the router's handlers become routes, and its layers are
-/// applied again, per connection. `Cache-Status` is on, so clients can tell who was what.
 async fn start(layer: CoalesceHttpLayer) -> HttpServer {
-    let layer = layer.cache_status_header(true);
-    let backend = Backend::new();
-    let abandoned = Arc::new(AtomicUsize::new(0));
-    let app = routes()
-        .layer(layer.clone())
-        .layer(observer(&abandoned))
-        .layer(Extension(backend.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    HttpServer {
-        addr,
-        backend,
-        layer,
-        abandoned,
-        task,
-    }
-}
-
-impl HttpServer {
-    /// (backend calls, keys in flight, followers waiting).
-    fn state(&self) -> (usize, usize, usize) {
-        (
-            self.backend.calls(),
-            self.layer.in_flight(),
-            self.layer.waiting(),
-        )
-    }
-
-    async fn until_state(&self, what: &str, want: (usize, usize, usize)) {
-        until(what, || self.state(), |s| *s == want).await;
-    }
-
-    /// Until `total` requests are each in the handler or parked as followers.
-    async fn until_settled(&self, total: usize) {
-        until(
-            "every request in the handler or parked",
-            || self.state(),
-            |&(calls, _, waiting)| calls + waiting == total,
-        )
-        .await;
-    }
-
-    async fn until_abandoned(&self, n: usize) {
-        until(
-            "the server dropped the gone clients' requests",
-            || self.abandoned.load(SeqCst),
-            |&a| a == n,
-        )
-        .await;
-    }
-
-    /// Registry gauges once the load is gone: nothing in flight, nobody waiting.
-    async fn until_empty(&self) {
-        until(
-            "the registry empty",
-            || {
-                (
-                    self.layer.in_flight(),
-                    self.layer.waiting(),
-                    self.layer.stats().in_flight,
-                )
-            },
-            |&g| g == (0, 0, 0),
-        )
-        .await;
-    }
+    serve(routes(), layer, None).await
 }
 
 // ---------------------------------------------------------------------------------------------
 // hyper clients
 // ---------------------------------------------------------------------------------------------
-
-type Sender1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
-type Sender2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
-
-/// Aborts the connection task when dropped: dropping the client closes its connection.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn drive(conn: impl Future + Send + 'static) -> AbortOnDrop {
-    AbortOnDrop(tokio::spawn(async move {
-        let _ = conn.await;
-    }))
-}
-
-async fn h1(addr: SocketAddr) -> (Sender1, AbortOnDrop) {
-    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
-    let (tx, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
-    (tx, drive(conn))
-}
-
-async fn h2(addr: SocketAddr) -> (Sender2, AbortOnDrop) {
-    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
-    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-        .await
-        .unwrap();
-    (tx, drive(conn))
-}
-
-/// An HTTP/1.1 GET: origin-form target, `Host` header.
-fn get1(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> Request<Full<Bytes>> {
-    let mut b = Request::get(path).header("host", addr.to_string());
-    for (k, v) in extra {
-        b = b.header(*k, *v);
-    }
-    b.body(Full::default()).unwrap()
-}
-
-/// An HTTP/2 GET: scheme and authority in the URI (`:scheme`, `:authority`).
-fn get2(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> Request<Full<Bytes>> {
-    let mut b = Request::get(format!("http://{addr}{path}"));
-    for (k, v) in extra {
-        b = b.header(*k, *v);
-    }
-    b.body(Full::default()).unwrap()
-}
-
-#[derive(Debug)]
-struct Reply {
-    status: StatusCode,
-    version: Version,
-    headers: HeaderMap,
-    body: Bytes,
-    trailers: Option<HeaderMap>,
-}
-
-impl Reply {
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.body).unwrap_or("<binary>")
-    }
-
-    fn cache_status(&self) -> &str {
-        self.headers
-            .get("cache-status")
-            .map_or("", |v| v.to_str().unwrap())
-    }
-}
-
-async fn read_reply(res: Response<Incoming>) -> Reply {
-    let (parts, body) = res.into_parts();
-    let collected = bounded("a response body", body.collect())
-        .await
-        .expect("whole body");
-    Reply {
-        status: parts.status,
-        version: parts.version,
-        headers: parts.headers,
-        trailers: collected.trailers().cloned(),
-        body: collected.to_bytes(),
-    }
-}
-
-/// One GET on an HTTP/1.1 connection of its own, from a task of its own.
-fn spawn_h1(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> JoinHandle<Reply> {
-    let req = get1(addr, path, extra);
-    tokio::spawn(async move {
-        let (mut tx, _conn) = h1(addr).await;
-        read_reply(tx.send_request(req).await.expect("response")).await
-    })
-}
-
-/// One GET as a new stream of the h2 connection `tx`.
-fn spawn_h2(tx: &Sender2, req: Request<Full<Bytes>>) -> JoinHandle<Reply> {
-    let mut tx = tx.clone();
-    tokio::spawn(async move { read_reply(tx.send_request(req).await.expect("response")).await })
-}
 
 /// Reads the response head and the first data frame, reports it in `got_first`, waits for
 /// `resume`, then reads the rest: a client in the middle of a body while others act.
@@ -648,207 +259,6 @@ async fn read_paused(
         body: data.into(),
         trailers,
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A raw HTTP/1.x client
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug)]
-struct Head {
-    /// `HTTP/1.1` or `HTTP/1.0`.
-    version: String,
-    status: u16,
-    headers: Vec<(String, String)>,
-}
-
-impl Head {
-    fn all(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
-
-    fn get(&self, name: &str) -> Option<&str> {
-        self.all(name).first().copied()
-    }
-
-    fn chunked(&self) -> bool {
-        self.get("transfer-encoding")
-            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
-    }
-}
-
-struct Raw {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-/// A response read by [`Raw::response`].
-#[derive(Debug)]
-struct RawReply {
-    head: Head,
-    body: Vec<u8>,
-    /// Trailer fields of a chunked body.
-    trailers: Vec<(String, String)>,
-}
-
-impl RawReply {
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.body).unwrap_or("<binary>")
-    }
-}
-
-fn request_text(
-    method: &str,
-    version: &str,
-    addr: SocketAddr,
-    path: &str,
-    extra: &[&str],
-) -> String {
-    let mut text = format!("{method} {path} {version}\r\nhost: {addr}\r\n");
-    for line in extra {
-        text.push_str(line);
-        text.push_str("\r\n");
-    }
-    text.push_str("\r\n");
-    text
-}
-
-impl Raw {
-    async fn connect(addr: SocketAddr) -> Raw {
-        Raw {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            buf: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, text: &str) {
-        self.stream.write_all(text.as_bytes()).await.unwrap();
-    }
-
-    /// Reads more bytes; returns how many (0 at EOF or on a reset).
-    async fn more(&mut self) -> usize {
-        let mut chunk = vec![0; 64 * 1024];
-        let n = bounded("reading from the socket", self.stream.read(&mut chunk))
-            .await
-            .unwrap_or(0);
-        self.buf.extend_from_slice(&chunk[..n]);
-        n
-    }
-
-    async fn line(&mut self) -> String {
-        loop {
-            if let Some(at) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let line = String::from_utf8(self.buf[..at].to_vec()).unwrap();
-                self.buf.drain(..at + 2);
-                return line;
-            }
-            assert!(self.more().await > 0, "EOF in the middle of a line");
-        }
-    }
-
-    async fn fields(&mut self) -> Vec<(String, String)> {
-        let mut fields = Vec::new();
-        loop {
-            let line = self.line().await;
-            if line.is_empty() {
-                return fields;
-            }
-            let (k, v) = line.split_once(':').expect("a field line");
-            fields.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-        }
-    }
-
-    async fn head(&mut self) -> Head {
-        let status_line = self.line().await;
-        let mut parts = status_line.splitn(3, ' ');
-        let version = parts.next().unwrap().to_owned();
-        let status = parts.next().unwrap().parse().unwrap();
-        Head {
-            version,
-            status,
-            headers: self.fields().await,
-        }
-    }
-
-    async fn exact(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            assert!(self.more().await > 0, "EOF before {n} bytes");
-        }
-        self.buf.drain(..n).collect()
-    }
-
-    /// One chunk of a chunked body; `None` at the last chunk (the trailer section follows).
-    async fn chunk(&mut self) -> Option<Vec<u8>> {
-        let size_line = self.line().await;
-        let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
-            .expect("a chunk size");
-        if size == 0 {
-            return None;
-        }
-        let data = self.exact(size).await;
-        assert_eq!(self.exact(2).await, b"\r\n", "CRLF after a chunk");
-        Some(data)
-    }
-
-    async fn chunked(&mut self) -> (Vec<u8>, Vec<(String, String)>) {
-        let mut body = Vec::new();
-        while let Some(data) = self.chunk().await {
-            body.extend(data);
-        }
-        (body, self.fields().await)
-    }
-
-    async fn read_to_eof(&mut self) -> Vec<u8> {
-        while self.more().await > 0 {}
-        std::mem::take(&mut self.buf)
-    }
-
-    /// A whole response to a request with `method`, framed as its head says.
-    async fn response(&mut self, method: &str) -> RawReply {
-        let head = self.head().await;
-        let (body, trailers) = if method == "HEAD" || head.status == 204 || head.status == 304 {
-            (Vec::new(), Vec::new())
-        } else if head.chunked() {
-            self.chunked().await
-        } else if let Some(len) = head.get("content-length") {
-            (self.exact(len.parse().unwrap()).await, Vec::new())
-        } else {
-            (self.read_to_eof().await, Vec::new())
-        };
-        RawReply {
-            head,
-            body,
-            trailers,
-        }
-    }
-
-    /// Whether the server closed the connection (nothing more to read). Only call it when
-    /// either EOF or more bytes are due, as it waits for one of them.
-    async fn closed(&mut self) -> bool {
-        self.buf.is_empty() && self.more().await == 0
-    }
-
-    /// A request on this (kept-alive) connection and its whole response.
-    async fn exchange(&mut self, method: &str, path: &str, addr: SocketAddr) -> RawReply {
-        self.send(&request_text(method, "HTTP/1.1", addr, path, &[]))
-            .await;
-        self.response(method).await
-    }
-}
-
-/// A raw client on its own connection that sends `text` and reads the response, from a task
-/// of its own; returns the connection too, for follow-up requests.
-fn spawn_raw(addr: SocketAddr, text: String, method: &'static str) -> JoinHandle<(RawReply, Raw)> {
-    tokio::spawn(async move {
-        let mut raw = Raw::connect(addr).await;
-        raw.send(&text).await;
-        let reply = raw.response(method).await;
-        (reply, raw)
-    })
 }
 
 // =============================================================================================

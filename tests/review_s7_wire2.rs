@@ -23,146 +23,31 @@
 //! beside its `Transfer-Encoding`, which the docs say is dropped; hyper refused the pair and
 //! closed the connection without a byte (as it does without the layer).
 
+mod support;
+
 use std::convert::Infallible;
-use std::fmt::Debug;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Request as AxumRequest};
-use axum::http::{HeaderMap, Request, Response, StatusCode, Version};
+use axum::http::{Request, Response, StatusCode, Version};
 use axum::routing::get;
 use axum::{Extension, Router};
 use bytes::Bytes;
-use http_body::Frame;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use hyper_util::rt::TokioIo;
+use support::wire::{
+    bounded, data, h2, join, join_all, plain, req2, request_text, serve, spawn_raw, streamed,
+    tagged, trailer_frame, trailers, until, within, Backend, Frames, Framing, HttpServer, Raw,
+    RawReply, Reply, Sender2, Upstream, UpstreamServer,
+};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower_coalesce::http::CoalesceHttpLayer;
-
-/// The bound on each single wait: ages for loopback, so running out of it means a hang.
-const WAIT: Duration = Duration::from_secs(10);
-
-// ---------------------------------------------------------------------------------------------
-// Bounded waits
-// ---------------------------------------------------------------------------------------------
-
-async fn until<T: Debug>(what: &str, probe: impl Fn() -> T, done: impl Fn(&T) -> bool) {
-    let waited = tokio::time::timeout(WAIT, async {
-        while !done(&probe()) {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
-    assert!(
-        waited.is_ok(),
-        "timed out waiting until {what}; last state: {:?}",
-        probe()
-    );
-}
-
-async fn bounded<F: Future>(what: &str, f: F) -> F::Output {
-    tokio::time::timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("hangs: {what}"))
-}
-
-async fn join<T: Send + 'static>(task: JoinHandle<T>) -> T {
-    bounded("a client task", task).await.expect("client task")
-}
-
-async fn join_all<T: Send + 'static>(tasks: Vec<JoinHandle<T>>) -> Vec<T> {
-    let mut out = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        out.push(join(task).await);
-    }
-    out
-}
-
-async fn within<F: Future<Output = ()>>(test: F) {
-    tokio::time::timeout(Duration::from_secs(90), test)
-        .await
-        .expect("test timed out: something hangs");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backend: counted calls held on a gate
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Clone)]
-struct Backend {
-    calls: Arc<AtomicUsize>,
-    gate: Arc<watch::Sender<bool>>,
-}
-
-impl Backend {
-    fn new() -> Backend {
-        Backend {
-            calls: Arc::default(),
-            gate: Arc::new(watch::channel(false).0),
-        }
-    }
-
-    /// Counts the call, waits for the gate, returns the call's number (from 0).
-    async fn enter(&self) -> usize {
-        let n = self.calls.fetch_add(1, SeqCst);
-        self.gate
-            .subscribe()
-            .wait_for(|open| *open)
-            .await
-            .expect("gate sender lives");
-        n
-    }
-
-    fn open(&self) {
-        self.gate.send_replace(true);
-    }
-
-    fn calls(&self) -> usize {
-        self.calls.load(SeqCst)
-    }
-}
-
-type Frames = Vec<Result<Frame<Bytes>, Infallible>>;
-
-/// A body of `frames`, length unknown.
-fn streamed(frames: Frames) -> Body {
-    Body::new(StreamBody::new(futures::stream::iter(frames)))
-}
-
-fn data(text: impl Into<Bytes>) -> Result<Frame<Bytes>, Infallible> {
-    Ok(Frame::data(text.into()))
-}
-
-fn trailer_frame(fields: &[(&'static str, String)]) -> Result<Frame<Bytes>, Infallible> {
-    let mut t = HeaderMap::new();
-    for (k, v) in fields {
-        t.insert(*k, v.parse().unwrap());
-    }
-    Ok(Frame::trailers(t))
-}
-
-/// `len` bytes tagged at the start with the call that made them.
-fn tagged(n: usize, len: usize) -> Bytes {
-    let mut data = format!("call {n:04} ").into_bytes();
-    data.extend((0..len - data.len()).map(|i| b'a' + (i % 26) as u8));
-    Bytes::from(data)
-}
 
 // ---------------------------------------------------------------------------------------------
 // The axum app (every route is `get`: axum answers HEAD with the GET handler)
 // ---------------------------------------------------------------------------------------------
-
-async fn plain() -> &'static str {
-    "plain"
-}
 
 /// An empty body of known length, not gated.
 async fn empty() {}
@@ -217,19 +102,6 @@ async fn gzip(Extension(b): Extension<Backend>) -> Response<Body> {
     Response::builder()
         .header("transfer-encoding", "gzip, chunked")
         .body(streamed(vec![data("gzip "), data(format!("#{n}"))]))
-        .unwrap()
-}
-
-/// Two chunks and a trailer naming the call, announced in `Trailer`.
-async fn trailers(Extension(b): Extension<Backend>) -> Response<Body> {
-    let n = b.enter().await;
-    Response::builder()
-        .header("trailer", "x-checksum")
-        .body(streamed(vec![
-            data("checked "),
-            data(format!("body {n}")),
-            trailer_frame(&[("x-checksum", format!("sum-{n}"))]),
-        ]))
         .unwrap()
 }
 
@@ -306,11 +178,6 @@ async fn proxy(Extension(up): Extension<Upstream>, req: AxumRequest) -> Response
     res.map(Body::new)
 }
 
-#[derive(Clone)]
-struct Upstream {
-    addr: SocketAddr,
-}
-
 fn routes() -> Router {
     Router::new()
         .route("/plain", get(plain))
@@ -332,18 +199,6 @@ fn routes() -> Router {
 // ---------------------------------------------------------------------------------------------
 // The upstream: a tiny hyper HTTP/1.1 server, counted and gated
 // ---------------------------------------------------------------------------------------------
-
-struct UpstreamServer {
-    addr: SocketAddr,
-    backend: Backend,
-    task: JoinHandle<()>,
-}
-
-impl Drop for UpstreamServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
@@ -399,437 +254,31 @@ async fn start_upstream() -> UpstreamServer {
 // The HTTP server
 // ---------------------------------------------------------------------------------------------
 
-struct HttpServer {
-    addr: SocketAddr,
-    backend: Backend,
-    layer: CoalesceHttpLayer,
-    upstream: Option<UpstreamServer>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 async fn start(layer: CoalesceHttpLayer) -> HttpServer {
-    start_with(layer, None).await
+    serve(routes(), layer, None).await
 }
 
 async fn start_proxy() -> HttpServer {
     let up = start_upstream().await;
-    start_with(CoalesceHttpLayer::new(), Some(up)).await
-}
-
-async fn start_with(layer: CoalesceHttpLayer, upstream: Option<UpstreamServer>) -> HttpServer {
-    let layer = layer.cache_status_header(true);
-    let backend = Backend::new();
-    let up = Upstream {
-        addr: upstream
-            .as_ref()
-            .map_or(([127, 0, 0, 1], 9).into(), |u| u.addr),
-    };
-    let app = routes()
-        .layer(layer.clone())
-        .layer(Extension(backend.clone()))
-        .layer(Extension(up));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    HttpServer {
-        addr,
-        backend,
-        layer,
-        upstream,
-        task,
-    }
-}
-
-impl HttpServer {
-    /// Calls made by the handler, or by the upstream when there is one.
-    fn calls(&self) -> usize {
-        match &self.upstream {
-            Some(up) => up.backend.calls(),
-            None => self.backend.calls(),
-        }
-    }
-
-    fn open(&self) {
-        self.backend.open();
-        if let Some(up) = &self.upstream {
-            up.backend.open();
-        }
-    }
-
-    /// Until `total` requests are each in a call or parked as followers.
-    async fn until_settled(&self, total: usize) {
-        until(
-            "every request in a call or parked",
-            || (self.calls(), self.layer.in_flight(), self.layer.waiting()),
-            |&(calls, _, waiting)| calls + waiting == total,
-        )
-        .await;
-    }
-
-    async fn until_empty(&self) {
-        until(
-            "the registry empty",
-            || {
-                (
-                    self.layer.in_flight(),
-                    self.layer.waiting(),
-                    self.layer.stats().in_flight,
-                )
-            },
-            |&g| g == (0, 0, 0),
-        )
-        .await;
-    }
+    serve(routes(), CoalesceHttpLayer::new(), Some(up)).await
 }
 
 // ---------------------------------------------------------------------------------------------
 // hyper clients
 // ---------------------------------------------------------------------------------------------
 
-type Sender2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
-
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-async fn h2(addr: SocketAddr) -> (Sender2, AbortOnDrop) {
-    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
-    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-        .await
-        .unwrap();
-    (
-        tx,
-        AbortOnDrop(tokio::spawn(async move {
-            let _ = conn.await;
-        })),
-    )
-}
-
-/// An HTTP/2 request: scheme and authority in the URI.
-fn req2(
-    method: &str,
-    addr: SocketAddr,
-    path: &str,
-    extra: &[(&str, &str)],
-) -> Request<Full<Bytes>> {
-    let mut b = Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"));
-    for (k, v) in extra {
-        b = b.header(*k, *v);
-    }
-    b.body(Full::default()).unwrap()
-}
-
-#[derive(Debug)]
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-    trailers: Option<HeaderMap>,
-}
-
-impl Reply {
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.body).unwrap_or("<binary>")
-    }
-
-    fn cache_status(&self) -> &str {
-        self.headers
-            .get("cache-status")
-            .map_or("", |v| v.to_str().unwrap())
-    }
-}
-
+/// A response on an HTTP/2 connection, read whole.
 async fn read_reply(res: Response<Incoming>) -> Reply {
     assert_eq!(res.version(), Version::HTTP_2);
-    let (parts, body) = res.into_parts();
-    let collected = bounded("a response body", body.collect())
-        .await
-        .expect("whole body");
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        trailers: collected.trailers().cloned(),
-        body: collected.to_bytes(),
-    }
+    support::wire::read_reply(res).await
 }
 
+/// One request as a new stream of the h2 connection `tx`.
 fn spawn_h2(tx: &Sender2, req: Request<Full<Bytes>>) -> JoinHandle<Reply> {
     let mut tx = tx.clone();
     tokio::spawn(async move {
         let res = bounded("h2 response head", tx.send_request(req)).await;
         read_reply(res.expect("response")).await
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
-// A raw HTTP/1.x client
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug)]
-struct Head {
-    version: String,
-    status: u16,
-    headers: Vec<(String, String)>,
-}
-
-impl Head {
-    fn all(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
-
-    fn get(&self, name: &str) -> Option<&str> {
-        self.all(name).first().copied()
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.get(name).is_some()
-    }
-
-    fn chunked(&self) -> bool {
-        self.get("transfer-encoding")
-            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
-    }
-
-    fn cache_status(&self) -> &str {
-        self.get("cache-status").unwrap_or("")
-    }
-
-    fn follower(&self) -> bool {
-        self.cache_status().ends_with("; collapsed")
-    }
-}
-
-/// How a body was framed on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    None,
-    Length,
-    Chunked,
-    Close,
-}
-
-#[derive(Debug)]
-struct RawReply {
-    head: Head,
-    body: Vec<u8>,
-    trailers: Vec<(String, String)>,
-    framing: Framing,
-}
-
-impl RawReply {
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.body).unwrap_or("<binary>")
-    }
-
-    fn trailer(&self, name: &str) -> Option<&str> {
-        self.trailers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Never both framings at once, and a `Content-Length` that matches the body.
-    #[track_caller]
-    fn assert_framed_once(&self) {
-        assert!(
-            !(self.head.chunked() && self.head.has("content-length")),
-            "two framings: {:?}",
-            self.head
-        );
-        assert!(
-            self.head.all("content-length").len() <= 1,
-            "{:?}",
-            self.head
-        );
-        if self.framing == Framing::Length {
-            assert_eq!(
-                self.head.get("content-length"),
-                Some(self.body.len().to_string().as_str())
-            );
-        }
-    }
-}
-
-fn request_text(
-    method: &str,
-    version: &str,
-    addr: SocketAddr,
-    path: &str,
-    extra: &[&str],
-) -> String {
-    let mut text = format!("{method} {path} {version}\r\nhost: {addr}\r\n");
-    for line in extra {
-        text.push_str(line);
-        text.push_str("\r\n");
-    }
-    text.push_str("\r\n");
-    text
-}
-
-struct Raw {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Raw {
-    async fn connect(addr: SocketAddr) -> Raw {
-        Raw {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            buf: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, text: &str) {
-        self.stream.write_all(text.as_bytes()).await.unwrap();
-    }
-
-    async fn more(&mut self) -> usize {
-        let mut chunk = vec![0; 64 * 1024];
-        let n = bounded("reading from the socket", self.stream.read(&mut chunk))
-            .await
-            .unwrap_or(0);
-        self.buf.extend_from_slice(&chunk[..n]);
-        n
-    }
-
-    async fn line(&mut self) -> String {
-        loop {
-            if let Some(at) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let line = String::from_utf8(self.buf[..at].to_vec()).unwrap();
-                self.buf.drain(..at + 2);
-                return line;
-            }
-            assert!(
-                self.more().await > 0,
-                "EOF in the middle of a line (read so far: {:?})",
-                String::from_utf8_lossy(&self.buf)
-            );
-        }
-    }
-
-    async fn fields(&mut self) -> Vec<(String, String)> {
-        let mut fields = Vec::new();
-        loop {
-            let line = self.line().await;
-            if line.is_empty() {
-                return fields;
-            }
-            let (k, v) = line.split_once(':').expect("a field line");
-            fields.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-        }
-    }
-
-    async fn head(&mut self) -> Head {
-        let status_line = self.line().await;
-        let mut parts = status_line.splitn(3, ' ');
-        let version = parts.next().unwrap().to_owned();
-        let status = parts.next().unwrap().parse().unwrap();
-        Head {
-            version,
-            status,
-            headers: self.fields().await,
-        }
-    }
-
-    async fn exact(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            assert!(self.more().await > 0, "EOF before {n} bytes");
-        }
-        self.buf.drain(..n).collect()
-    }
-
-    async fn chunked(&mut self) -> (Vec<u8>, Vec<(String, String)>) {
-        let mut body = Vec::new();
-        loop {
-            let size_line = self.line().await;
-            let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
-                .expect("a chunk size");
-            if size == 0 {
-                break;
-            }
-            body.extend(self.exact(size).await);
-            assert_eq!(self.exact(2).await, b"\r\n", "CRLF after a chunk");
-        }
-        (body, self.fields().await)
-    }
-
-    async fn read_to_eof(&mut self) -> Vec<u8> {
-        while self.more().await > 0 {}
-        std::mem::take(&mut self.buf)
-    }
-
-    async fn response(&mut self, method: &str) -> RawReply {
-        let head = self.head().await;
-        let (body, trailers, framing) =
-            if method == "HEAD" || head.status == 204 || head.status == 304 {
-                (Vec::new(), Vec::new(), Framing::None)
-            } else if head.chunked() {
-                let (body, trailers) = self.chunked().await;
-                (body, trailers, Framing::Chunked)
-            } else if let Some(len) = head.get("content-length") {
-                let body = self.exact(len.parse().unwrap()).await;
-                (body, Vec::new(), Framing::Length)
-            } else {
-                (self.read_to_eof().await, Vec::new(), Framing::Close)
-            };
-        RawReply {
-            head,
-            body,
-            trailers,
-            framing,
-        }
-    }
-
-    /// Whether the server closed the connection. Only call it when EOF or bytes are due.
-    async fn closed(&mut self) -> bool {
-        self.buf.is_empty() && self.more().await == 0
-    }
-
-    /// A follow-up request on this connection and its whole response.
-    async fn exchange(
-        &mut self,
-        method: &str,
-        version: &str,
-        path: &str,
-        addr: SocketAddr,
-        extra: &[&str],
-    ) -> RawReply {
-        self.send(&request_text(method, version, addr, path, extra))
-            .await;
-        self.response(method).await
-    }
-
-    /// The connection serves another (plain) request, in sync.
-    async fn assert_in_sync(&mut self, version: &str, addr: SocketAddr, extra: &[&str]) {
-        let next = self.exchange("GET", version, "/plain", addr, extra).await;
-        assert_eq!((next.head.status, next.text()), (200, "plain"), "{next:?}");
-    }
-}
-
-fn spawn_raw(addr: SocketAddr, text: String, method: &'static str) -> JoinHandle<(RawReply, Raw)> {
-    tokio::spawn(async move {
-        let mut raw = Raw::connect(addr).await;
-        raw.send(&text).await;
-        let reply = raw.response(method).await;
-        (reply, raw)
     })
 }
 
@@ -1227,7 +676,9 @@ async fn head_copies_of_a_known_length_body_over_the_limit_share_one_call_on_eve
             assert_eq!(r.head.all("content-length"), vec![LEN.to_string().as_str()]);
             assert!(!r.head.chunked());
             followers += usize::from(r.head.follower());
-            let get = conn.exchange("GET", version, &path, s.addr, extra).await;
+            let get = conn
+                .exchange_with("GET", version, &path, s.addr, extra)
+                .await;
             get.assert_framed_once();
             assert_eq!(get.body.len(), LEN, "the GET framed as HEAD said");
             conn.assert_in_sync(version, s.addr, extra).await;
@@ -1273,7 +724,7 @@ async fn head_copies_of_unknown_length_bodies_keep_connections_in_sync() {
             assert_eq!(r.head.all("content-length"), vec!["11"], "{:?}", r.head);
             assert!(!r.head.chunked());
             let get = conn
-                .exchange("GET", "HTTP/1.1", "/unknown", s.addr, &[])
+                .exchange_with("GET", "HTTP/1.1", "/unknown", s.addr, &[])
                 .await;
             assert!(get.text().starts_with("streamed #"), "{get:?}");
             conn.assert_in_sync("HTTP/1.1", s.addr, &[]).await;
@@ -1303,17 +754,23 @@ async fn head_of_a_known_body_says_what_a_bypassed_head_says() {
         let mut conn = Raw::connect(s.addr).await;
         let nc = ["cache-control: no-cache"];
         for (path, len) in [("/known/12", "12"), ("/empty", "0")] {
-            let bypass = conn.exchange("HEAD", "HTTP/1.1", path, s.addr, &nc).await;
+            let bypass = conn
+                .exchange_with("HEAD", "HTTP/1.1", path, s.addr, &nc)
+                .await;
             assert_eq!(
                 bypass.head.cache_status(),
                 "tower-coalesce; fwd=request; detail=no-cache"
             );
-            let coalesced = conn.exchange("HEAD", "HTTP/1.1", path, s.addr, &[]).await;
+            let coalesced = conn
+                .exchange_with("HEAD", "HTTP/1.1", path, s.addr, &[])
+                .await;
             assert_eq!(coalesced.head.cache_status(), "tower-coalesce; fwd=miss");
             assert_eq!(bypass.head.all("content-length"), vec![len], "{path}");
             assert_eq!(coalesced.head.all("content-length"), vec![len], "{path}");
             assert!(!coalesced.head.chunked());
-            let get = conn.exchange("GET", "HTTP/1.1", path, s.addr, &[]).await;
+            let get = conn
+                .exchange_with("GET", "HTTP/1.1", path, s.addr, &[])
+                .await;
             get.assert_framed_once();
             assert_eq!(get.body.len().to_string(), len);
         }
@@ -1552,12 +1009,12 @@ async fn proxy_head_copies_say_what_a_bypassed_head_says_and_keep_connections_in
         let nc = ["cache-control: no-cache"];
         let chunked_bypass = framing(
             &control
-                .exchange("HEAD", "HTTP/1.1", "/up/chunked", s.addr, &nc)
+                .exchange_with("HEAD", "HTTP/1.1", "/up/chunked", s.addr, &nc)
                 .await,
         );
         let length_bypass = framing(
             &control
-                .exchange("HEAD", "HTTP/1.1", "/up/length", s.addr, &nc)
+                .exchange_with("HEAD", "HTTP/1.1", "/up/length", s.addr, &nc)
                 .await,
         );
         assert_eq!(length_bypass.0.as_deref(), Some("500"));
@@ -1582,7 +1039,9 @@ async fn proxy_head_copies_say_what_a_bypassed_head_says_and_keep_connections_in
                 &length_bypass
             };
             assert_eq!(&framing(&r), want, "{path}: {:?}", r.head);
-            let get = conn.exchange("GET", "HTTP/1.1", path, s.addr, &[]).await;
+            let get = conn
+                .exchange_with("GET", "HTTP/1.1", path, s.addr, &[])
+                .await;
             get.assert_framed_once();
             assert!(
                 get.text().starts_with("up-") || get.text().starts_with("call "),
@@ -1641,7 +1100,7 @@ async fn a_leader_released_after_buffering_has_no_content_length_beside_transfer
         s.open();
         let mut conn = Raw::connect(s.addr).await;
         let r = conn
-            .exchange(
+            .exchange_with(
                 "GET",
                 "HTTP/1.1",
                 "/cookie-te-stale",
