@@ -342,6 +342,9 @@ impl GroupBuilder {
     ///
     /// Without it (the default) a flight is driven by its waiters and dropped when the last
     /// one leaves. Outside a tokio runtime, flights are driven by their waiters regardless.
+    /// A call run alone over a capacity bound ([`max_in_flight`](Self::max_in_flight),
+    /// [`max_followers`](Self::max_followers)) is no flight: it is its caller's own, driven
+    /// by it and dropped with it.
     pub fn detached(mut self, detached: bool) -> Self {
         self.config.detached = detached;
         self

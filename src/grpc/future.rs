@@ -13,7 +13,7 @@ use std::future::Future;
 use std::panic::resume_unwind;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, Weak};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -22,7 +22,6 @@ use http::request::Parts;
 use http::{Request, Response, StatusCode, Version};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tokio::sync::oneshot;
 use tokio::time::Sleep;
 use tower::util::{Oneshot, ServiceExt};
 use tower_service::Service;
@@ -33,6 +32,7 @@ use super::status;
 use crate::flight::Run;
 use crate::future::{boxed_limit_passed, limit_timer};
 use crate::http::body::{buffer, Buffered};
+use crate::http::future::{LeaderSlot, Slot};
 use crate::http::{CoalesceBody, ServedBy};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -73,8 +73,8 @@ pin_project! {
             run: Run<GrpcKey, Outcome>,
             // A follower's own request and service, for when the flight does not share.
             own: Option<(S, InnerRequest<B>)>,
-            // The leader's private reply channel; `None` for followers.
-            reply: Option<oneshot::Receiver<Reply<S::Error, ResBody>>>,
+            // Where the flight leaves the leader's own reply; `None` for followers.
+            reply: Option<LeaderSlot<ResBody, S::Error>>,
             waiting: Option<WaitGuard>,
             // A follower's wait limit (`follower_timeout`), boxed: only followers with one pay
             // for it.
@@ -133,25 +133,28 @@ where
         inner: S,
         shared: &Shared,
     ) -> State<S, B, ResBody> {
-        let (tx, rx) = oneshot::channel();
+        let slot: LeaderSlot<ResBody, S::Error> = Arc::new(Slot::new());
         let limit = shared.config.response_limit;
-        let mut call = Some((inner, request, tx));
+        let mut call = Some((inner, request));
         let make = || {
-            let (inner, request, tx) = call.take().expect("make runs once");
-            lead(inner, request, limit, tx)
+            let (inner, request) = call.take().expect("make runs once");
+            lead(inner, request, limit, Arc::downgrade(&slot))
         };
         let run = shared
             .group
             .run_classified(key, make, Outcome::failed, None);
         match call {
-            None => State::Waiting {
-                run,
-                own: None,
-                reply: Some(rx),
-                waiting: None,
-                limit: None,
-            },
-            Some((inner, request, _unused)) => {
+            None => {
+                slot.alone.store(run.is_alone(), Ordering::Relaxed);
+                State::Waiting {
+                    run,
+                    own: None,
+                    reply: Some(slot),
+                    waiting: None,
+                    limit: None,
+                }
+            }
+            Some((inner, request)) => {
                 let limit = shared
                     .config
                     .follower_timeout
@@ -281,13 +284,16 @@ where
                         }
                     };
                     drop(waiting.take());
-                    if let Some(mut reply) = reply.take() {
+                    if let Some(reply) = reply.take() {
                         // The caller that started the flight.
                         state.set(State::Done);
                         return match outcome {
                             Ok(_) => {
                                 let reply = reply
-                                    .try_recv()
+                                    .reply
+                                    .lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .take()
                                     .expect("a flight replies to its leader before it completes");
                                 Poll::Ready(reply.map(|r| served(r, ServedBy::Leader)))
                             }
@@ -389,7 +395,7 @@ async fn lead<S, B, ResBody>(
     inner: S,
     request: InnerRequest<B>,
     limit: usize,
-    reply: oneshot::Sender<Reply<S::Error, ResBody>>,
+    slot: Weak<Slot<ResBody, S::Error>>,
 ) -> Outcome
 where
     S: Service<InnerRequest<B>, Response = Response<ResBody>>,
@@ -397,17 +403,27 @@ where
     ResBody: Body,
 {
     // The leader may be gone (a follower drives the flight then): its reply is dropped.
+    let reply = |reply| {
+        if let Some(slot) = slot.upgrade() {
+            *slot.reply.lock().unwrap_or_else(PoisonError::into_inner) = Some(reply);
+        }
+    };
     let response = match inner.oneshot(request).await {
         Ok(response) => response,
         Err(error) => {
-            let _ = reply.send(Err(error));
+            reply(Err(error));
             return Outcome::Released { failed: true };
         }
     };
     let (parts, body) = response.into_parts();
-    if !status::head_may_share(&parts) {
+    // A call over a bound (alone) has nobody to share with: passed on as it comes.
+    if !status::head_may_share(&parts)
+        || slot
+            .upgrade()
+            .is_some_and(|s| s.alone.load(Ordering::Relaxed))
+    {
         let failed = status::head_failed(&parts);
-        let _ = reply.send(Ok(Response::from_parts(
+        reply(Ok(Response::from_parts(
             parts,
             CoalesceBody::original(body),
         )));
@@ -435,7 +451,7 @@ where
             (CoalesceBody::full(data, trailers), outcome)
         }
     };
-    let _ = reply.send(Ok(Response::from_parts(parts, body)));
+    reply(Ok(Response::from_parts(parts, body)));
     outcome
 }
 

@@ -230,7 +230,9 @@ impl CoalesceGrpcLayer {
 
     /// At most `max` calls in flight at once, across every service this layer made. A call
     /// that would start one more flight is made on its own instead: it never waits and never
-    /// fails for the bound. (Off by default.)
+    /// fails for the bound, and its response is passed on as it comes, unbuffered. That call
+    /// is the caller's own: not [detached](Self::detached), it ends if the caller goes. (Off
+    /// by default.)
     ///
     /// ```
     /// use tower_coalesce::grpc::CoalesceGrpcLayer;

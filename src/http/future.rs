@@ -195,7 +195,7 @@ where
                     return Poll::Ready(Ok(mark(res, ServedBy::Released, header, entry)));
                 }
                 StateProj::Leader { run, slot } => {
-                    let res = match ready!(Pin::new(run).poll(cx)) {
+                    let res = match ready!(Pin::new(&mut *run).poll(cx)) {
                         // Without followers the leader holds the only reference.
                         Ok(Outcome::Shared(shared)) => match Arc::try_unwrap(shared) {
                             Ok(only) => only.into_response(),
@@ -212,7 +212,13 @@ where
                             std::panic::resume_unwind(Box::new(panicked.message().to_owned()))
                         }
                     };
-                    let entry = || "tower-coalesce; fwd=miss".to_owned();
+                    let entry = || match run.is_alone() {
+                        true => {
+                            let (fwd, detail) = Release::Alone.cache_status();
+                            format!("tower-coalesce; fwd={fwd}; detail={detail}")
+                        }
+                        false => "tower-coalesce; fwd=miss".to_owned(),
+                    };
                     return Poll::Ready(Ok(mark(res, ServedBy::Leader, header, entry)));
                 }
                 StateProj::Follower {

@@ -181,6 +181,7 @@ impl CoalesceHttpLayer {
     /// | served by | entry |
     /// |---|---|
     /// | leader | `tower-coalesce; fwd=miss` |
+    /// | request over [`max_in_flight`](Self::max_in_flight) or [`max_followers`](Self::max_followers), calling on its own | `tower-coalesce; fwd=miss; detail=over-capacity` |
     /// | follower | `tower-coalesce; fwd=miss; collapsed` |
     /// | follower released to make its own call | `tower-coalesce; fwd=miss; collapsed=?0; detail=<reason>` (`fwd=vary-miss` for a `Vary` mismatch) |
     /// | bypass | `tower-coalesce; fwd=bypass; detail=<reason>` (`fwd=method`, `fwd=request` for those reasons) |
@@ -193,7 +194,8 @@ impl CoalesceHttpLayer {
     /// At most `max` keys in flight at once, across every service this layer made. A request
     /// that would start one more flight calls the inner service on its own instead: it never
     /// waits and never fails for the bound, and its response streams to it unbuffered, as
-    /// without this layer. (Off by default.)
+    /// without this layer. That call is the request's own: not [detached](Self::detached),
+    /// it ends if the request goes. (Off by default.)
     ///
     /// ```
     /// use tower_coalesce::http::CoalesceHttpLayer;

@@ -118,7 +118,8 @@
 // `pub(crate)`: the gRPC adapter buffers and replays bodies with it too.
 pub(crate) mod body;
 mod builder;
-mod future;
+// `pub(crate)`: the gRPC adapter hands its leader's reply over in the same slot.
+pub(crate) mod future;
 pub(crate) mod key;
 mod layer;
 mod service;

@@ -53,7 +53,8 @@ pub(crate) enum Release {
     /// Shared, but the follower's request differs from the leader's in a header the
     /// response's `Vary` names.
     Vary,
-    /// A call run alone over a bound: nobody to share with. (Never a follower's reason.)
+    /// A call run alone over a bound: nobody to share with. (Never a follower's reason: its
+    /// `Cache-Status` detail is the leader's.)
     Alone,
     /// A follower waited past its limit (`follower_timeout`). (Never a flight's outcome.)
     TimedOut,
@@ -71,7 +72,7 @@ impl Release {
             Release::TooLarge => ("miss", "too-large"),
             Release::Stream => ("miss", "stream"),
             Release::Vary => ("vary-miss", "vary"),
-            Release::Alone => ("miss", "alone"),
+            Release::Alone => ("miss", "over-capacity"),
             Release::TimedOut => ("miss", "timeout"),
         }
     }
