@@ -16,7 +16,7 @@ use crate::flight::Panicked;
 /// use std::error::Error as _;
 /// use tower::{service_fn, ServiceExt};
 /// use tower_coalesce::{CoalesceError, CoalesceLayer};
-/// use tower_layer::Layer;
+/// use tower::Layer;
 ///
 /// #[derive(Debug)]
 /// struct NotFound;
@@ -70,7 +70,9 @@ impl CoalesceError {
 
     /// Whether this follower gave up waiting at its wait limit
     /// ([`CoalesceLayer::follower_timeout`](crate::CoalesceLayer::follower_timeout) with
-    /// [`OnTimeout::Error`](crate::OnTimeout::Error)).
+    /// [`OnTimeout::Error`](crate::OnTimeout::Error)). Not a timeout of the inner service: a
+    /// tower `Timeout` below the layer is its error, found with
+    /// `downcast_ref::<tower::timeout::error::Elapsed>()`.
     pub fn is_timeout(&self) -> bool {
         matches!(*self.kind, Kind::TimedOut(_))
     }

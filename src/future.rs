@@ -175,7 +175,7 @@ where
     /// use std::pin::pin;
     /// use tower::{service_fn, Service};
     /// use tower_coalesce::CoalesceLayer;
-    /// use tower_layer::Layer;
+    /// use tower::Layer;
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() {
@@ -321,7 +321,7 @@ mod tests {
     use std::convert::Infallible;
 
     use tower::service_fn;
-    use tower_layer::Layer;
+    use tower::Layer;
     use tower_service::Service;
 
     use crate::CoalesceLayer;

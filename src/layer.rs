@@ -4,7 +4,7 @@ use std::fmt;
 use std::hash::Hash;
 use std::time::Duration;
 
-use tower_layer::Layer;
+use tower::Layer;
 
 use crate::flight::{Config, Group};
 use crate::service::{CoalesceService, OnTimeout, Options};
@@ -103,7 +103,7 @@ where
     /// use std::time::Duration;
     /// use tower::{service_fn, Service, ServiceExt};
     /// use tower_coalesce::CoalesceLayer;
-    /// use tower_layer::Layer;
+    /// use tower::Layer;
     ///
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
     /// # async fn main() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::HeaderName;
 use http::request::Parts;
-use tower_layer::Layer;
+use tower::Layer;
 
 use super::key::{Config, GrpcKey, IdentityFn};
 use super::service::CoalesceGrpcService;

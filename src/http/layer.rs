@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::header::HeaderName;
 use http::request::Parts;
 use http::Method;
-use tower_layer::Layer;
+use tower::Layer;
 
 use super::key::{Key, KeyRules, Writes};
 use super::service::CoalesceHttpService;
