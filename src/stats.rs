@@ -57,6 +57,43 @@ pub struct Stats {
     pub in_flight: usize,
 }
 
+impl Stats {
+    /// Every field by name, in declaration order: all counters but `in_flight`, a gauge. For
+    /// exporters, which then need no change when a field is added (the struct is
+    /// `#[non_exhaustive]`).
+    ///
+    /// ```
+    /// use tower_coalesce::Group;
+    ///
+    /// let stats = Group::<u64>::new().stats();
+    /// let text: String = stats
+    ///     .fields()
+    ///     .map(|(name, value)| format!("tower_coalesce_{name} {value}\n"))
+    ///     .collect();
+    /// assert!(text.starts_with("tower_coalesce_leaders 0\n"));
+    /// assert_eq!(stats.fields().count(), 14);
+    /// ```
+    pub fn fields(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [
+            ("leaders", self.leaders),
+            ("followers", self.followers),
+            ("lingered", self.lingered),
+            ("bypassed", self.bypassed),
+            ("fell_through", self.fell_through),
+            ("over_capacity", self.over_capacity),
+            ("timed_out", self.timed_out),
+            ("released", self.released),
+            ("retried", self.retried),
+            ("errors", self.errors),
+            ("panics", self.panics),
+            ("cancelled", self.cancelled),
+            ("forgotten", self.forgotten),
+            ("in_flight", self.in_flight as u64),
+        ]
+        .into_iter()
+    }
+}
+
 /// Per-shard counters, guarded by the shard's lock (so counting costs no atomic operation).
 #[derive(Clone, Default, Debug)]
 pub(crate) struct Counters {

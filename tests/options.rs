@@ -1694,3 +1694,31 @@ mod metrics_counters {
         );
     }
 }
+
+/// `Stats::fields` lists every field of `Stats`, by its name, with its value: checked against
+/// the derived `Debug`, so a field added to the struct and not to `fields` fails here.
+#[tokio::test]
+async fn stats_fields_name_every_field_with_its_value() {
+    let group = Group::<u64>::new();
+    let held = group.run(1, || std::future::pending::<u64>());
+    let alone = group.run(2, || async { 2 });
+    assert_eq!(alone.await.unwrap(), 2);
+    let stats = group.stats();
+    let debug = format!("{stats:?}");
+    let inner = debug
+        .strip_prefix("Stats { ")
+        .and_then(|d| d.strip_suffix(" }"))
+        .expect("derived Debug");
+    let from_debug: Vec<(String, u64)> = inner
+        .split(", ")
+        .map(|pair| {
+            let (name, value) = pair.split_once(": ").expect("name: value");
+            (name.to_owned(), value.parse().expect("a number"))
+        })
+        .collect();
+    let listed: Vec<(String, u64)> = stats.fields().map(|(n, v)| (n.to_owned(), v)).collect();
+    assert_eq!(listed, from_debug);
+    assert!(listed.contains(&("leaders".to_owned(), 2)));
+    assert!(listed.contains(&("in_flight".to_owned(), 1)));
+    drop(held);
+}
