@@ -1700,7 +1700,7 @@ mod metrics_counters {
 #[tokio::test]
 async fn stats_fields_name_every_field_with_its_value() {
     let group = Group::<u64>::new();
-    let held = group.run(1, || std::future::pending::<u64>());
+    let held = group.run(1, std::future::pending::<u64>);
     let alone = group.run(2, || async { 2 });
     assert_eq!(alone.await.unwrap(), 2);
     let stats = group.stats();
