@@ -108,8 +108,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = incoming.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
-        // hyper lets 200 streams per connection run at once by default; calls beyond that
-        // wait for a stream and would form later flights. Raised so one burst is one wave.
+        // Calls over a connection's stream limit wait for a stream and form later flights.
+        // tonic sets no limit by default (a bare hyper server allows 200); a bound set for
+        // other reasons should leave room for a burst.
         .max_concurrent_streams(1024)
         // Put authentication before this line, and keep timeouts, tracing and compression
         // outside too (tonic's own `timeout` and concurrency limits already are).

@@ -78,8 +78,8 @@ impl CoalesceError {
     }
 
     /// Whether user code run for this request's call panicked: the inner service (its
-    /// `Clone`, `poll_ready`, `call` or future), or the response's `Clone` while this
-    /// follower's copy was made (that panic is this follower's alone).
+    /// `Clone`, `poll_ready`, `call` or future), or the response's `Clone` while the
+    /// followers' copies were made (every follower not yet served gets that panic).
     pub fn is_panic(&self) -> bool {
         matches!(*self.kind, Kind::Panicked(_))
     }

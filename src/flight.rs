@@ -427,7 +427,9 @@ struct State<T> {
     /// is no follower (`max_followers` does not count it). Cleared when that slot is removed
     /// (`remove_slot`), before its key can be given to a follower.
     caller_slot: Option<usize>,
-    /// How many followers the output was handed to; written when it is published.
+    /// How many followers (not counting a detached flight's caller) the output was handed to
+    /// so far: counted batch by batch as it is published, read by that caller for
+    /// `is_shared`.
     published_to: usize,
     /// The flight's span: for its followers' events and retries; taken when the flight ends.
     #[cfg(feature = "tracing")]

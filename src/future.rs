@@ -63,8 +63,8 @@ impl Deadline {
 /// (a `block_on` of another executor), in a runtime without a time driver (`tokio::time`
 /// panics there), or when the limit ends past the clock's range: the follower then waits with
 /// no limit rather than failing its `call` (a panic there would strike only once a second
-/// request for a key came: a crash under load). The runtime is looked up last, by the callers
-/// too: it costs a reference count on its handle.
+/// request for a key came: a crash under load). Callers ask only for followers with a limit:
+/// looking the runtime up costs a reference count on its handle.
 pub(crate) fn limit_timer(limit: Duration) -> Option<Sleep> {
     tokio::runtime::Handle::try_current().ok()?;
     let at = tokio::time::Instant::now().checked_add(limit)?;
@@ -78,22 +78,39 @@ pub(crate) fn limit_passed(timer: Pin<&mut Sleep>, cx: &mut Context<'_>) -> Opti
     catch_unwind(AssertUnwindSafe(|| timer.poll(cx).is_ready())).ok()
 }
 
-/// Whether the boxed wait limit of an HTTP or gRPC follower has passed (false without one).
-/// Drops a timer whose runtime has gone (see [`limit_passed`]).
+/// Polls a follower of the HTTP or gRPC adapter under its wait limit (boxed: only followers
+/// with one pay for it). `Ready(None)` once the limit has passed: the follower has left the
+/// flight then, counted as timed out, and makes its own call. The limit is looked at before
+/// the flight, so an output that is in by then is taken, not dropped for a timeout; a
+/// follower that took the call over has no limit of its own any more.
 #[cfg(feature = "http")]
-pub(crate) fn boxed_limit_passed(
+pub(crate) fn poll_within<K: Send + 'static, T: Clone + Send + 'static>(
+    run: &mut Run<K, T>,
     limit: &mut Option<Pin<Box<Sleep>>>,
     cx: &mut Context<'_>,
-) -> bool {
-    let passed = limit.as_mut().map(|timer| limit_passed(timer.as_mut(), cx));
-    match passed {
+) -> Poll<Option<Result<T, Panicked>>> {
+    let passed = match limit.as_mut().map(|timer| limit_passed(timer.as_mut(), cx)) {
         Some(Some(passed)) => passed,
+        // Its runtime is gone: no limit, as outside a runtime.
         Some(None) => {
             *limit = None;
             false
         }
         None => false,
+    };
+    if let Poll::Ready(out) = Pin::new(&mut *run).poll(cx) {
+        return Poll::Ready(Some(out));
     }
+    if run.is_driving() {
+        *limit = None;
+    }
+    if !passed || limit.take().is_none() {
+        return Poll::Pending;
+    }
+    run.note_timeout();
+    // Out of the flight now: its place must not hold up the others.
+    run.give_up();
+    Poll::Ready(None)
 }
 
 pin_project! {

@@ -43,7 +43,6 @@ pub(super) fn publish<T>(
         trace_end(&span, end, waiters);
         return Ok(false);
     }
-    state.published_to = wanted;
     // Keys are stable and none is added from here on: one pass over them serves everybody.
     let keys = state
         .followers
@@ -103,7 +102,7 @@ where
 
 /// Fills the `wanted` follower slots among the first `keys` with copies made `copies.len()`
 /// at a time, and wakes their followers, a batch per lock section. Returns whether a follower
-/// got a copy (all may have left meanwhile).
+/// (not a detached flight's caller) got a copy: all may have left meanwhile.
 pub(super) fn serve<T, C>(
     flight: &Flight<T>,
     copier: &mut Copier<'_, T, C>,
@@ -124,19 +123,23 @@ where
         let batch = &mut copies[..unserved.min(BATCH)];
         copier.fill(batch);
         let mut state = flight.state.lock();
+        let caller = state.caller_slot;
         let mut served = 0;
+        let mut others = 0;
         while served < batch.len() && next < keys {
             if let Some(slot) = state.followers.get_mut(next) {
                 if let Slot::Parked(waker) = slot {
                     wakers[served] = waker.take();
                     *slot = Slot::Ready(batch[served].take().expect("one copy per slot"));
                     served += 1;
+                    others += usize::from(caller != Some(next));
                 }
             }
             next += 1;
         }
+        state.published_to += others;
         unserved -= served;
-        handed |= served > 0;
+        handed |= others > 0;
         let last = unserved == 0 || next >= keys;
         if last {
             state.published();

@@ -162,8 +162,9 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
                 };
                 state.makers -= usize::from(mem::take(&mut self.maker));
                 if self.leader {
-                    // A detached flight's caller: shared if anybody else got it.
-                    self.shared = state.published_to > 1;
+                    // A detached flight's caller: shared if anybody else got it, or may yet
+                    // (woken by an early batch, while later ones are being served).
+                    self.shared = state.published_to > 0 || state.phase != Phase::Done;
                 }
                 drop(guard);
                 self.role = Role::Finished;

@@ -4,7 +4,7 @@
 //! The flight's shared output is an [`Outcome`]: a successful response to rebuild for every
 //! follower, or `Released`, which sends each follower to make its own call with its own
 //! request (kept for that purpose until the flight ends). The caller that started the flight
-//! gets its own response, always whole, through a channel only it holds, never through the
+//! gets its own response, always whole, through a slot only it and its flight hold, never through the
 //! shared output: if it goes away and a follower takes over polling the flight, that response
 //! is dropped rather than handed to anybody else.
 
@@ -30,7 +30,7 @@ use super::key::{GrpcKey, KeyHead};
 use super::layer::Shared;
 use super::status;
 use crate::flight::Run;
-use crate::future::{boxed_limit_passed, limit_timer};
+use crate::future::{limit_timer, poll_within};
 use crate::http::body::{buffer, Buffered};
 use crate::http::future::{LeaderSlot, Slot};
 use crate::http::{CoalesceBody, ServedBy};
@@ -257,31 +257,16 @@ where
                     waiting,
                     limit,
                 } => {
-                    // The limit is looked at before the flight: a response that is in by then
-                    // is taken, not dropped for a timeout.
-                    let passed = boxed_limit_passed(limit, cx);
-                    let outcome = match Pin::new(&mut *run).poll(cx) {
-                        Poll::Ready(outcome) => outcome,
-                        Poll::Pending => {
-                            if run.is_driving() {
-                                // It took the call over for everybody: no limit of its own.
-                                *limit = None;
-                            }
-                            if !passed || limit.take().is_none() {
-                                return Poll::Pending;
-                            }
-                            run.note_timeout();
-                            // Out of the flight now: its place must not hold up the others.
-                            run.give_up();
-                            drop(waiting.take());
-                            let (inner, request) =
-                                own.take().expect("a follower keeps its own request");
-                            state.set(State::Calling {
-                                call: inner.oneshot(request),
-                                served: ServedBy::Released,
-                            });
-                            continue;
-                        }
+                    let Some(outcome) = ready!(poll_within(run, limit, cx)) else {
+                        // Past its limit: a call of its own, now.
+                        drop(waiting.take());
+                        let (inner, request) =
+                            own.take().expect("a follower keeps its own request");
+                        state.set(State::Calling {
+                            call: inner.oneshot(request),
+                            served: ServedBy::Released,
+                        });
+                        continue;
                     };
                     drop(waiting.take());
                     if let Some(reply) = reply.take() {

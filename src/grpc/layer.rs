@@ -228,7 +228,7 @@ impl CoalesceGrpcLayer {
         self.configure(|c| c.response_limit = bytes)
     }
 
-    /// At most `max` calls in flight at once, across every service this layer made. A call
+    /// At most `max` flights (keys) at once, across every service this layer made. A call
     /// that would start one more flight is made on its own instead: it never waits and never
     /// fails for the bound, and its response is passed on as it comes, unbuffered. That call
     /// is the caller's own: not [detached](Self::detached), it ends if the caller goes. (Off
@@ -257,7 +257,7 @@ impl CoalesceGrpcLayer {
     /// reason; the flight goes on for the others. A follower that took the call over from a
     /// leader that went away waits for that call with no limit. Counted in
     /// [`Stats::timed_out`]. Off by default. The limit needs tokio's timer: outside a tokio
-    /// runtime followers wait with no limit. (A deadline for the whole call is the client's
+    /// runtime, or in one without its time driver, followers wait with no limit. (A deadline for the whole call is the client's
     /// `grpc-timeout`, which tonic's server enforces.)
     ///
     /// ```

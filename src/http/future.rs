@@ -20,11 +20,11 @@ use super::key::{Bypass, Key, Writes};
 use super::share::{Outcome, Release};
 use super::ServedBy;
 use crate::flight::Run;
-use crate::future::boxed_limit_passed;
+use crate::future::poll_within;
 
 pub(crate) type LeaderSlot<B, E> = Arc<Slot<B, E>>;
 
-/// What the leader's request shares with its call alone.
+/// What a leader's request shares with its flight: the reply slot and the over-bound flag.
 pub(crate) struct Slot<B: Body, E> {
     /// Where the flight leaves the leader's own response (or error) when it is not shared.
     pub(crate) reply: Mutex<Option<Result<Response<CoalesceBody<B>>, E>>>,
@@ -212,12 +212,13 @@ where
                             std::panic::resume_unwind(Box::new(panicked.message().to_owned()))
                         }
                     };
-                    let entry = || match run.is_alone() {
-                        true => {
+                    let entry = || {
+                        if run.is_alone() {
                             let (fwd, detail) = Release::Alone.cache_status();
                             format!("tower-coalesce; fwd={fwd}; detail={detail}")
+                        } else {
+                            "tower-coalesce; fwd=miss".to_owned()
                         }
-                        false => "tower-coalesce; fwd=miss".to_owned(),
                     };
                     return Poll::Ready(Ok(mark(res, ServedBy::Leader, header, entry)));
                 }
@@ -227,25 +228,7 @@ where
                     own,
                     limit,
                 } => {
-                    // The limit is looked at before the flight: a response that is in by then
-                    // is taken, not dropped for a timeout.
-                    let passed = boxed_limit_passed(limit, cx);
-                    let out = match Pin::new(&mut *run).poll(cx) {
-                        Poll::Ready(out) => Some(out),
-                        Poll::Pending => {
-                            if run.is_driving() {
-                                // It took the call over for everybody: no limit of its own.
-                                *limit = None;
-                            }
-                            if !passed || limit.take().is_none() {
-                                return Poll::Pending;
-                            }
-                            run.note_timeout();
-                            // Out of the flight now: its place must not hold up the others.
-                            run.give_up();
-                            None
-                        }
-                    };
+                    let out = ready!(poll_within(run, limit, cx));
                     drop(waiting.take());
                     let reason = match out {
                         None => Release::TimedOut,

@@ -218,7 +218,8 @@ impl CoalesceHttpLayer {
     /// in its `Cache-Status` entry; the flight goes on for the others. A follower that took the
     /// call over from a leader that went away waits for that call with no limit. Counted in
     /// [`Stats::timed_out`]. Off by default: a follower waits as long as the call takes. The
-    /// limit needs tokio's timer: outside a tokio runtime followers wait with no limit.
+    /// limit needs tokio's timer: outside a tokio runtime, or in one without its time driver,
+    /// followers wait with no limit.
     ///
     /// ```
     /// use std::time::Duration;

@@ -180,9 +180,16 @@ where
             *slot.reply.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
         }
     };
+    // Set before this first runs: a call over a bound, which nobody shares.
+    let alone = slot
+        .upgrade()
+        .is_some_and(|s| s.alone.load(Ordering::Relaxed));
     // The leader's request headers, to compare with the followers' on whatever the response's
     // `Vary` will name; one copy per flight.
-    let request_headers = req.headers().clone();
+    let request_headers = match alone {
+        true => http::HeaderMap::new(),
+        false => req.headers().clone(),
+    };
     let head = req.method() == Method::HEAD;
     let (parts, body) = match Oneshot::new(inner, req).await {
         Ok(res) => res.into_parts(),
@@ -199,10 +206,7 @@ where
         // `HEAD` response's describes the `GET` body, and stays.)
         parts.headers.remove(header::CONTENT_LENGTH);
     }
-    if slot
-        .upgrade()
-        .is_some_and(|s| s.alone.load(Ordering::Relaxed))
-    {
+    if alone {
         hand_to_leader(Ok(Response::from_parts(
             parts,
             CoalesceBody::original(body),
