@@ -145,7 +145,10 @@ where
             .run_classified(key, make, Outcome::failed, None);
         match call {
             None => {
-                slot.alone.store(run.is_alone(), Ordering::Relaxed);
+                if run.is_alone() {
+                    // Before its call is first polled: run alone, it is polled by this call.
+                    slot.alone.store(true, Ordering::Relaxed);
+                }
                 State::Waiting {
                     run,
                     own: None,

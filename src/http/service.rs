@@ -142,7 +142,10 @@ where
         let run = self.group.run_classified(key, make, Outcome::failed, None);
         match own {
             None => {
-                slot.alone.store(run.is_alone(), Ordering::Relaxed);
+                if run.is_alone() {
+                    // Before its call is first polled: run alone, it is polled by this request.
+                    slot.alone.store(true, Ordering::Relaxed);
+                }
                 ResponseFuture::leader(run, slot, config.cache_status)
             }
             Some(req) => {
@@ -186,9 +189,10 @@ where
         .is_some_and(|s| s.alone.load(Ordering::Relaxed));
     // The leader's request headers, to compare with the followers' on whatever the response's
     // `Vary` will name; one copy per flight.
-    let request_headers = match alone {
-        true => http::HeaderMap::new(),
-        false => req.headers().clone(),
+    let request_headers = if alone {
+        http::HeaderMap::new()
+    } else {
+        req.headers().clone()
     };
     let head = req.method() == Method::HEAD;
     let (parts, body) = match Oneshot::new(inner, req).await {
