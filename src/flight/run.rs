@@ -126,6 +126,26 @@ impl<K, T: Send + 'static> Run<K, T> {
         self.leader
     }
 
+    /// Whether this caller joined another caller's flight, or was served a lingering output:
+    /// its output is a clone of that call's. The opposite of [`is_leader`](Self::is_leader).
+    ///
+    /// ```
+    /// use tower_coalesce::Group;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let group: Group<u8> = Group::new();
+    /// let leader = group.run(1, || async { "one" });
+    /// let follower = group.run(1, || async { "never made" });
+    /// assert!(!leader.is_follower() && follower.is_follower());
+    /// let (a, b) = tokio::join!(leader, follower);
+    /// assert_eq!((a.unwrap(), b.unwrap()), ("one", "one"));
+    /// # }
+    /// ```
+    pub fn is_follower(&self) -> bool {
+        !self.leader
+    }
+
     /// Whether this call runs alone, unregistered, because a capacity bound
     /// ([`max_in_flight`](GroupBuilder::max_in_flight),
     /// [`max_followers`](GroupBuilder::max_followers)) was reached: nobody can join it. It is
