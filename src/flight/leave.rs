@@ -90,7 +90,7 @@ impl<K, T: Send + 'static> Run<K, T> {
         self.registry.cancelled(hash, id);
         trace_end(meta.span(), End::Cancelled, 0);
         if let Err(panic) = dropped {
-            std::panic::resume_unwind(panic);
+            pass_on(panic);
         }
     }
 
@@ -124,7 +124,7 @@ impl<K, T: Send + 'static> Run<K, T> {
             self.registry.cancelled(flight.hash, flight.id);
             trace_end(&span, End::Cancelled, 0);
             if let Err(panic) = dropped {
-                std::panic::resume_unwind(panic);
+                pass_on(panic);
             }
         } else if state.needs_driver && state.makers == 0 {
             // Nobody left who could retry: the others get the failed attempt's output.
@@ -151,7 +151,7 @@ impl<K, T: Send + 'static> Run<K, T> {
                 drop(failure);
                 drop(removed);
                 if let Err(panic) = published {
-                    resume_unwind(panic);
+                    pass_on(panic);
                 }
             }
         } else {

@@ -193,6 +193,18 @@ pub(super) fn keep_first(first: &mut Result<(), Panic>, next: Result<(), Panic>)
     }
 }
 
+/// Passes a caught panic on to the caller, once the protocol step it interrupted is done. If
+/// this thread is already unwinding (a waiter dropped by a panicking task), raising a second
+/// panic would abort the process: the payload is dropped instead, contained, and the first
+/// panic goes on.
+pub(super) fn pass_on(panic: Panic) {
+    if std::thread::panicking() {
+        drop_panic(panic);
+    } else {
+        resume_unwind(panic);
+    }
+}
+
 /// Drops a caught panic's payload, whose destructor (user code) may panic in turn.
 pub(super) fn drop_panic(panic: Panic) {
     let _ = catch_unwind(AssertUnwindSafe(move || drop(panic)));

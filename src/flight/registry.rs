@@ -19,6 +19,19 @@ impl<K> Shard<K> {
         }
     }
 
+    /// Drops the expiry records of entries gone before their time (forgotten while lingering).
+    /// Called once records outnumber twice the entries, so each pass removes at least half of
+    /// them: amortised O(1) a record, and the queues stay in proportion to the registry
+    /// however long the windows are.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn compact_expiries(&mut self) {
+        let table = &self.table;
+        for queue in [&mut self.expiring_ok, &mut self.expiring_err] {
+            queue.retain(|e| table.find(e.hash, |x| x.id == e.id).is_some());
+        }
+    }
+
     /// Removes the entry (`hash`, `id`), if it is still there, and gives up its place.
     pub(super) fn unlink(&mut self, hash: u64, id: u64, common: &Common) -> Option<Entry<K>> {
         let (entry, _) = self.table.find_entry(hash, |e| e.id == id).ok()?.remove();
@@ -130,6 +143,10 @@ impl<K> ShardCell<K> {
                     hash,
                     id,
                 });
+                let records = shard.expiring_ok.len() + shard.expiring_err.len();
+                if records > 2 * shard.table.len() + 64 {
+                    shard.compact_expiries();
+                }
                 self.common.release(&mut shard.counters);
                 (None, Some(holder))
             }
@@ -179,7 +196,7 @@ impl<K> ShardCell<K> {
         // User code (the key's destructor): after the flights waiting for it are woken.
         drop(entry);
         if let Err(panic) = woken {
-            resume_unwind(panic);
+            pass_on(panic);
         }
     }
 }

@@ -85,7 +85,7 @@ pub(super) fn pass_turn<T>(
         waker = next(&mut flight.state.lock());
     }
     if let Err(panic) = panicked {
-        resume_unwind(panic);
+        pass_on(panic);
     }
 }
 

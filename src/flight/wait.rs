@@ -38,6 +38,9 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
             unreachable!("called for a driver")
         };
         if let Some(old) = fut.meta().gate {
+            // Cloned before the shard is locked: the waker is the executor's code, and this
+            // path is rare enough to pay for a clone it may not keep.
+            let waker = cx.waker().clone();
             let mut shard = self.registry.lock();
             if shard
                 .table
@@ -46,17 +49,20 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
             {
                 // The key's cancelled call is still being dropped. Polled again
                 // meanwhile (a `select!` loop), it does not queue its waker twice.
-                let waker = cx.waker();
                 let queued = shard
                     .gated
                     .iter()
-                    .any(|(id, w)| *id == old.get() && w.will_wake(waker));
+                    .any(|(id, w)| *id == old.get() && w.will_wake(&waker));
                 if !queued {
-                    shard.gated.push((old.get(), waker.clone()));
+                    shard.gated.push((old.get(), waker));
+                    return Poll::Pending;
                 }
+                drop(shard);
+                drop(waker);
                 return Poll::Pending;
             }
             drop(shard);
+            drop(waker);
             fut.as_mut().meta_mut().gate = None;
         }
         let polled = catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx)));
@@ -66,15 +72,24 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
             Err(payload) => Err(Panicked::new(payload)),
         };
         let mut meta = fut.as_mut().meta_mut().take();
+        // A driver that took the call over may become a follower again (`rejoin`), with this
+        // waker: cloned now, before it gives the call up and unlocked (the executor's code).
+        // If that clone panics, it does not rejoin: the failure goes to everybody.
+        let waker = match meta.adopted {
+            true => catch_unwind(AssertUnwindSafe(|| cx.waker().clone())).ok(),
+            false => None,
+        };
         // Release what the inner future holds before the followers are woken. A
         // future that panicked may panic again when dropped; that is its own.
         if let Role::Driver(fut) = mem::replace(&mut self.role, Role::Finished) {
             let _ = catch_unwind(AssertUnwindSafe(move || drop(fut)));
         }
-        if meta.adopted && self.rejoin(&mut meta, &out, cx.waker()) {
-            // Woken with the other followers, to elect the next driver. `out`'s destructor is
-            // user code: it runs here, once the retry is under way.
-            return Poll::Pending;
+        if let Some(waker) = waker {
+            if self.rejoin(&mut meta, &out, waker) {
+                // Woken with the other followers, to elect the next driver. `out`'s
+                // destructor is user code: it runs here, once the retry is under way.
+                return Poll::Pending;
+            }
         }
         Poll::Ready(self.complete(meta, out))
     }
@@ -84,13 +99,14 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
     /// own. With its own `make` it runs the retry at once, for everybody; without one it
     /// becomes a follower again and the followers (`waker` among them) are woken to elect the
     /// next driver. Returns whether it did either (`waker` is woken to poll it in its new
-    /// role); if not, the failure is published to everybody as usual.
+    /// role); if not, the failure is published to everybody as usual. (`waker`, unused, is
+    /// dropped after every lock is let go: a parameter outlives the body's locals.)
     #[inline(never)]
     pub(super) fn rejoin(
         &mut self,
         meta: &mut Meta<T>,
         out: &Result<T, Panicked>,
-        waker: &Waker,
+        waker: Waker,
     ) -> bool {
         let end = match out {
             Err(_) => End::Panicked,
@@ -118,10 +134,10 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
                 // Its `make` panicked: that is its own call's failure, ended by now.
                 self.role = Role::Ready(Box::new(out));
             }
-            waker.wake_by_ref();
+            waker.wake();
             return true;
         }
-        let slot = slot_key(state.followers.insert(Slot::Parked(Some(waker.clone()))));
+        let slot = slot_key(state.followers.insert(Slot::Parked(Some(waker))));
         drop(state);
         self.role = Role::Follower(slot, None);
         match self.retry(&flight, out, meta.gate, end) {
@@ -216,6 +232,9 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
                     drop(failure);
                     return polled;
                 }
+                // Cloned under the lock, as tokio's own `Notify` does: a clone before it would
+                // cost every poll that finds its copy in. (A waker whose clone calls back into
+                // this group deadlocks; one that panics loses nothing, the slot is unchanged.)
                 let old = match waker {
                     Some(w) if w.will_wake(cx.waker()) => None,
                     _ => waker.replace(cx.waker().clone()),
