@@ -12,7 +12,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::resume_unwind;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, Weak};
 use std::task::{ready, Context, Poll};
 
@@ -85,6 +85,9 @@ pin_project! {
             #[pin]
             call: Oneshot<S, InnerRequest<B>>,
             served: ServedBy,
+            // A call of a method not allow-listed: the layer's write count, bumped when its
+            // response (or error) comes.
+            write: Option<Arc<AtomicU64>>,
         },
         Done,
     }
@@ -142,7 +145,7 @@ where
         };
         let run = shared
             .group
-            .run_classified(key, make, Outcome::failed, None);
+            .run_classified(key, make, Outcome::failed, None, None);
         match call {
             None => {
                 if run.is_alone() {
@@ -181,9 +184,13 @@ where
     ResBody: Body,
 {
     /// A call the rules pass through, sent on as it is.
-    pub(crate) fn bypass(shared: &Shared, call: Oneshot<S, InnerRequest<B>>) -> Self {
+    pub(crate) fn bypass(
+        shared: &Shared,
+        call: Oneshot<S, InnerRequest<B>>,
+        write: Option<Arc<AtomicU64>>,
+    ) -> Self {
         ResponseFuture {
-            state: State::bypass(shared, call),
+            state: State::bypass(shared, call, write),
         }
     }
 }
@@ -195,11 +202,16 @@ where
     ResBody: Body,
 {
     /// A call the rules pass through: counted once, in the registry's `bypassed`.
-    fn bypass(shared: &Shared, call: Oneshot<S, InnerRequest<B>>) -> Self {
+    fn bypass(
+        shared: &Shared,
+        call: Oneshot<S, InnerRequest<B>>,
+        write: Option<Arc<AtomicU64>>,
+    ) -> Self {
         shared.group.note_bypass();
         State::Calling {
             call,
             served: ServedBy::Bypass,
+            write,
         }
     }
 }
@@ -245,11 +257,12 @@ where
                         Buffered::Complete { data, trailers } => {
                             let request =
                                 Request::from_parts(parts, CoalesceBody::full(data, trailers));
-                            State::bypass(&shared, inner.oneshot(request))
+                            State::bypass(&shared, inner.oneshot(request), None)
                         }
                         // Over the limit (or failed): passed on with every byte, uncoalesced.
                         Buffered::Incomplete(body) => {
-                            State::bypass(&shared, inner.oneshot(Request::from_parts(parts, body)))
+                            let request = Request::from_parts(parts, body);
+                            State::bypass(&shared, inner.oneshot(request), None)
                         }
                     }
                 }
@@ -268,12 +281,17 @@ where
                         state.set(State::Calling {
                             call: inner.oneshot(request),
                             served: ServedBy::Released,
+                            write: None,
                         });
                         continue;
                     };
                     drop(waiting.take());
                     if let Some(reply) = reply.take() {
-                        // The caller that started the flight.
+                        // The caller that started the flight, or, over a bound, its own call.
+                        let by = match run.is_alone() {
+                            true => ServedBy::Bypass,
+                            false => ServedBy::Leader,
+                        };
                         state.set(State::Done);
                         return match outcome {
                             Ok(_) => {
@@ -283,7 +301,7 @@ where
                                     .unwrap_or_else(PoisonError::into_inner)
                                     .take()
                                     .expect("a flight replies to its leader before it completes");
-                                Poll::Ready(reply.map(|r| served(r, ServedBy::Leader)))
+                                Poll::Ready(reply.map(|r| served(r, by)))
                             }
                             // The inner service panicked on this caller's request: let the
                             // panic go on as it would without the layer.
@@ -302,13 +320,21 @@ where
                             State::Calling {
                                 call: inner.oneshot(request),
                                 served: ServedBy::Released,
+                                write: None,
                             }
                         }
                     }
                 }
-                StateProj::Calling { call, served: by } => {
+                StateProj::Calling {
+                    call,
+                    served: by,
+                    write,
+                } => {
                     let by = *by;
                     let response = ready!(call.poll(cx));
+                    if let Some(writes) = write.take() {
+                        writes.fetch_add(1, Ordering::AcqRel);
+                    }
                     state.set(State::Done);
                     return Poll::Ready(
                         response.map(|r| served(r.map(CoalesceBody::original), by)),

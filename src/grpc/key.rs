@@ -119,6 +119,17 @@ pub(crate) struct KeyHead {
     /// The configured metadata, in configuration order, every value of each.
     metadata: Box<[Box<[HeaderValue]>]>,
     identity: Option<Bytes>,
+    /// How many calls of methods not allow-listed had had their response when this call came
+    /// (`Shared::writes`): it joins only flights that came after the same writes.
+    writes: u64,
+}
+
+impl KeyHead {
+    /// This key, for a call made once `writes` writes had their response.
+    pub(crate) fn after_writes(mut self, writes: u64) -> Self {
+        self.writes = writes;
+        self
+    }
 }
 
 /// Why a call was not given a key (for tests and diagnostics).
@@ -188,6 +199,7 @@ pub(crate) fn classify(config: &Config, parts: &Parts) -> Result<KeyHead, Bypass
             .map(|name| values(headers, name))
             .collect(),
         identity,
+        writes: 0,
     })
 }
 

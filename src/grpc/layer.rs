@@ -1,7 +1,7 @@
 //! [`CoalesceGrpcLayer`]: options, and one registry shared by every service it wraps.
 
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +37,12 @@ pub const DEFAULT_RESPONSE_LIMIT: usize = 4 * 1024 * 1024;
 /// `grpc-status` is `0` is shared, and only if it carries no `set-cookie` (in its headers or
 /// trailers) and fits in [`response_limit`](Self::response_limit); otherwise its own caller
 /// gets it untouched and the followers make their own calls, all at once.
+///
+/// A call of a method that is not allow-listed may change what the listed ones answer (a
+/// write): once it has its response, later calls do not join a flight that began before it,
+/// so a client reads its own writes (the HTTP layer's rule for unsafe methods, per URI; here
+/// per layer, since a gRPC path does not say which data it touches). Writes that happen later
+/// in a stream's life are not seen.
 ///
 /// # Registry scope
 ///
@@ -92,6 +98,10 @@ pub(crate) struct Shared {
     pub(crate) group: Group<GrpcKey>,
     /// Followers waiting for a flight, across the registry.
     pub(crate) waiting: Arc<AtomicUsize>,
+    /// Calls of methods not allow-listed (writes, as far as this layer can tell) that have
+    /// had their response: part of every key, so that a call made after one does not join a
+    /// flight that began before it. Only ever incremented.
+    pub(crate) writes: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -109,6 +119,7 @@ impl CoalesceGrpcLayer {
                 config: Arc::new(Config::new()),
                 group: Group::new(),
                 waiting: Arc::new(AtomicUsize::new(0)),
+                writes: Arc::new(AtomicU64::new(0)),
             },
         }
     }
@@ -124,6 +135,7 @@ impl CoalesceGrpcLayer {
             .bounds(config.max_in_flight, config.max_followers)
             .build();
         self.shared.waiting = Arc::new(AtomicUsize::new(0));
+        self.shared.writes = Arc::new(AtomicU64::new(0));
         self
     }
 

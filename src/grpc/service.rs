@@ -1,6 +1,7 @@
 //! [`CoalesceGrpcService`]: classify a call, then bypass it or buffer its message and key it.
 
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -95,11 +96,15 @@ where
         let (parts, body) = req.into_parts();
         match key::classify(&self.shared.config, &parts) {
             Ok(head) => {
+                let head = head.after_writes(self.shared.writes.load(Ordering::Acquire));
                 ResponseFuture::keyed(parts, body, head, self.inner.clone(), self.shared.clone())
             }
-            Err(_) => {
+            Err(why) => {
+                // Another method, which may change what the listed ones answer: once it has
+                // its response, later calls do not join flights begun before it.
+                let write = (why == key::Bypass::NotAllowed).then(|| self.shared.writes.clone());
                 let req = Request::from_parts(parts, CoalesceBody::original(body));
-                ResponseFuture::bypass(&self.shared, self.inner.clone().oneshot(req))
+                ResponseFuture::bypass(&self.shared, self.inner.clone().oneshot(req), write)
             }
         }
     }
