@@ -865,18 +865,23 @@ async fn every_axum_placement_coalesces_across_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_error_status_response_is_shared_like_any_other() {
+async fn an_error_status_response_is_not_shared_its_followers_call() {
     within(async {
         const N: usize = 8;
         let s = start_http(CoalesceHttpLayer::new()).await;
         let tasks = s.gets(N, "/unavailable", Proto::Http1);
         s.until_one_call(N).await;
-        // "Every status may be shared, errors such as 500 included."
-        for r in ok_replies(s.release(tasks).await) {
-            assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-            assert_eq!(r.text(), "down #0");
-        }
-        assert_eq!(s.backend.calls(), 1);
+        // RFC 9111 §3: a 503 with no explicit freshness is the failed call's own; its
+        // followers are released at once, each to make its own call.
+        let replies = ok_replies(s.release(tasks).await);
+        let mut texts: Vec<_> = replies.iter().map(|r| r.text()).collect();
+        texts.sort();
+        texts.dedup();
+        assert_eq!(texts.len(), N, "each its own call: {texts:?}");
+        assert!(replies
+            .iter()
+            .all(|r| r.status == StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(s.backend.calls(), N);
     })
     .await;
 }

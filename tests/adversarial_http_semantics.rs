@@ -963,31 +963,57 @@ async fn cors_inside_with_vary_origin_never_leaks_another_origins_acao() {
 // Status codes, HEAD, Content-Length
 // ---------------------------------------------------------------------------------------------
 
-/// Error statuses and challenges are ordinary responses (rule 6): shared among identical
-/// anonymous requests, once per burst.
+/// Error statuses and challenges (rule 6, RFC 9111 §3): a status a cache may not reuse
+/// without explicit freshness (`401`, `407`, `500`, `503`) is its own request's, and the
+/// followers make their own calls; with `max-age` it is shared among identical anonymous
+/// requests, as a `404` (heuristically cacheable) always is.
 #[tokio::test(start_paused = true)]
-async fn error_statuses_and_challenges_are_shared_among_identical_requests() {
-    let cases: [(u16, &[(&str, &str)]); 5] = [
-        (401, &[("www-authenticate", "Bearer realm=\"api\"")]),
-        (407, &[("proxy-authenticate", "Basic realm=\"proxy\"")]),
-        (404, &[]),
-        (500, &[]),
-        (503, &[("retry-after", "5")]),
+async fn error_statuses_and_challenges_are_shared_only_when_a_cache_could_reuse_them() {
+    type Case = (u16, &'static [(&'static str, &'static str)], bool);
+    let cases: [Case; 9] = [
+        (401, &[("www-authenticate", "Bearer realm=\"api\"")], false),
+        (
+            407,
+            &[("proxy-authenticate", "Basic realm=\"proxy\"")],
+            false,
+        ),
+        (404, &[], true),
+        (500, &[], false),
+        (503, &[("retry-after", "5")], false),
+        (
+            401,
+            &[
+                ("www-authenticate", "Bearer"),
+                ("cache-control", "max-age=5"),
+            ],
+            true,
+        ),
+        (500, &[("cache-control", "s-maxage=5")], true),
+        (503, &[("expires", "Thu, 01 Jan 2099 00:00:00 GMT")], true),
+        (503, &[("cache-control", "public")], true),
     ];
-    for (status, pairs) in cases {
+    for (status, pairs, shared) in cases {
         let backend = Backend::new();
         let layer = CoalesceHttpLayer::new();
         let mut svc = layer.layer(backend.service(move |n, _| res(status, pairs, n.to_string())));
         let reqs = vec![get("/x", &[]), get("/x", &[]), get("/x", &[])];
         let out = burst(&mut svc, &backend, reqs, 1).await;
-        assert_eq!(by(&out), [Leader, Follower, Follower], "{status}");
         for r in &out {
-            assert_eq!((r.status.as_u16(), r.text().as_str()), (status, "0"));
+            assert_eq!(r.status.as_u16(), status);
             for (name, value) in pairs {
                 assert_eq!(r.header(name), *value, "{status}");
             }
         }
-        assert_eq!(backend.calls(), 1);
+        if shared {
+            assert_eq!(by(&out), [Leader, Follower, Follower], "{status} {pairs:?}");
+            assert!(out.iter().all(|r| r.text() == "0"), "{status}");
+            assert_eq!(backend.calls(), 1);
+        } else {
+            assert_eq!(by(&out), [Leader, Released, Released], "{status} {pairs:?}");
+            let calls: Vec<_> = out.iter().map(Read::text).collect();
+            assert_eq!(calls, ["0", "1", "2"], "{status}: each its own call");
+            assert_eq!(backend.calls(), 3);
+        }
     }
 }
 
@@ -1006,7 +1032,13 @@ async fn redirect_locations_never_cross_authorities() {
         .into_iter()
         .find(|h| !h.is_empty())
         .unwrap_or_default();
-        res(302, &[("location", &format!("https://{host}/login"))], "")
+        // Explicitly fresh: a plain `302` would not be shared at all (RFC 9111 §3).
+        let location = format!("https://{host}/login");
+        res(
+            302,
+            &[("location", &location), ("cache-control", "max-age=60")],
+            "",
+        )
     }));
     let reqs = vec![
         get("/account", &[("host", "a.test")]),

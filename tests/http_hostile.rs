@@ -18,10 +18,13 @@
 //!   the key covers (method, URI, key and conditional and authority headers, identity) and in
 //!   every header the response's `Vary` names, and that response was one a shared cache may
 //!   store (no `Set-Cookie`, no `private`/`no-store`/`no-cache`, no `Vary: *`, readable,
-//!   within the size limit) — never a shared response to the wrong key;
+//!   within the size limit, and of a heuristically cacheable status unless explicitly fresh:
+//!   RFC 9111 §3) — never a shared response to the wrong key;
 //! - a request the rules exclude (unsafe method, body, credentials without an identity,
 //!   `Range`, `Upgrade`, `no-cache`/`no-store`, unreadable directive headers) bypasses;
-//! - two requests that differ only in header-name case, or not at all, share a clean response.
+//! - two requests that differ only in header-name case, or not at all, share a clean response
+//!   of a heuristically cacheable status; with any other status (`500`, `503`, `302`), and no
+//!   explicit freshness, each makes its own call.
 //!
 //! `src/http/` has unit-level proptests of the key's equality and of body buffering; these
 //! complement them end to end.
@@ -313,6 +316,7 @@ fn answer() -> impl Strategy<Value = Answer> {
         "VARY",
         "set-cookie",
         "content-type",
+        "expires",
         "x-other",
     ]);
     let values = prop_oneof![
@@ -327,16 +331,23 @@ fn answer() -> impl Strategy<Value = Answer> {
         .prop_map(|s| s.as_bytes().to_vec()),
         1 => prop::collection::vec(prop_oneof![0x20u8..0x7f, 0x80u8..=0xff], 0..16),
     ];
+    // An `Expires` is mostly a date (in the future: explicit freshness; in the past: stale).
+    let dates = prop::sample::select(vec![
+        "Thu, 01 Jan 2099 00:00:00 GMT",
+        "Thu, 01 Jan 2099 00:00:00 GMT",
+        "Thu, 01 Jan 1970 00:00:00 GMT",
+    ]);
     (
-        prop::sample::select(vec![200u16, 203, 204, 304, 404, 500, 101]),
+        prop::sample::select(vec![200u16, 203, 204, 304, 404, 412, 500, 503, 302, 101]),
         prop_oneof![1 => Just(Vec::new()), 2 => prop::collection::vec(
-            (names, values).prop_map(|(n, v)| {
+            (names, values, dates, any::<bool>()).prop_map(|(n, v, date, odd)| {
                 // Header names are case-insensitive; `http` stores them lower case.
                 let n: &'static str = match n {
                     "Cache-Control" => "cache-control",
                     "VARY" => "vary",
                     other => other,
                 };
+                let v = if n == "expires" && !odd { date.as_bytes().to_vec() } else { v };
                 (n, v)
             }),
             1..4,
@@ -537,6 +548,9 @@ fn must_not_share(res: &Outcome) -> Option<&'static str> {
     if event_stream {
         return Some("event stream");
     }
+    if !reusable_status(res.status) && !explicitly_fresh(h) {
+        return Some("status");
+    }
     for v in h.get_all("vary") {
         let Ok(v) = v.to_str() else {
             return Some("unreadable vary");
@@ -548,6 +562,34 @@ fn must_not_share(res: &Outcome) -> Option<&'static str> {
         }
     }
     None
+}
+
+/// Whether a cache may reuse a response of this status with no explicit freshness: the
+/// heuristically cacheable statuses (RFC 9110 §15.1), and `304`/`412`, the answers to the
+/// conditional headers the key holds.
+fn reusable_status(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 206 | 300 | 301 | 304 | 308 | 404 | 405 | 410 | 412 | 414 | 501
+    )
+}
+
+/// Whether the response has explicit freshness or says any cache may store it (RFC 9111 §3):
+/// `Expires`, or a readable `Cache-Control` with `public`, `max-age` or `s-maxage`. (A zero or
+/// invalid lifetime is not shared either, but this oracle only needs the ones that may be.)
+fn explicitly_fresh(headers: &HeaderMap) -> bool {
+    headers.contains_key("expires")
+        || headers
+            .get_all("cache-control")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|d| d.split('=').next().unwrap_or("").trim())
+            .any(|d| {
+                ["public", "max-age", "s-maxage"]
+                    .iter()
+                    .any(|w| d.eq_ignore_ascii_case(w))
+            })
 }
 
 /// The names a response's `Vary` lists (only called for shareable responses).
@@ -672,17 +714,29 @@ fn check_case(
             );
         }
     }
-    // A request sent twice (or with its header names in another case) shares a clean answer.
+    // A request sent twice (or with its header names in another case) shares a clean answer
+    // of a heuristically cacheable status; of any other status (no headers: no explicit
+    // freshness), each makes its own call.
     let clean = answer.headers.is_empty()
         && answer.status != StatusCode::SWITCHING_PROTOCOLS
         && answer.padding + 16 < limit;
     if clean && outcomes[0].served_by == ServedBy::Leader {
+        let (expected, what) = if reusable_status(answer.status) {
+            (ServedBy::Follower, "did not share a clean response")
+        } else {
+            (
+                ServedBy::Released,
+                "was not released from an unreusable status",
+            )
+        };
         for (spec, res) in specs.iter().zip(&outcomes).skip(1) {
             if same_request(&as_seen(spec), &as_seen(&specs[0])) {
                 prop_assert_eq!(
                     res.served_by,
-                    ServedBy::Follower,
-                    "an identical request did not share a clean response"
+                    expected,
+                    "an identical request {} ({})",
+                    what,
+                    answer.status
                 );
             }
         }

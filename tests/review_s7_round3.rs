@@ -492,7 +492,13 @@ async fn a_followers_426_keeps_the_connection_upgrade_option_with_its_upgrade() 
     let (svc, calls) = inner(|_| {
         response(
             426,
-            map(&[("connection", "Upgrade"), ("upgrade", "TLS/1.2, HTTP/1.1")]),
+            // A 426 is not heuristically cacheable (RFC 9111 §3): explicitly fresh, so that it
+            // is still shared and the follower's copy can be checked.
+            map(&[
+                ("cache-control", "max-age=60"),
+                ("connection", "Upgrade"),
+                ("upgrade", "TLS/1.2, HTTP/1.1"),
+            ]),
             streamed(&[b"upgrade required"], None),
         )
     });
@@ -528,7 +534,9 @@ async fn a_followers_426_drops_the_other_hop_by_hop_fields() {
     let (svc, _) = inner(|_| {
         response(
             426,
+            // Explicitly fresh, so that the 426 is still shared (RFC 9111 §3).
             map(&[
+                ("cache-control", "max-age=60"),
                 ("connection", "close, x-hop, upgrade"),
                 ("x-hop", "1"),
                 ("keep-alive", "timeout=5"),
@@ -569,11 +577,13 @@ async fn a_followers_426_drops_the_other_hop_by_hop_fields() {
 async fn upgrade_on_any_other_status_leaves_the_followers_copies() {
     for status in [200, 400, 425, 427] {
         let (svc, _) = inner(move |_| {
-            response(
-                status,
-                map(&[("connection", "upgrade"), ("upgrade", "h2c")]),
-                streamed(&[b"x"], None),
-            )
+            // 400, 425 and 427 are not heuristically cacheable (RFC 9111 §3): explicitly
+            // fresh, so that they are still shared and the followers' copies can be checked.
+            let mut headers = vec![("connection", "upgrade"), ("upgrade", "h2c")];
+            if status != 200 {
+                headers.push(("cache-control", "max-age=60"));
+            }
+            response(status, map(&headers), streamed(&[b"x"], None))
         });
         let mut svc = CoalesceHttpLayer::new().layer(svc);
         let reads = burst(&mut svc, gets(2)).await;

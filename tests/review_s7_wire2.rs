@@ -123,6 +123,9 @@ async fn upgrade_required(Extension(b): Extension<Backend>) -> Response<Body> {
     let n = b.enter().await;
     Response::builder()
         .status(StatusCode::UPGRADE_REQUIRED)
+        // A 426 is not heuristically cacheable (RFC 9111 §3): explicitly fresh, so that it is
+        // still shared and the followers' copies can be checked.
+        .header("cache-control", "max-age=60")
         .header("upgrade", "TLS/1.2, HTTP/1.1")
         .header("connection", "Upgrade, x-hop")
         .header("x-hop", "1")

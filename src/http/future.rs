@@ -153,6 +153,7 @@ where
     pub fn served_by(&self) -> ServedBy {
         match &self.state {
             State::Bypass { .. } => ServedBy::Bypass,
+            State::Leader { run, .. } if run.is_alone() => ServedBy::Bypass,
             State::Leader { .. } => ServedBy::Leader,
             State::Follower { .. } => ServedBy::Follower,
             State::Released { .. } => ServedBy::Released,
@@ -212,15 +213,22 @@ where
                             std::panic::resume_unwind(Box::new(panicked.message().to_owned()))
                         }
                     };
+                    // Over a capacity bound, the call was the request's own, unshared: a
+                    // bypass, as for any request this layer does not coalesce.
+                    let alone = run.is_alone();
                     let entry = || {
-                        if run.is_alone() {
+                        if alone {
                             let (fwd, detail) = Release::Alone.cache_status();
                             format!("tower-coalesce; fwd={fwd}; detail={detail}")
                         } else {
                             "tower-coalesce; fwd=miss".to_owned()
                         }
                     };
-                    return Poll::Ready(Ok(mark(res, ServedBy::Leader, header, entry)));
+                    let by = match alone {
+                        true => ServedBy::Bypass,
+                        false => ServedBy::Leader,
+                    };
+                    return Poll::Ready(Ok(mark(res, by, header, entry)));
                 }
                 StateProj::Follower {
                     run,

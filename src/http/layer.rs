@@ -181,7 +181,7 @@ impl CoalesceHttpLayer {
     /// | served by | entry |
     /// |---|---|
     /// | leader | `tower-coalesce; fwd=miss` |
-    /// | request over [`max_in_flight`](Self::max_in_flight) or [`max_followers`](Self::max_followers), calling on its own | `tower-coalesce; fwd=miss; detail=over-capacity` |
+    /// | request over [`max_in_flight`](Self::max_in_flight) or [`max_followers`](Self::max_followers), calling on its own | `tower-coalesce; fwd=bypass; detail=over-capacity` |
     /// | follower | `tower-coalesce; fwd=miss; collapsed` |
     /// | follower released to make its own call | `tower-coalesce; fwd=miss; collapsed=?0; detail=<reason>` (`fwd=vary-miss` for a `Vary` mismatch) |
     /// | bypass | `tower-coalesce; fwd=bypass; detail=<reason>` (`fwd=method`, `fwd=request` for those reasons) |

@@ -44,8 +44,13 @@
 //! `no-cache`, no `Vary: *`, not stale on arrival (`max-age=0`, `s-maxage=0`, an `Expires`
 //! not after its `Date`), not `text/event-stream`, not `101`, no transfer coding but `chunked`
 //! (a `gzip` one would leave the copies coded and unlabelled), and a body within
-//! [`max_body_bytes`](CoalesceHttpLayer::max_body_bytes) (default 2 MiB). Every status may be
-//! shared, errors such as `500` included, as every waiter would have waited for the same call.
+//! [`max_body_bytes`](CoalesceHttpLayer::max_body_bytes) (default 2 MiB). Its status must be
+//! one a cache may reuse (RFC 9111 §3): `200`, `203`, `204`, `206`, `300`, `301`, `308`,
+//! `404`, `405`, `410`, `414`, `501`, or `304`/`412` (answers to the validators in the key),
+//! or any other with explicit freshness (`max-age`,
+//! `s-maxage`, `Expires`, `public`). A `500`, `503` or `302` without it is the leader's alone:
+//! the call failed, or answered its own request, and the followers make their own calls, as
+//! nginx's and Varnish's waiting requests do.
 //! A write through the layer (an unsafe method with a non-error response) invalidates its URI:
 //! reads made after it do not join a call that began before it.
 //!
@@ -94,7 +99,7 @@
 //! that waited too long to make its own call (as released); past
 //! [`max_in_flight`](CoalesceHttpLayer::max_in_flight) or
 //! [`max_followers`](CoalesceHttpLayer::max_followers) a request calls on its own and gets its
-//! response as it streams (its [`ServedBy`] is `Leader`: its own call).
+//! response as it streams (its [`ServedBy`] is `Bypass`: its own call, shared with nobody).
 //!
 //! # How a response was served
 //!
@@ -157,7 +162,10 @@ pub enum ServedBy {
     /// with it (or the call failed, or it waited past its
     /// [`follower_timeout`](CoalesceHttpLayer::follower_timeout)), so it made its own call.
     Released,
-    /// The request was not eligible for coalescing and went straight to the inner service.
+    /// The request was not eligible for coalescing, or came over a capacity bound
+    /// ([`max_in_flight`](CoalesceHttpLayer::max_in_flight),
+    /// [`max_followers`](CoalesceHttpLayer::max_followers)), and went straight to the inner
+    /// service; its response is its own, unbuffered.
     Bypass,
 }
 

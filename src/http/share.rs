@@ -44,6 +44,10 @@ pub(crate) enum Release {
     CacheControl,
     /// `Vary: *`, or a `Vary` that cannot be read.
     VaryAny,
+    /// A status a cache may not reuse without explicit freshness (RFC 9111 §3: not
+    /// heuristically cacheable, such as `500`, `503` or `302`), and none given: the call
+    /// failed, or its answer was for its own request.
+    Status,
     /// The body is larger than the limit (by `Content-Length`, size hint, or while reading),
     /// or failed while being read.
     TooLarge,
@@ -69,10 +73,11 @@ impl Release {
             Release::SetCookie => ("miss", "set-cookie"),
             Release::CacheControl => ("miss", "cache-control"),
             Release::VaryAny => ("miss", "vary-any"),
+            Release::Status => ("miss", "status"),
             Release::TooLarge => ("miss", "too-large"),
             Release::Stream => ("miss", "stream"),
             Release::Vary => ("vary-miss", "vary"),
-            Release::Alone => ("miss", "over-capacity"),
+            Release::Alone => ("bypass", "over-capacity"),
             Release::TimedOut => ("miss", "timeout"),
         }
     }
@@ -96,6 +101,9 @@ pub(crate) fn shareable(parts: &Parts) -> Result<Vec<HeaderName>, Release> {
     {
         return Err(Release::CacheControl);
     }
+    if !reusable_status(parts.status) && !explicitly_fresh(headers) {
+        return Err(Release::Status);
+    }
     if headers
         .get_all(header::CONTENT_TYPE)
         .iter()
@@ -104,6 +112,29 @@ pub(crate) fn shareable(parts: &Parts) -> Result<Vec<HeaderName>, Release> {
         return Err(Release::Stream);
     }
     vary_names(headers)
+}
+
+/// Whether a response of this status may be reused with no explicit freshness: the statuses
+/// RFC 9110 §15.1 calls heuristically cacheable (200, 203, 204, 206, 300, 301, 308, 404, 405,
+/// 410, 414, 501), and `304` and `412`, the answers to a conditional request, whose
+/// validators are in the key (every follower sent the same ones). Any other (`500`, `502`,
+/// `503`, `504`, `429`, `401`, `302`...) is shared only with explicit freshness (RFC 9111 §3),
+/// as nginx's and Varnish's waiting requests go to the origin after such a response.
+fn reusable_status(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 206 | 300 | 301 | 304 | 308 | 404 | 405 | 410 | 412 | 414 | 501
+    )
+}
+
+/// Whether the response says how long it stays fresh, or that any cache may store it
+/// (RFC 9111 §3: `public`, `max-age`, `s-maxage`, `Expires`). A zero lifetime was turned away
+/// before (`stale_on_arrival`).
+fn explicitly_fresh(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::EXPIRES)
+        || ["public", "max-age", "s-maxage"]
+            .iter()
+            .any(|name| directive(headers, name).is_some())
 }
 
 /// Whether the response is stale the moment it is made, for a shared cache (RFC 9111 §4.2.1):
@@ -362,8 +393,10 @@ mod tests {
     }
 
     #[test]
-    fn plain_responses_of_any_status_are_shareable() {
-        for status in [200, 203, 301, 304, 404, 500, 503] {
+    fn plain_responses_of_a_heuristically_cacheable_status_are_shareable() {
+        for status in [
+            200, 203, 204, 300, 301, 304, 308, 404, 405, 410, 412, 414, 501,
+        ] {
             assert_eq!(
                 shareable(&parts(Response::builder().status(status))),
                 Ok(vec![]),
@@ -372,6 +405,32 @@ mod tests {
         }
         let cc = ok().header("cache-control", "public, max-age=60");
         assert!(shareable(&parts(cc)).is_ok());
+    }
+
+    #[test]
+    fn other_statuses_are_shared_only_with_explicit_freshness() {
+        for status in [201, 302, 303, 307, 400, 401, 403, 429, 500, 502, 503, 504] {
+            let plain = Response::builder().status(status);
+            assert_eq!(shareable(&parts(plain)), Err(Release::Status), "{status}");
+            for (name, value) in [
+                ("cache-control", "max-age=5"),
+                ("cache-control", "s-maxage=5"),
+                ("cache-control", "public"),
+                ("expires", "Thu, 01 Jan 2099 00:00:00 GMT"),
+            ] {
+                let fresh = Response::builder().status(status).header(name, value);
+                assert_eq!(shareable(&parts(fresh)), Ok(vec![]), "{status} {value}");
+            }
+            // A lifetime of zero is no freshness at all.
+            let stale = Response::builder()
+                .status(status)
+                .header("cache-control", "max-age=0");
+            assert_eq!(
+                shareable(&parts(stale)),
+                Err(Release::CacheControl),
+                "{status}"
+            );
+        }
     }
 
     #[test]
