@@ -168,6 +168,9 @@ impl FlightSpan {
             Some(tracing::debug_span!(
                 "coalesce.flight",
                 key_hash = hash,
+                // The role of the caller that made the span (its followers' `trace` events
+                // within it say `follower`).
+                role = "leader",
                 waiters = tracing::field::Empty,
                 outcome = tracing::field::Empty,
             ))

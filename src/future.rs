@@ -1,15 +1,15 @@
 //! [`ResponseFuture`]: a waiter of a flight, or a bypassed call.
 
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
-use tower::util::Oneshot;
 use tower::BoxError;
 use tower_service::Service;
 
@@ -123,7 +123,7 @@ pin_project! {
     {
         Coalesced { run: Waiter<S, Req, K> },
         // Boxed so that the inner future's size is not every waiter's.
-        Bypass { call: Pin<Box<Oneshot<S, Req>>> },
+        Bypass { call: Pin<Box<Call<S, Req>>> },
         // A follower that stopped waiting, making its own call.
         Alone { call: Pin<Box<dyn Future<Output = Output<S, Req>> + Send>> },
     }
@@ -145,7 +145,7 @@ where
         }
     }
 
-    pub(crate) fn bypass(call: Oneshot<S, Req>) -> Self {
+    pub(crate) fn bypass(call: Call<S, Req>) -> Self {
         ResponseFuture {
             kind: Kind::Bypass {
                 call: Box::pin(call),
@@ -156,10 +156,10 @@ where
 
     /// Whether this request leads its flight (its own request made the call), rather than
     /// waiting for another request's response or bypassing coalescing. A request that calls
-    /// alone over a capacity bound leads a call of its own: `is_leader` and
-    /// [`is_alone`](Self::is_alone) are both true.
+    /// alone over a capacity bound leads no flight: it is [`is_bypass`](Self::is_bypass) and
+    /// [`is_alone`](Self::is_alone).
     pub fn is_leader(&self) -> bool {
-        matches!(&self.kind, Kind::Coalesced { run } if run.is_leader())
+        matches!(&self.kind, Kind::Coalesced { run } if run.is_leader() && !run.is_alone())
     }
 
     /// Whether this request joined another request's flight: its response will be a clone of
@@ -179,10 +179,14 @@ where
         }
     }
 
-    /// Whether this request goes straight to the inner service: its key was `None`, or it
+    /// Whether this request goes straight to the inner service, unshared: its key was `None`,
+    /// it was over a capacity bound (then it is [`is_alone`](Self::is_alone) too), or it
     /// stopped waiting and made its own call.
     pub fn is_bypass(&self) -> bool {
-        matches!(self.kind, Kind::Bypass { .. } | Kind::Alone { .. })
+        match &self.kind {
+            Kind::Coalesced { run } => run.is_alone(),
+            Kind::Bypass { .. } | Kind::Alone { .. } => true,
+        }
     }
 
     /// Whether the response was given to more than one request (Go's `shared` flag): true for
@@ -224,11 +228,7 @@ where
         let mut this = self.project();
         loop {
             let run = match this.kind.as_mut().project() {
-                KindProj::Bypass { call } => {
-                    return Poll::Ready(
-                        ready!(call.as_mut().poll(cx)).map_err(CoalesceError::inner),
-                    )
-                }
+                KindProj::Bypass { call } => return call.as_mut().poll(cx),
                 KindProj::Alone { call } => {
                     // It came in with a key, so, as every call run for a key, its panic is
                     // an error (only a request without a key is left untouched).
@@ -306,18 +306,65 @@ where
 
 pin_project! {
     /// A flight's inner future: one call of a clone of the inner service, readiness included.
-    pub(crate) struct Call<S, Req>
+    #[project = CallProj]
+    pub(crate) enum Call<S, Req>
     where
         S: Service<Req>,
     {
-        #[pin]
-        call: Oneshot<S, Req>,
+        // Not called yet: its readiness is polled with the flight.
+        NotReady { svc: S, req: Option<Req> },
+        Called { #[pin] fut: S::Future },
+        // `poll_ready` failed in `begin`.
+        Failed { err: Option<CoalesceError> },
+        // `poll_ready` or `call` panicked in `begin`: raised again when the call is first
+        // polled, as it would have been without `begin`, so that every waiter that joined by
+        // then gets that panic.
+        Panicked { payload: Option<Box<dyn Any + Send>> },
     }
 }
 
 impl<S: Service<Req>, Req> Call<S, Req> {
-    pub(crate) fn new(call: Oneshot<S, Req>) -> Self {
-        Call { call }
+    pub(crate) fn new(svc: S, req: Req) -> Self {
+        Call::NotReady {
+            svc,
+            req: Some(req),
+        }
+    }
+}
+
+impl<S, Req> Call<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    /// Makes the call now if the service is ready (a poll with a no-op waker): as tower's own
+    /// middleware calls its inner service in `call`, so that a `tower_test` mock sees the
+    /// request before the response future is polled. If not ready, the flight's first poll
+    /// waits for readiness with its own waker, which replaces this one.
+    pub(crate) fn begin(&mut self) {
+        let Call::NotReady { svc, req } = self else {
+            return;
+        };
+        let began = catch_unwind(AssertUnwindSafe(|| {
+            let mut cx = Context::from_waker(Waker::noop());
+            Some(match svc.poll_ready(&mut cx) {
+                Poll::Pending => return None,
+                Poll::Ready(Ok(())) => {
+                    let req = req.take().expect("not called yet");
+                    Call::Called { fut: svc.call(req) }
+                }
+                Poll::Ready(Err(err)) => Call::Failed {
+                    err: Some(CoalesceError::inner(err)),
+                },
+            })
+        }));
+        *self = match began {
+            Ok(Some(now)) => now,
+            Ok(None) => return,
+            Err(payload) => Call::Panicked {
+                payload: Some(payload),
+            },
+        };
     }
 }
 
@@ -328,8 +375,27 @@ where
 {
     type Output = Result<S::Response, CoalesceError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(ready!(self.project().call.poll(cx)).map_err(CoalesceError::inner))
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let fut = match self.as_mut().project() {
+                CallProj::NotReady { svc, req } => {
+                    if let Err(err) = ready!(svc.poll_ready(cx)) {
+                        return Poll::Ready(Err(CoalesceError::inner(err)));
+                    }
+                    svc.call(req.take().expect("polled after completion"))
+                }
+                CallProj::Called { fut } => {
+                    return Poll::Ready(ready!(fut.poll(cx)).map_err(CoalesceError::inner))
+                }
+                CallProj::Failed { err } => {
+                    return Poll::Ready(Err(err.take().expect("polled after completion")))
+                }
+                CallProj::Panicked { payload } => {
+                    resume_unwind(payload.take().expect("polled after completion"))
+                }
+            };
+            self.set(Call::Called { fut });
+        }
     }
 }
 

@@ -51,7 +51,8 @@
 //!    wait for the inner service's readiness.
 //! 7. The registry removes each entry exactly once, by its own call, so it is empty once the
 //!    load stops.
-//! 8. No lock is held across an `.await` or while user code runs (key `Eq` aside).
+//! 8. No lock is held across an `.await` or while user code runs (key `Eq` aside; a parking
+//!    follower's waker is cloned under its flight's lock, as tokio's `Notify` does).
 //!
 //! The tower-free core is [`Group`], usable on its own like Go's `singleflight.Group`.
 //!
@@ -69,8 +70,10 @@
 //!   hyper) under the shared-cache rules of RFC 9111.
 //! - `grpc`: `grpc::CoalesceGrpcLayer`, coalescing of allow-listed unary gRPC
 //!   methods (tonic).
-//! - `tracing`: a `coalesce.flight` span per flight (key hash, waiters, outcome), made
-//!   outside the registry's locks: a subscriber may call back into the group.
+//! - `tracing`: a `coalesce.flight` span per flight (`key_hash`, `role` of the caller that
+//!   started it, `waiters`, `outcome`), with a `trace` event (`role = "follower"`) for each
+//!   follower that joins; made outside the registry's locks: a subscriber may call back into
+//!   the group.
 //! - `metrics`: counters for the `metrics` crate, each matching a [`Stats`] field:
 //!   `tower_coalesce_leaders_total` (calls started, retries included),
 //!   `tower_coalesce_followers_total`, `tower_coalesce_lingered_total`,

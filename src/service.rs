@@ -7,7 +7,6 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tower::util::ServiceExt;
 use tower::BoxError;
 use tower_service::Service;
 
@@ -30,6 +29,30 @@ use crate::stats::Stats;
 /// - A request whose key is `None` goes to a clone of the inner service as if the layer were
 ///   absent (its error is still wrapped in [`CoalesceError`]).
 /// - The response must be `Clone`: each follower gets a clone of the leader's response.
+/// - A leader's `call` (and a bypassed request's) calls the inner service at once if that clone
+///   is ready (one `poll_ready` with a no-op waker), as tower's own middleware does, so that a
+///   [`tower_test`](https://docs.rs/tower-test) mock sees the request before the response
+///   future is polled; if it is not ready, the flight's first poll waits for readiness.
+///   Dropping the response future cancels the call as usual.
+///
+/// ```
+/// use tower::{Layer, Service};
+/// use tower_coalesce::CoalesceLayer;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let (mock, mut handle) = tower_test::mock::pair::<&str, &str>();
+/// let mut svc = CoalesceLayer::new(|k: &&str| Some(*k)).layer(mock);
+/// let leader = svc.call("hot");
+/// let follower = svc.call("hot");
+/// // One request reached the backend, before anything was polled.
+/// let (req, send) = handle.next_request().await.unwrap();
+/// assert_eq!(req, "hot");
+/// send.send_response("value");
+/// assert_eq!(leader.await.unwrap(), "value");
+/// assert_eq!(follower.await.unwrap(), "value");
+/// # }
+/// ```
 pub struct CoalesceService<S, F, K> {
     inner: S,
     extractor: F,
@@ -150,7 +173,9 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let Some(key) = (self.extractor)(&req) else {
             self.group.note_bypass();
-            return ResponseFuture::bypass(self.inner.clone().oneshot(req));
+            let mut call = Call::new(self.inner.clone(), req);
+            call.begin();
+            return ResponseFuture::bypass(call);
         };
         let options = self.options;
         let run = if self.group.retries() > 0 || options.calls_alone_on_timeout() {
@@ -161,19 +186,21 @@ where
             self.group.run_classified(
                 key,
                 move || match inner {
-                    Ok(inner) => Call::new(inner.oneshot(req)),
+                    Ok(inner) => Call::new(inner, req),
                     Err(payload) => resume_unwind(payload),
                 },
                 Result::is_err,
                 Some(boxer),
+                Some(Call::begin),
             )
         } else {
             let inner = &self.inner;
             self.group.run_classified(
                 key,
-                || Call::new(inner.clone().oneshot(req)),
+                || Call::new(inner.clone(), req),
                 Result::is_err,
                 None,
+                Some(Call::begin),
             )
         };
         ResponseFuture::coalesced(run, options)

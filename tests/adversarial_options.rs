@@ -309,12 +309,14 @@ async fn lingering_output_holds_no_place_and_is_served_at_capacity() {
         assert_eq!(ok(bounded("hit", hit).await), "one");
         let three = svc.call(3);
         assert!(three.is_alone(), "key 2 holds the only place");
+        // The inner service is called by `call` (it is ready): dropping the future cancels it.
         drop(three);
+        drop(ctl.next().await);
         call2.ok("two");
         assert_eq!(ok(done("two", two).await), "two");
         settle().await;
         ctl.no_more();
-        assert_eq!(ctl.calls(), 2);
+        assert_eq!(ctl.calls(), 3);
         let s = svc.stats();
         assert_eq!((s.lingered, s.over_capacity, s.in_flight), (1, 1, 0));
     })
@@ -363,7 +365,7 @@ async fn max_in_flight_zero_with_linger_keeps_nothing() {
             .layer(backend);
         for round in 0..3 {
             let a = svc.call(1);
-            assert!(a.is_alone() && a.is_leader() && !a.is_shared());
+            assert!(a.is_alone() && a.is_bypass() && !a.is_leader() && !a.is_shared());
             let a = spawn(a);
             ctl.next().await.ok("v");
             assert_eq!(ok(done("alone", a).await), "v");
@@ -700,8 +702,10 @@ async fn follower_that_called_alone_frees_its_follower_place() {
         let f1 = svc.call(1);
         assert!(f1.is_follower() && !f1.is_alone());
         let extra = svc.call(1);
-        assert!(extra.is_alone(), "over max_followers");
+        assert!(extra.is_alone() && extra.is_bypass(), "over max_followers");
         drop(extra);
+        // Its call, made by `call`, cancelled by the drop.
+        drop(ctl.next().await);
         let f1 = spawn(f1);
         settle().await;
         advance(Duration::from_millis(1100)).await;
@@ -815,7 +819,11 @@ async fn role_flags_under_every_option() {
         assert!(follower.is_follower() && follower.is_shared());
         assert!(!follower.is_leader() && !follower.is_alone() && !follower.is_bypass());
         let extra = svc.call(1);
-        assert!(extra.is_alone() && extra.is_leader() && !extra.is_shared());
+        assert!(extra.is_alone() && extra.is_bypass() && !extra.is_shared());
+        assert!(
+            !extra.is_leader() && !extra.is_follower(),
+            "over a bound: no flight's"
+        );
         let bypass = svc.call(0);
         assert!(bypass.is_bypass() && !bypass.is_alone() && !bypass.is_leader());
         drop((extra, bypass));
@@ -825,6 +833,8 @@ async fn role_flags_under_every_option() {
         pending(&mut leader).await;
         pending(&mut follower).await;
         let call = ctl.next().await;
+        // The extra's and the bypass's calls, made by `call`, cancelled by their drops.
+        drop((ctl.next().await, ctl.next().await));
         advance(Duration::from_millis(1100)).await;
         pending(&mut follower).await;
         assert!(

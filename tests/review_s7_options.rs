@@ -621,6 +621,9 @@ async fn max_in_flight_with_a_follower_calling_alone_and_linger() {
         let d = svc.call(req(4, 4));
         assert!(d.is_alone(), "key 3 holds the only place");
         drop(d);
+        // Its call was made by `call` (the mock is ready), and cancelled by the drop.
+        let (r, _) = ctl.next().await;
+        assert_eq!(r.id, 4);
 
         f_reply.send_response("own");
         assert_eq!(ok(done("f", f).await), "own");
@@ -642,9 +645,11 @@ async fn max_in_flight_with_a_follower_calling_alone_and_linger() {
             "an alone output never lingers"
         );
         drop(two);
+        let (r, _) = ctl.next().await;
+        assert_eq!(r.id, 6, "made by `call`, cancelled by the drop");
         settle().await;
         ctl.no_more();
-        assert_eq!(ctl.calls(), 4);
+        assert_eq!(ctl.calls(), 6);
         let s = svc.stats();
         assert_eq!(
             (

@@ -10,8 +10,9 @@
 //! - `max_in_flight(0)`, `max_followers(0)`, places given back (a follower timed out or took the
 //!   call over, a flight cancelled or done, a detached flight's caller that left), one bound for
 //!   every service of a layer, configured layers with registries apart from their base;
-//! - an over-bound response passed on frame by frame (data, trailers, headers, framing fields),
-//!   its errors and panics reaching its caller uncounted but in `over_capacity`;
+//! - an over-bound response marked `ServedBy::Bypass` (`fwd=bypass; detail=over-capacity`, a
+//!   real leader stays `Leader`) and passed on frame by frame (data, trailers, headers, framing
+//!   fields), its errors and panics reaching its caller uncounted but in `over_capacity`;
 //! - the `Stats` sum rule and gauges (`waiting`, `in_flight`) after mixed loads, and under
 //!   timeouts racing the flight on worker threads (`calls == leaders + fell_through`);
 //! - the same over real servers: axum served by hyper (HTTP/1.1 and h2c clients, raw HTTP/1.1
@@ -598,7 +599,7 @@ async fn http_head_requests_time_out_and_go_over_bounds() {
     let res = ready("over max_followers, its own call", &mut over)
         .await
         .unwrap();
-    assert_eq!(served(&res), ServedBy::Leader);
+    assert_eq!(served(&res), ServedBy::Bypass);
     assert_eq!(res.status(), StatusCode::OK);
     assert!(!res.body().is_buffered());
     tokio::time::advance(secs(1)).await;
@@ -703,8 +704,8 @@ async fn http_follower_timeout_of_duration_max_is_no_limit() {
 // HTTP: max_in_flight, max_followers
 // =============================================================================================
 
-/// `max_in_flight(0)`: every request calls alone, at once, as its own leader; nothing is
-/// registered, nobody waits, nobody times out.
+/// `max_in_flight(0)`: every request calls alone, at once, marked `ServedBy::Bypass` and
+/// `fwd=bypass; detail=over-capacity`; nothing is registered, nobody waits, nobody times out.
 #[tokio::test(start_paused = true)]
 async fn http_max_in_flight_zero_sends_every_request_alone() {
     let b = Backend::new();
@@ -722,10 +723,10 @@ async fn http_max_in_flight_zero_sends_every_request_alone() {
     let mut bodies = Vec::new();
     for f in futs {
         let res = f.await.unwrap();
-        assert_eq!(served(&res), ServedBy::Leader);
+        assert_eq!(served(&res), ServedBy::Bypass);
         assert_eq!(
             cache_status(&res),
-            "tower-coalesce; fwd=miss; detail=over-capacity"
+            "tower-coalesce; fwd=bypass; detail=over-capacity"
         );
         assert!(!res.body().is_buffered(), "over the bound: unbuffered");
         bodies.push(text(res).await);
@@ -738,7 +739,8 @@ async fn http_max_in_flight_zero_sends_every_request_alone() {
     assert_sums(&s, 5);
 }
 
-/// `max_followers(0)`: the leader's flight is registered, everybody after it calls alone.
+/// `max_followers(0)`: the leader's flight is registered, everybody after it calls alone
+/// (`ServedBy::Bypass`).
 #[tokio::test(start_paused = true)]
 async fn http_max_followers_zero_lets_nobody_join() {
     let b = Backend::new();
@@ -749,7 +751,7 @@ async fn http_max_followers_zero_lets_nobody_join() {
     for n in 1..=3 {
         let mut over = call(&mut svc, get("/a")).await;
         let res = ready("alone, at once", &mut over).await.unwrap();
-        assert_eq!(served(&res), ServedBy::Leader);
+        assert_eq!(served(&res), ServedBy::Bypass);
         assert_eq!(text(res).await, format!("call {n}"));
     }
     assert_eq!((layer.in_flight(), layer.waiting()), (1, 0));
@@ -905,7 +907,7 @@ async fn http_configured_layers_have_registries_apart_from_their_base() {
         .await
         .await
         .unwrap();
-    assert_eq!(served(&over), ServedBy::Leader);
+    assert_eq!(served(&over), ServedBy::Bypass);
     let mut later_leader = call(&mut http(&later, &b_later), get("/a")).await;
     assert!(poll!(later_leader.as_mut()).is_pending());
     let mut over = call(&mut http(&later, &b_later), get("/a")).await;
@@ -914,7 +916,7 @@ async fn http_configured_layers_have_registries_apart_from_their_base() {
         .unwrap();
     assert_eq!(
         cache_status(&over),
-        "tower-coalesce; fwd=miss; detail=over-capacity"
+        "tower-coalesce; fwd=bypass; detail=over-capacity"
     );
     assert_eq!(text(over).await, "call 1");
 
@@ -986,7 +988,7 @@ async fn http_over_bound_response_is_passed_on_frame_by_frame() {
     let mut svc = http(&layer, &b);
     for path in ["/plain", "/te"] {
         let res = call(&mut svc, get(path)).await.await.unwrap();
-        assert_eq!(served(&res), ServedBy::Leader);
+        assert_eq!(served(&res), ServedBy::Bypass);
         assert!(!res.body().is_buffered());
         assert_eq!(res.headers()["x-own"], "kept");
         assert_eq!(res.headers()["trailer"], "x-sum, x-more");
@@ -1185,7 +1187,7 @@ async fn over_bound_errors_and_panics_reach_their_caller_and_count_only_as_over_
         .await
         .await
         .unwrap();
-    assert_eq!(served(&res), ServedBy::Leader);
+    assert_eq!(served(&res), ServedBy::Bypass);
     assert_eq!(res.headers()["grpc-status"], "13");
     drop(svc);
     let s = layer.stats();
@@ -1528,7 +1530,7 @@ async fn grpc_failed_call_after_a_follower_timed_out() {
 }
 
 /// `max_in_flight(0)` and `max_followers(0)` on the gRPC layer, each a registry apart from the
-/// layer it was made from.
+/// layer it was made from; a call over either bound is marked `ServedBy::Bypass`.
 #[tokio::test(start_paused = true)]
 async fn grpc_zero_bounds_and_registries_apart() {
     let (b_base, b_none, b_nf) = (Backend::grpc(), Backend::grpc(), Backend::grpc());
@@ -1546,7 +1548,7 @@ async fn grpc_zero_bounds_and_registries_apart() {
     for n in 0..2 {
         let mut f = call(&mut svc, grpc_call()).await;
         let res = ready("alone", &mut f).await.unwrap();
-        assert_eq!(served(&res), ServedBy::Leader);
+        assert_eq!(served(&res), ServedBy::Bypass);
         assert_eq!(text(res).await, format!("call {n}"));
     }
     let mut svc = grpc(&no_followers, &b_nf);
@@ -1558,7 +1560,7 @@ async fn grpc_zero_bounds_and_registries_apart() {
     for n in 1..=2 {
         let mut f = call(&mut svc, grpc_call()).await;
         let res = ready("nobody may follow", &mut f).await.unwrap();
-        assert_eq!(served(&res), ServedBy::Leader);
+        assert_eq!(served(&res), ServedBy::Bypass);
         assert_eq!(text(res).await, format!("call {n}"));
     }
     assert_eq!((base.waiting(), no_followers.waiting()), (1, 0));

@@ -758,7 +758,8 @@ impl Service<&'static str> for Unready {
 
 /// The inner service's readiness is polled by the flight alone: the layer's own `poll_ready`
 /// (on any clone) never touches it, and 20 waiters cost it exactly as many `poll_ready` calls
-/// as one waiter does (one while not ready, one once woken).
+/// as one waiter does (one by the leader's `call`, with a no-op waker; one by the flight
+/// while not ready; one once woken).
 #[tokio::test(start_paused = true)]
 async fn inner_readiness_is_polled_by_the_flight_alone_not_by_waiters() {
     let mut counts = Vec::new();
@@ -787,14 +788,14 @@ async fn inner_readiness_is_polled_by_the_flight_alone_not_by_waiters() {
         for _ in 0..100 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(inner.polls.load(SeqCst), 1, "followers never poll it");
+        assert_eq!(inner.polls.load(SeqCst), 2, "followers never poll it");
         inner.make_ready();
         let out = bounded("waiters", all).await.unwrap();
         assert!(out.iter().all(|r| r.as_deref().unwrap() == "v:k"));
         assert_eq!(inner.calls.load(SeqCst), 1);
         counts.push(inner.polls.load(SeqCst));
     }
-    assert_eq!(counts, [2, 2], "poll_ready calls for 1 and for 20 waiters");
+    assert_eq!(counts, [3, 3], "poll_ready calls for 1 and for 20 waiters");
 }
 
 /// Under `ConcurrencyLimit(1)` below, the leader goes away at each stage of its call (before
@@ -1486,8 +1487,8 @@ async fn stats_relations_hold_after_a_mixed_workload_through_a_stack() {
     );
     assert_eq!(
         calls.load(SeqCst),
-        4 + 2,
-        "ok, err, panic, left, and the two bypasses"
+        5 + 2,
+        "ok, err, panic, left, gone (called by `call`, cancelled by the drop), two bypasses"
     );
     assert!(layer.group().is_empty());
 }

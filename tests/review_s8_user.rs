@@ -983,7 +983,7 @@ async fn stats_export_accounts_for_every_request() {
     let bypass = svc.call(0);
     assert!(leader.is_leader() && !leader.is_alone());
     assert!(followers.iter().all(|f| f.is_follower()));
-    assert!(over.is_alone() && over.is_leader());
+    assert!(over.is_alone() && over.is_bypass() && !over.is_leader());
     assert!(bypass.is_bypass());
     let leader = tokio::spawn(leader);
     let followers = followers.map(tokio::spawn);
@@ -1190,8 +1190,9 @@ fn cache_status(res: &Response<impl http_body::Body>) -> &str {
 }
 
 /// `max_followers(1)` and `follower_timeout`: the request over the bound calls on its own
-/// (`ServedBy::Leader`, `detail=over-capacity`), the follower past its limit is released
-/// (`detail=timeout`); the `Stats` identity still holds and `fell_through` counts each once.
+/// (`ServedBy::Bypass`, `fwd=bypass; detail=over-capacity`), the follower past its limit is
+/// released (`ServedBy::Released`, `detail=timeout`); the `Stats` identity still holds and
+/// `fell_through` counts each once.
 #[tokio::test(start_paused = true)]
 async fn http_layer_bounds_and_stats_identity() {
     let calls = Arc::new(AtomicUsize::new(0));
@@ -1218,14 +1219,14 @@ async fn http_layer_bounds_and_stats_identity() {
     let over = svc.call(http_get("/r"));
     assert_eq!(leader.served_by(), ServedBy::Leader);
     assert_eq!(follower.served_by(), ServedBy::Follower);
-    assert_eq!(over.served_by(), ServedBy::Leader, "its own call");
+    assert_eq!(over.served_by(), ServedBy::Bypass, "its own call");
     // The leader's call is made when its future is first polled, not in `call`.
     let leader = tokio::spawn(leader);
     wait_until("the leader's call", || calls.load(Ordering::SeqCst) == 1).await;
     let over = within("over capacity", over).await.unwrap();
     assert_eq!(
         cache_status(&over),
-        "tower-coalesce; fwd=miss; detail=over-capacity"
+        "tower-coalesce; fwd=bypass; detail=over-capacity"
     );
     let follower = within("the follower's limit", follower).await.unwrap();
     assert_eq!(

@@ -89,7 +89,7 @@ where
         M: FnOnce() -> F,
         F: Future<Output = T> + Send + 'static,
     {
-        self.run_classified(key, make, |_| false, None)
+        self.run_classified(key, make, |_| false, None, None)
     }
 
     /// [`run_result`](Self::run_result) for a caller that can run the call itself when asked:
@@ -116,7 +116,7 @@ where
         M: FnOnce() -> F + Send + 'static,
         F: Future<Output = Result<V, E>> + Send + 'static,
     {
-        self.run_classified(key, make, Result::is_err, Some(boxer))
+        self.run_classified(key, make, Result::is_err, Some(boxer), None)
     }
 
     /// [`run`](Self::run) for fallible calls: `Err` outputs count as errors in
@@ -130,7 +130,7 @@ where
         M: FnOnce() -> F,
         F: Future<Output = Result<V, E>> + Send + 'static,
     {
-        self.run_classified(key, make, Result::is_err, None)
+        self.run_classified(key, make, Result::is_err, None, None)
     }
 
     pub(crate) fn retries(&self) -> u32 {
@@ -143,6 +143,7 @@ where
         make: M,
         is_err: fn(&T) -> bool,
         keep: Option<Boxer<M, T>>,
+        begin: Option<fn(&mut F)>,
     ) -> Run<K, T>
     where
         T: Clone + Send + 'static,
@@ -210,7 +211,7 @@ where
                     shard.counters.over_capacity += 1;
                     drop(guard);
                     emit("tower_coalesce_over_capacity_total");
-                    return self.alone(hash, make, is_err);
+                    return self.alone(hash, make, is_err, begin);
                 }
                 let slot = state.followers.insert(Slot::Parked(None));
                 state.makers += usize::from(keep.is_some());
@@ -227,8 +228,12 @@ where
                 #[cfg(feature = "tracing")]
                 if let Some(span) = span {
                     contained(|| match span.get() {
-                        Some(span) => tracing::trace!(parent: span, "follower joined"),
-                        None => tracing::trace!(key_hash = hash, "follower joined"),
+                        Some(span) => {
+                            tracing::trace!(parent: span, role = "follower", "follower joined")
+                        }
+                        None => {
+                            tracing::trace!(key_hash = hash, role = "follower", "follower joined")
+                        }
                     });
                 }
                 // Boxing is user-visible work only for callers that asked to keep `make`.
@@ -258,7 +263,7 @@ where
                 shard.counters.over_capacity += 1;
                 drop(guard);
                 emit("tower_coalesce_over_capacity_total");
-                return self.alone(hash, make, is_err);
+                return self.alone(hash, make, is_err, begin);
             }
         }
         let id = shard.next_id;
@@ -304,7 +309,7 @@ where
                 ..Meta::new(hash, id, is_err, gate)
             };
             let leader = |role| Run::new(cell, None, true, role).leading();
-            let fut = match start(make, meta) {
+            let fut = match start(make, begin, meta) {
                 Ok(fut) => fut,
                 Err((meta, panicked)) => {
                     if let Some((flight, slot)) = &detached {
@@ -333,14 +338,20 @@ where
     }
 
     /// Runs a call unregistered, because a capacity bound was reached.
-    pub(super) fn alone<T, M, F>(&self, hash: u64, make: M, is_err: fn(&T) -> bool) -> Run<K, T>
+    pub(super) fn alone<T, M, F>(
+        &self,
+        hash: u64,
+        make: M,
+        is_err: fn(&T) -> bool,
+        begin: Option<fn(&mut F)>,
+    ) -> Run<K, T>
     where
         T: Clone + Send + 'static,
         M: FnOnce() -> F,
         F: Future<Output = T> + Send + 'static,
     {
         let run = |role| Run::new(self.registry.shard(hash), None, false, role).leading();
-        match start(make, Meta::new(hash, 0, is_err, None)) {
+        match start(make, begin, Meta::new(hash, 0, is_err, None)) {
             Ok(fut) => run(Role::Driver(fut)),
             Err((meta, panicked)) => run(Role::Finished).failed(meta, panicked),
         }

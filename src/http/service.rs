@@ -139,7 +139,9 @@ where
             )
         };
         // An inner error counts as a failed flight (stats, span outcome, metrics).
-        let run = self.group.run_classified(key, make, Outcome::failed, None);
+        let run = self
+            .group
+            .run_classified(key, make, Outcome::failed, None, None);
         match own {
             None => {
                 if run.is_alone() {
