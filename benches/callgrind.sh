@@ -9,7 +9,7 @@
 # Writes target/criterion/tower-coalesce-callgrind.json, which `examples/bench_report.rs`
 # picks up.
 #
-#   bash benches/callgrind.sh        (needs valgrind; under a minute)
+#   bash benches/callgrind.sh        (needs valgrind; a few minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,16 +34,29 @@ calls_of() {
 }
 
 solo="" fanout="" sep=""
-for c in $contenders; do
+# Calls made and instructions spent in the bench's request loop (the task that makes the
+# sequential calls, inclusive) by a solo run of contender $1 lasting $2 seconds.
+solo_run() {
   # --profile-time: criterion runs the routine for that long, without analysis.
-  valgrind --tool=callgrind --callgrind-out-file="$work/$c.solo" \
-    "$bin" --bench --profile-time 1 "^solo/$c\$" >"$work/$c.solo.out" 2>&1
-  calls=$(grep -E "backend calls +solo +$c " "$work/$c.solo.out" | sed -E 's/.*, ([0-9]+) waves\)/\1/')
-  # Inclusive cost of the bench's request loop (the task that makes the sequential calls).
-  instr=$(callgrind_annotate --inclusive=yes "$work/$c.solo" 2>/dev/null \
+  valgrind --tool=callgrind --callgrind-out-file="$work/$1.solo$2" \
+    "$bin" --bench --profile-time "$2" "^solo/$1\$" >"$work/$1.solo$2.out" 2>&1
+  local calls instr
+  calls=$(grep -E "backend calls +solo +$1 " "$work/$1.solo$2.out" | sed -E 's/.*, ([0-9]+) waves\)/\1/')
+  instr=$(callgrind_annotate --inclusive=yes "$work/$1.solo$2" 2>/dev/null \
     | grep -F 'Solo as overhead::support::Visit<K>>::visit::{{closure}}::{{closure}}::{{closure}}::{{closure}}' \
     | head -1 | awk '{gsub(",", "", $1); print $1}')
-  per_call=$(awk -v i="$instr" -v n="$calls" 'BEGIN { printf "%.0f", i / n }')
+  echo "$calls $instr"
+}
+
+for c in $contenders; do
+  # Two runs of different lengths; the difference of their counts over the difference of
+  # their calls is the cost of one call, without the loop's fixed costs (set-up, first-call
+  # allocations), which would otherwise weigh on whichever contender ran fewer iterations.
+  read -r calls1 instr1 < <(solo_run "$c" 1)
+  read -r calls2 instr2 < <(solo_run "$c" 3)
+  calls=$calls2
+  per_call=$(awk -v a="$instr1" -v b="$instr2" -v m="$calls1" -v n="$calls2" \
+    'BEGIN { printf "%.0f", (b - a) / (n - m) }')
   entry="\"$c\": {\"instructions_per_call\": $per_call, \"calls\": $calls}"
   solo="$solo$sep$entry"
   echo "solo     $c: $per_call instructions per call ($calls calls)"

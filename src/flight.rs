@@ -63,6 +63,7 @@ pub use panicked::Panicked;
 use publish::*;
 pub use run::Run;
 use run::*;
+pub(crate) use run::{Begin, NoBegin};
 use state::*;
 
 /// A call's future, as a follower's own `make` returns it.

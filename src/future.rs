@@ -14,7 +14,7 @@ use tower::BoxError;
 use tower_service::Service;
 
 use crate::error::CoalesceError;
-use crate::flight::{Panicked, Run};
+use crate::flight::{Begin, Panicked, Run};
 use crate::service::{OnTimeout, Options};
 
 type Output<S, Req> = Result<<S as Service<Req>>::Response, CoalesceError>;
@@ -365,6 +365,19 @@ where
                 payload: Some(payload),
             },
         };
+    }
+}
+
+/// [`Call::begin`] for a new flight: the layer calls its inner service in `call`.
+pub(crate) struct CallNow;
+
+impl<S, Req> Begin<Call<S, Req>> for CallNow
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    fn begin(call: &mut Call<S, Req>) {
+        call.begin();
     }
 }
 

@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use crate::error::CoalesceError;
 use crate::flight::{boxer, Group};
-use crate::future::{Call, ResponseFuture};
+use crate::future::{Call, CallNow, ResponseFuture};
 use crate::stats::Stats;
 
 /// Coalesces concurrent requests with equal keys into one call of the inner service.
@@ -191,7 +191,7 @@ where
                 },
                 Result::is_err,
                 Some(boxer),
-                Some(Call::begin),
+                CallNow,
             )
         } else {
             let inner = &self.inner;
@@ -200,7 +200,7 @@ where
                 || Call::new(inner.clone(), req),
                 Result::is_err,
                 None,
-                Some(Call::begin),
+                CallNow,
             )
         };
         ResponseFuture::coalesced(run, options)

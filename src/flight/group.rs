@@ -89,7 +89,7 @@ where
         M: FnOnce() -> F,
         F: Future<Output = T> + Send + 'static,
     {
-        self.run_classified(key, make, |_| false, None, None)
+        self.run_classified(key, make, |_| false, None, NoBegin)
     }
 
     /// [`run_result`](Self::run_result) for a caller that can run the call itself when asked:
@@ -116,7 +116,7 @@ where
         M: FnOnce() -> F + Send + 'static,
         F: Future<Output = Result<V, E>> + Send + 'static,
     {
-        self.run_classified(key, make, Result::is_err, Some(boxer), None)
+        self.run_classified(key, make, Result::is_err, Some(boxer), NoBegin)
     }
 
     /// [`run`](Self::run) for fallible calls: `Err` outputs count as errors in
@@ -130,25 +130,26 @@ where
         M: FnOnce() -> F,
         F: Future<Output = Result<V, E>> + Send + 'static,
     {
-        self.run_classified(key, make, Result::is_err, None, None)
+        self.run_classified(key, make, Result::is_err, None, NoBegin)
     }
 
     pub(crate) fn retries(&self) -> u32 {
         self.registry.config.retries
     }
 
-    pub(crate) fn run_classified<T, M, F>(
+    pub(crate) fn run_classified<T, M, F, B>(
         &self,
         key: K,
         make: M,
         is_err: fn(&T) -> bool,
         keep: Option<Boxer<M, T>>,
-        begin: Option<fn(&mut F)>,
+        _begin: B,
     ) -> Run<K, T>
     where
         T: Clone + Send + 'static,
         M: FnOnce() -> F,
         F: Future<Output = T> + Send + 'static,
+        B: Begin<F>,
     {
         let registry = &self.registry;
         let config = &registry.config;
@@ -211,7 +212,7 @@ where
                     shard.counters.over_capacity += 1;
                     drop(guard);
                     emit("tower_coalesce_over_capacity_total");
-                    return self.alone(hash, make, is_err, begin);
+                    return self.alone(hash, make, is_err, _begin);
                 }
                 let slot = state.followers.insert(Slot::Parked(None));
                 state.makers += usize::from(keep.is_some());
@@ -263,7 +264,7 @@ where
                 shard.counters.over_capacity += 1;
                 drop(guard);
                 emit("tower_coalesce_over_capacity_total");
-                return self.alone(hash, make, is_err, begin);
+                return self.alone(hash, make, is_err, _begin);
             }
         }
         let id = shard.next_id;
@@ -309,7 +310,7 @@ where
                 ..Meta::new(hash, id, is_err, gate)
             };
             let leader = |role| Run::new(cell, None, true, role).leading();
-            let fut = match start(make, begin, meta) {
+            let fut = match start::<_, _, _, B>(make, meta) {
                 Ok(fut) => fut,
                 Err((meta, panicked)) => {
                     if let Some((flight, slot)) = &detached {
@@ -338,12 +339,12 @@ where
     }
 
     /// Runs a call unregistered, because a capacity bound was reached.
-    pub(super) fn alone<T, M, F>(
+    pub(super) fn alone<T, M, F, B: Begin<F>>(
         &self,
         hash: u64,
         make: M,
         is_err: fn(&T) -> bool,
-        begin: Option<fn(&mut F)>,
+        _begin: B,
     ) -> Run<K, T>
     where
         T: Clone + Send + 'static,
@@ -351,7 +352,7 @@ where
         F: Future<Output = T> + Send + 'static,
     {
         let run = |role| Run::new(self.registry.shard(hash), None, false, role).leading();
-        match start(make, begin, Meta::new(hash, 0, is_err, None)) {
+        match start::<_, _, _, B>(make, Meta::new(hash, 0, is_err, None)) {
             Ok(fut) => run(Role::Driver(fut)),
             Err((meta, panicked)) => run(Role::Finished).failed(meta, panicked),
         }

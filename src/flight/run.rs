@@ -191,36 +191,46 @@ pub(super) fn spawn_driver<K, T>(
     });
 }
 
-/// Calls a leader's `make` (user code: outside every lock) and boxes its future; a panic is
-/// caught, to end the flight at once. `begin`, if any, starts the future's work at once (the
-/// layer's call of its inner service), unless the key's cancelled call is still being
-/// dropped: the new call waits for that.
-// Inlined into every caller: `begin` is then known (`None` for `Group::run`) and the path
-// without it is the plain `catch_unwind(make)` (measured: ~50 instructions a solo call).
+/// Starts a new flight's work as soon as its future is made: the layer calls its inner
+/// service there, as tower middleware does in `call`. Not while the key's cancelled call is
+/// still being dropped: the new call waits for that.
+pub(crate) trait Begin<F> {
+    /// False for [`NoBegin`]: the plain path, chosen at compile time.
+    const BEGINS: bool = true;
+    fn begin(fut: &mut F);
+}
+
+/// No work before the flight's future is first polled (`Group::run`).
+pub(crate) struct NoBegin;
+
+impl<F> Begin<F> for NoBegin {
+    const BEGINS: bool = false;
+    fn begin(_: &mut F) {}
+}
+
+/// Calls a leader's `make` (user code: outside every lock), then `B::begin` on its future, and
+/// boxes it; a panic is caught, to end the flight at once.
+// Inlined into its two callers: out of line it costs ~50 instructions a solo call (measured).
 #[allow(clippy::type_complexity)]
 #[inline(always)]
-pub(super) fn start<T, M, F>(
-    make: M,
-    begin: Option<fn(&mut F)>,
-    meta: Meta<T>,
-) -> Result<BoxFuture<T>, (Meta<T>, Panicked)>
+pub(super) fn start<T, M, F, B>(make: M, meta: Meta<T>) -> Result<BoxFuture<T>, (Meta<T>, Panicked)>
 where
     M: FnOnce() -> F,
     F: Future<Output = T> + Send + 'static,
     T: 'static,
+    B: Begin<F>,
 {
-    let made = match begin {
-        None => catch_unwind(AssertUnwindSafe(make)),
-        Some(begin) => {
-            let gated = meta.gate.is_some();
-            catch_unwind(AssertUnwindSafe(|| {
-                let mut fut = make();
-                if !gated {
-                    begin(&mut fut);
-                }
-                fut
-            }))
-        }
+    let made = if !B::BEGINS {
+        catch_unwind(AssertUnwindSafe(make))
+    } else {
+        let gated = meta.gate.is_some();
+        catch_unwind(AssertUnwindSafe(|| {
+            let mut fut = make();
+            if !gated {
+                B::begin(&mut fut);
+            }
+            fut
+        }))
     };
     match made {
         Ok(fut) => Ok(driven(meta, fut)),

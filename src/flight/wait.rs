@@ -71,19 +71,36 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
             Ok(Poll::Ready(value)) => Ok(value),
             Err(payload) => Err(Panicked::new(payload)),
         };
-        let mut meta = fut.as_mut().meta_mut().take();
-        // A driver that took the call over may become a follower again (`rejoin`), with this
-        // waker: cloned now, before it gives the call up and unlocked (the executor's code).
-        // If that clone panics, it does not rejoin: the failure goes to everybody.
-        let waker = match meta.adopted {
-            true => catch_unwind(AssertUnwindSafe(|| cx.waker().clone())).ok(),
-            false => None,
-        };
-        // Release what the inner future holds before the followers are woken. A
-        // future that panicked may panic again when dropped; that is its own.
+        let meta = fut.as_mut().meta_mut().take();
+        if meta.adopted {
+            return self.finish_adopted(meta, out, cx);
+        }
+        self.drop_call();
+        Poll::Ready(self.complete(meta, out))
+    }
+
+    /// Releases what the inner future holds, before the followers are woken. A future that
+    /// panicked may panic again when dropped; that is its own.
+    #[inline(always)]
+    pub(super) fn drop_call(&mut self) {
         if let Role::Driver(fut) = mem::replace(&mut self.role, Role::Finished) {
             let _ = catch_unwind(AssertUnwindSafe(move || drop(fut)));
         }
+    }
+
+    /// `poll_driving`'s end for a driver that took the call over: it may become a follower
+    /// again (`rejoin`) with this waker, cloned before it gives the call up and unlocked (the
+    /// executor's code). If that clone panics, it does not rejoin: the failure goes to
+    /// everybody. Apart, so that the path of every other call carries none of it.
+    #[inline(never)]
+    pub(super) fn finish_adopted(
+        &mut self,
+        mut meta: Meta<T>,
+        out: Result<T, Panicked>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<T, Panicked>> {
+        let waker = catch_unwind(AssertUnwindSafe(|| cx.waker().clone())).ok();
+        self.drop_call();
         if let Some(waker) = waker {
             if self.rejoin(&mut meta, &out, waker) {
                 // Woken with the other followers, to elect the next driver. `out`'s

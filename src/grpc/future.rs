@@ -29,7 +29,7 @@ use tower_service::Service;
 use super::key::{GrpcKey, KeyHead};
 use super::layer::Shared;
 use super::status;
-use crate::flight::Run;
+use crate::flight::{NoBegin, Run};
 use crate::future::{limit_timer, poll_within};
 use crate::http::body::{buffer, Buffered};
 use crate::http::future::{LeaderSlot, Slot};
@@ -145,7 +145,7 @@ where
         };
         let run = shared
             .group
-            .run_classified(key, make, Outcome::failed, None, None);
+            .run_classified(key, make, Outcome::failed, None, NoBegin);
         match call {
             None => {
                 if run.is_alone() {

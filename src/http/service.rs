@@ -16,7 +16,7 @@ use super::future::{LeaderSlot, ResponseFuture, Slot, WaitGuard};
 use super::key::{Bypass, Key, Writes};
 use super::layer::Config;
 use super::share::{shareable, Outcome, Release, SharedResponse};
-use crate::flight::Group;
+use crate::flight::{Group, NoBegin};
 use crate::future::limit_timer;
 use crate::Stats;
 
@@ -141,7 +141,7 @@ where
         // An inner error counts as a failed flight (stats, span outcome, metrics).
         let run = self
             .group
-            .run_classified(key, make, Outcome::failed, None, None);
+            .run_classified(key, make, Outcome::failed, None, NoBegin);
         match own {
             None => {
                 if run.is_alone() {
