@@ -33,7 +33,10 @@ use crate::stats::Stats;
 ///   is ready (one `poll_ready` with a no-op waker), as tower's own middleware does, so that a
 ///   [`tower_test`](https://docs.rs/tower-test) mock sees the request before the response
 ///   future is polled; if it is not ready, the flight's first poll waits for readiness.
-///   Dropping the response future cancels the call as usual.
+///   Dropping the response future cancels the call as usual. As with any tower middleware,
+///   what the inner `call` reserved (a `ConcurrencyLimit` permit below) is held by the response
+///   future until it is polled to completion or dropped, and the future must be made where the
+///   inner `call` can run (inside the runtime, for tower's `Timeout` below).
 ///
 /// ```
 /// use tower::{Layer, Service};
