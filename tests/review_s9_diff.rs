@@ -602,6 +602,7 @@ mod grpc_writes {
 
     /// Reads (`GRPC_PATH`) wait for `gate`; `SetItem` answers at once with `write_answer`: an
     /// inner error (`None`) or a gRPC status. Returns the service, the read count, the gate.
+    #[allow(clippy::type_complexity)]
     fn store(
         write_answer: Option<&'static str>,
     ) -> (
