@@ -308,6 +308,83 @@ async fn grpc_read_after_a_successful_write_does_not_join_an_older_flight() {
     );
 }
 
+/// With `write_method` named, only that method counts as a write: a call of another method
+/// that is not allow-listed (a health check) no longer keeps later reads from joining, and
+/// the named one still does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_named_write_methods_alone_split_read_flights() {
+    const HEALTH: &str = "/grpc.health.v1.Health/Check";
+    let store = Store::new();
+    let layer = CoalesceGrpcLayer::new()
+        .method(GET_ITEM)
+        .write_method(SET_ITEM);
+    let s = store.clone();
+    let svc = layer.layer(service_fn(
+        move |req: Request<CoalesceBody<Full<Bytes>>>| {
+            let s = s.clone();
+            async move {
+                match req.uri().path() {
+                    SET_ITEM => {
+                        s.version.fetch_add(1, SeqCst);
+                        return Ok::<_, Infallible>(grpc_ok("done".into()));
+                    }
+                    HEALTH => return Ok(grpc_ok("serving".into())),
+                    _ => {}
+                }
+                s.reads.fetch_add(1, SeqCst);
+                let v = s.version.load(SeqCst);
+                s.gate.subscribe().wait_for(|open| *open).await.unwrap();
+                Ok(grpc_ok(format!("v{v}")))
+            }
+        },
+    ));
+    let read = || tokio::spawn(svc.clone().oneshot(grpc_request(GET_ITEM, b"item-1")));
+
+    let first = read();
+    until(
+        "the first read is in its handler",
+        || store.reads.load(SeqCst),
+        |n| *n == 1,
+    )
+    .await;
+    let health = bounded("health", svc.clone().oneshot(grpc_request(HEALTH, b""))).await;
+    assert_eq!(grpc_text(health.unwrap()).await.1.as_deref(), Some("0"));
+    let joined = read();
+    until(
+        "the read after the health check joined",
+        || layer.waiting(),
+        |n| *n == 1,
+    )
+    .await;
+
+    let write = bounded(
+        "write",
+        svc.clone().oneshot(grpc_request(SET_ITEM, b"item-1=2")),
+    )
+    .await;
+    assert_eq!(grpc_text(write.unwrap()).await.1.as_deref(), Some("0"));
+    let fresh = read();
+    until(
+        "the read after the write called",
+        || store.reads.load(SeqCst),
+        |n| *n == 2,
+    )
+    .await;
+    assert_eq!(layer.waiting(), 1, "it did not join the older flight");
+
+    store.gate.send_replace(true);
+    let first = bounded("first", first).await.unwrap().unwrap();
+    let joined = bounded("joined", joined).await.unwrap().unwrap();
+    let fresh = bounded("fresh", fresh).await.unwrap().unwrap();
+    assert_eq!(
+        joined.extensions().get::<ServedBy>(),
+        Some(&ServedBy::Follower)
+    );
+    assert_eq!(grpc_text(first).await.0, "v0");
+    assert_eq!(grpc_text(joined).await.0, "v0");
+    assert_eq!(grpc_text(fresh).await.0, "v1");
+}
+
 /// The HTTP twin of the test above holds (kept as the reference behaviour).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_read_after_a_successful_write_does_not_join_an_older_flight() {

@@ -24,6 +24,8 @@ pub(crate) type IdentityFn = Arc<dyn Fn(&Parts) -> Option<Bytes> + Send + Sync>;
 pub(crate) struct Config {
     /// Full method paths (`/package.Service/Method`) that may be coalesced.
     pub(crate) methods: HashSet<Box<str>>,
+    /// The methods whose calls count as writes; `None`: every method not in `methods`.
+    pub(crate) write_methods: Option<HashSet<Box<str>>>,
     /// Request metadata whose values become part of the key.
     pub(crate) metadata: Vec<HeaderName>,
     pub(crate) identity: Option<IdentityFn>,
@@ -39,6 +41,7 @@ impl Config {
     pub(crate) fn new() -> Self {
         Config {
             methods: HashSet::new(),
+            write_methods: None,
             metadata: Vec::new(),
             identity: None,
             request_limit: DEFAULT_REQUEST_LIMIT,
@@ -51,12 +54,25 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Whether a call to `path`, which bypassed the layer as not allow-listed, is a write.
+    pub(crate) fn writes(&self, path: &str) -> bool {
+        self.write_methods
+            .as_ref()
+            .is_none_or(|named| named.contains(path))
+    }
+}
+
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut methods: Vec<_> = self.methods.iter().collect();
         methods.sort();
         f.debug_struct("Config")
             .field("methods", &methods)
+            .field(
+                "write_methods",
+                &self.write_methods.as_ref().map(HashSet::len),
+            )
             .field("metadata", &self.metadata)
             .field("identity", &self.identity.is_some())
             .field("request_limit", &self.request_limit)

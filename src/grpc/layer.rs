@@ -1,5 +1,6 @@
 //! [`CoalesceGrpcLayer`]: options, and one registry shared by every service it wraps.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,6 +15,22 @@ use super::key::{Config, GrpcKey, IdentityFn};
 use super::service::CoalesceGrpcService;
 use crate::flight::{Group, GroupBuilder};
 use crate::Stats;
+
+/// `path`, if it looks like a gRPC method path (a leading `/`, exactly one more `/`, nothing
+/// empty); a panic otherwise, since it would silently never match.
+fn checked_path(path: String) -> String {
+    let valid = path
+        .strip_prefix('/')
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(service, method)| {
+            !service.is_empty() && !method.is_empty() && !method.contains('/')
+        });
+    assert!(
+        valid,
+        "gRPC method paths look like \"/package.Service/Method\", got {path:?}"
+    );
+    path
+}
 
 /// The default of [`CoalesceGrpcLayer::request_limit`]: 64 KiB.
 pub const DEFAULT_REQUEST_LIMIT: usize = 64 * 1024;
@@ -38,8 +55,9 @@ pub const DEFAULT_RESPONSE_LIMIT: usize = 4 * 1024 * 1024;
 /// trailers) and fits in [`response_limit`](Self::response_limit); otherwise its own caller
 /// gets it untouched and the followers make their own calls, all at once.
 ///
-/// A call of a method that is not allow-listed may change what the listed ones answer (a
-/// write): once it has its response, later calls do not join a flight that began before it,
+/// A call of a method that is not allow-listed (or, if any are named, of a
+/// [`write_method`](Self::write_method)) may change what the listed ones answer (a write):
+/// once it has its response, later calls do not join a flight that began before it,
 /// so a client reads its own writes (the HTTP layer's rule for unsafe methods, per URI; here
 /// per layer, since a gRPC path does not say which data it touches). Writes that happen later
 /// in a stream's life are not seen.
@@ -150,19 +168,36 @@ impl CoalesceGrpcLayer {
     /// If `path` does not look like `/service/method` (a leading `/`, exactly one more `/`,
     /// nothing empty), since it would silently never match.
     pub fn method(self, path: impl Into<String>) -> Self {
-        let path = path.into();
-        let valid = path
-            .strip_prefix('/')
-            .and_then(|rest| rest.split_once('/'))
-            .is_some_and(|(service, method)| {
-                !service.is_empty() && !method.is_empty() && !method.contains('/')
-            });
-        assert!(
-            valid,
-            "gRPC method paths look like \"/package.Service/Method\", got {path:?}"
-        );
+        let path = checked_path(path.into());
         self.configure(|c| {
             c.methods.insert(path.into_boxed_str());
+        })
+    }
+
+    /// Names a method whose calls may change what the allow-listed methods answer (a write).
+    /// Once it has its response, later calls do not join a flight that began before it, so a
+    /// client reads its own writes. By default every method not allow-listed counts as a write;
+    /// once one is named, only the named ones do (health checks and other reads then no longer
+    /// split flights). A method that is also allow-listed is coalesced, never counted.
+    ///
+    /// ```
+    /// use tower_coalesce::grpc::CoalesceGrpcLayer;
+    ///
+    /// let layer = CoalesceGrpcLayer::new()
+    ///     .method("/shop.Catalog/GetItem")
+    ///     .write_method("/shop.Catalog/SetItem");
+    /// # drop(layer);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `path` does not look like `/service/method`, as for [`method`](Self::method).
+    pub fn write_method(self, path: impl Into<String>) -> Self {
+        let path = checked_path(path.into());
+        self.configure(|c| {
+            c.write_methods
+                .get_or_insert_with(HashSet::new)
+                .insert(path.into_boxed_str());
         })
     }
 

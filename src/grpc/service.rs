@@ -102,7 +102,9 @@ where
             Err(why) => {
                 // Another method, which may change what the listed ones answer: once it has
                 // its response, later calls do not join flights begun before it.
-                let write = (why == key::Bypass::NotAllowed).then(|| self.shared.writes.clone());
+                let write = (why == key::Bypass::NotAllowed
+                    && self.shared.config.writes(parts.uri.path()))
+                .then(|| self.shared.writes.clone());
                 let req = Request::from_parts(parts, CoalesceBody::original(body));
                 ResponseFuture::bypass(&self.shared, self.inner.clone().oneshot(req), write)
             }
