@@ -71,6 +71,19 @@ pub(crate) fn limit_timer(limit: Duration) -> Option<Sleep> {
     catch_unwind(|| tokio::time::sleep_until(at)).ok()
 }
 
+/// The wait limit of an HTTP or gRPC request, if it follows a flight and the layer has one
+/// (boxed: only such followers pay for its room).
+#[cfg(feature = "http")]
+pub(crate) fn follower_limit<K, T: Send + 'static>(
+    limit: Option<Duration>,
+    run: &Run<K, T>,
+) -> Option<Pin<Box<Sleep>>> {
+    limit
+        .filter(|_| run.is_following())
+        .and_then(limit_timer)
+        .map(Box::pin)
+}
+
 /// Whether a wait limit's timer has fired. A timer panics when polled after its runtime shut
 /// down (its context entered through a kept handle): `None` then, and the waiter should drop
 /// it and wait with no limit, as outside a runtime.

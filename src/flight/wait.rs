@@ -53,12 +53,15 @@ impl<K: Send + 'static, T: Clone + Send + 'static> Run<K, T> {
                     .gated
                     .iter()
                     .any(|(id, w)| *id == old.get() && w.will_wake(&waker));
-                if !queued {
-                    shard.gated.push((old.get(), waker));
-                    return Poll::Pending;
-                }
+                let spare = match queued {
+                    true => Some(waker),
+                    false => {
+                        shard.gated.push((old.get(), waker));
+                        None
+                    }
+                };
                 drop(shard);
-                drop(waker);
+                drop(spare);
                 return Poll::Pending;
             }
             drop(shard);

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::panic::resume_unwind;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -30,7 +30,7 @@ use super::key::{GrpcKey, KeyHead};
 use super::layer::Shared;
 use super::status;
 use crate::flight::{NoBegin, Run};
-use crate::future::{limit_timer, poll_within};
+use crate::future::{follower_limit, poll_within};
 use crate::http::body::{buffer, Buffered};
 use crate::http::future::{LeaderSlot, Slot};
 use crate::http::{CoalesceBody, ServedBy};
@@ -149,8 +149,7 @@ where
         match call {
             None => {
                 if run.is_alone() {
-                    // Before its call is first polled: run alone, it is polled by this call.
-                    slot.alone.store(true, Ordering::Relaxed);
+                    slot.mark_alone();
                 }
                 State::Waiting {
                     run,
@@ -160,19 +159,13 @@ where
                     limit: None,
                 }
             }
-            Some((inner, request)) => {
-                let limit = shared
-                    .config
-                    .follower_timeout
-                    .filter(|_| run.is_following());
-                State::Waiting {
-                    limit: limit.and_then(limit_timer).map(Box::pin),
-                    run,
-                    own: Some((inner, request)),
-                    reply: None,
-                    waiting: Some(WaitGuard::new(&shared.waiting)),
-                }
-            }
+            Some((inner, request)) => State::Waiting {
+                limit: follower_limit(shared.config.follower_timeout, &run),
+                run,
+                own: Some((inner, request)),
+                reply: None,
+                waiting: Some(WaitGuard::new(&shared.waiting)),
+            },
         }
     }
 }
@@ -296,9 +289,6 @@ where
                         return match outcome {
                             Ok(_) => {
                                 let reply = reply
-                                    .reply
-                                    .lock()
-                                    .unwrap_or_else(PoisonError::into_inner)
                                     .take()
                                     .expect("a flight replies to its leader before it completes");
                                 Poll::Ready(reply.map(|r| served(r, by)))
@@ -417,11 +407,7 @@ where
     ResBody: Body,
 {
     // The leader may be gone (a follower drives the flight then): its reply is dropped.
-    let reply = |reply| {
-        if let Some(slot) = slot.upgrade() {
-            *slot.reply.lock().unwrap_or_else(PoisonError::into_inner) = Some(reply);
-        }
-    };
+    let reply = |reply| Slot::put(&slot, reply);
     let response = match inner.oneshot(request).await {
         Ok(response) => response,
         Err(error) => {
@@ -431,11 +417,7 @@ where
     };
     let (parts, body) = response.into_parts();
     // A call over a bound (alone) has nobody to share with: passed on as it comes.
-    if !status::head_may_share(&parts)
-        || slot
-            .upgrade()
-            .is_some_and(|s| s.alone.load(Ordering::Relaxed))
-    {
+    if !status::head_may_share(&parts) || Slot::is_alone(&slot) {
         let failed = status::head_failed(&parts);
         reply(Ok(Response::from_parts(
             parts,

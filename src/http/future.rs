@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{ready, Context, Poll};
 
 use http::header::{HeaderName, HeaderValue};
@@ -39,6 +39,34 @@ impl<B: Body, E> Slot<B, E> {
             reply: Mutex::new(None),
             alone: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the leader's request as over a bound: made by the request before its call is
+    /// first polled, read by that call ([`is_alone`](Self::is_alone)).
+    pub(crate) fn mark_alone(&self) {
+        self.alone.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the leader's request is over a bound, if it is still there.
+    pub(crate) fn is_alone(slot: &Weak<Self>) -> bool {
+        slot.upgrade()
+            .is_some_and(|s| s.alone.load(Ordering::Relaxed))
+    }
+
+    /// Leaves `reply` for the leader, if it is still there (whoever took the flight over
+    /// does not get it).
+    pub(crate) fn put(slot: &Weak<Self>, reply: Result<Response<CoalesceBody<B>>, E>) {
+        if let Some(slot) = slot.upgrade() {
+            *slot.reply.lock().unwrap_or_else(PoisonError::into_inner) = Some(reply);
+        }
+    }
+
+    /// The reply the flight left for the leader.
+    pub(crate) fn take(&self) -> Option<Result<Response<CoalesceBody<B>>, E>> {
+        self.reply
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 }
 
@@ -203,9 +231,6 @@ where
                             Err(shared) => shared.to_response(),
                         },
                         Ok(Outcome::Released(_)) => slot
-                            .reply
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
                             .take()
                             .expect("a flight that releases leaves the leader its response")?,
                         // Let the panic go on as if this layer were not there.

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -17,7 +17,7 @@ use super::key::{Bypass, Key, Writes};
 use super::layer::Config;
 use super::share::{shareable, Outcome, Release, SharedResponse};
 use crate::flight::{Group, NoBegin};
-use crate::future::limit_timer;
+use crate::future::follower_limit;
 use crate::Stats;
 
 /// Coalesces identical concurrent HTTP requests; made by
@@ -145,15 +145,13 @@ where
         match own {
             None => {
                 if run.is_alone() {
-                    // Before its call is first polled: run alone, it is polled by this request.
-                    slot.alone.store(true, Ordering::Relaxed);
+                    slot.mark_alone();
                 }
                 ResponseFuture::leader(run, slot, config.cache_status)
             }
             Some(req) => {
                 let waiting = WaitGuard::new(&self.waiting);
-                let limit = config.follower_timeout.filter(|_| run.is_following());
-                let limit = limit.and_then(limit_timer).map(Box::pin);
+                let limit = follower_limit(config.follower_timeout, &run);
                 ResponseFuture::follower(
                     run,
                     waiting,
@@ -180,15 +178,9 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body,
 {
-    let hand_to_leader = |result| {
-        if let Some(slot) = slot.upgrade() {
-            *slot.reply.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
-        }
-    };
+    let hand_to_leader = |result| Slot::put(&slot, result);
     // Set before this first runs: a call over a bound, which nobody shares.
-    let alone = slot
-        .upgrade()
-        .is_some_and(|s| s.alone.load(Ordering::Relaxed));
+    let alone = Slot::is_alone(&slot);
     // The leader's request headers, to compare with the followers' on whatever the response's
     // `Vary` will name; one copy per flight.
     let request_headers = if alone {
