@@ -158,11 +158,9 @@ where
         }
     }
 
-    pub(crate) fn bypass(call: Call<S, Req>) -> Self {
+    pub(crate) fn bypass(call: Pin<Box<Call<S, Req>>>) -> Self {
         ResponseFuture {
-            kind: Kind::Bypass {
-                call: Box::pin(call),
-            },
+            kind: Kind::Bypass { call },
             deadline: None,
         }
     }
@@ -354,8 +352,8 @@ where
     /// middleware calls its inner service in `call`, so that a `tower_test` mock sees the
     /// request before the response future is polled. If not ready, the flight's first poll
     /// waits for readiness with its own waker, which replaces this one.
-    pub(crate) fn begin(&mut self) {
-        let Call::NotReady { svc, req } = self else {
+    pub(crate) fn begin(mut self: Pin<&mut Self>) {
+        let CallProj::NotReady { svc, req } = self.as_mut().project() else {
             return;
         };
         let began = catch_unwind(AssertUnwindSafe(|| {
@@ -371,13 +369,13 @@ where
                 },
             })
         }));
-        *self = match began {
+        self.set(match began {
             Ok(Some(now)) => now,
             Ok(None) => return,
             Err(payload) => Call::Panicked {
                 payload: Some(payload),
             },
-        };
+        });
     }
 }
 
@@ -389,7 +387,7 @@ where
     S: Service<Req>,
     S::Error: Into<BoxError>,
 {
-    fn begin(call: &mut Call<S, Req>) {
+    fn begin(call: Pin<&mut Call<S, Req>>) {
         call.begin();
     }
 }

@@ -176,8 +176,8 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let Some(key) = (self.extractor)(&req) else {
             self.group.note_bypass();
-            let mut call = Call::new(self.inner.clone(), req);
-            call.begin();
+            let mut call = Box::pin(Call::new(self.inner.clone(), req));
+            call.as_mut().begin();
             return ResponseFuture::bypass(call);
         };
         let options = self.options;

@@ -189,10 +189,12 @@ where
                     // Another caller is copying it right now: wait for it to be put back.
                     let slot = state.lingerers.insert(None);
                     drop(state);
-                    return Run::hit(cell, Role::Lingering(slot_key(slot)), Some(flight));
+                    let run = Run::hit(cell, Role::Lingering(slot_key(slot)), Some(flight));
+                    return dropped_after(run, (key, make), ());
                 }
                 let out = copy_lingering(&flight, state);
-                return Run::hit(cell, Role::Ready(Box::new(out)), None);
+                let run = Run::hit(cell, Role::Ready(Box::new(out)), None);
+                return dropped_after(run, (key, make), ());
             }
             let flight = match existing {
                 Some(flight) => flight,
@@ -212,7 +214,7 @@ where
                     shard.counters.over_capacity += 1;
                     drop(guard);
                     emit("tower_coalesce_over_capacity_total");
-                    return self.alone(hash, make, is_err, _begin);
+                    return dropped_after(self.alone(hash, make, is_err, _begin), key, garbage);
                 }
                 let slot = state.followers.insert(Slot::Parked(None));
                 state.makers += usize::from(keep.is_some());
@@ -238,11 +240,17 @@ where
                     });
                 }
                 // Boxing is user-visible work only for callers that asked to keep `make`.
-                let role = Role::Follower(slot_key(slot), keep.map(|keep| keep(make, is_err)));
-                let mut run = Run::new(cell, Some(flight), true, role);
-                run.shared = true;
-                run.maker = keep.is_some();
-                return run;
+                let (kept, unused) = match keep {
+                    Some(keep) => (Some(keep(make, is_err)), None),
+                    None => (None, Some(make)),
+                };
+                let stance = Stance {
+                    maker: kept.is_some(),
+                    ..Stance::SHARED
+                };
+                let role = Role::Follower(slot_key(slot), kept);
+                let run = Run::with(cell, Some(flight), true, role, stance);
+                return dropped_after(run, (key, unused), garbage);
             }
             drop(state);
             // Cancelled, its future not dropped yet: the new flight waits for that.
@@ -264,36 +272,47 @@ where
                 shard.counters.over_capacity += 1;
                 drop(guard);
                 emit("tower_coalesce_over_capacity_total");
-                return self.alone(hash, make, is_err, _begin);
+                return dropped_after(self.alone(hash, make, is_err, _begin), key, garbage);
             }
         }
         let id = shard.next_id;
         shard.next_id += 1;
-        let mut entry = Entry {
-            key,
-            hash,
-            id,
-            output,
-            flight: None,
-            lingering: false,
-            forgotten: false,
-            cancelling: false,
-            #[cfg(feature = "tracing")]
-            span: FlightSpan::pending(),
-        };
+        #[cfg(feature = "tracing")]
+        let span = FlightSpan::pending();
+        #[cfg(not(feature = "tracing"))]
+        let span = ();
         // Detached: the flight's state is needed up front, for the caller waits as a follower.
         let detached = detach.as_ref().map(|_| {
-            let flight = Arc::new(Flight::<T>::new(&entry, config.retries));
+            let flight = Arc::new(Flight::<T>::of(
+                hash,
+                id,
+                &span,
+                config.retries,
+                Clone::clone,
+            ));
             let mut state = flight.state.lock();
             state.detached = true;
             let slot = state.followers.insert(Slot::Parked(None));
             state.caller_slot = Some(slot);
             drop(state);
-            entry.flight = Some(Arc::clone(&flight) as Arc<dyn Any + Send + Sync>);
             (flight, slot)
         });
-        #[cfg(feature = "tracing")]
-        let span = entry.span.clone();
+        // Built whole where it is stored, not on the stack and changed there first: a wide
+        // copy of narrow stores not yet written out stalls (measured on the solo path).
+        let entry = Entry {
+            key,
+            hash,
+            id,
+            output,
+            flight: detached
+                .as_ref()
+                .map(|(flight, _)| Arc::clone(flight) as Arc<dyn Any + Send + Sync>),
+            lingering: false,
+            forgotten: false,
+            cancelling: false,
+            #[cfg(feature = "tracing")]
+            span: span.clone(),
+        };
         shard.table.insert_unique(hash, entry, |e| e.hash);
         shard.counters.leaders += 1;
         shard.counters.running += 1;
@@ -309,7 +328,7 @@ where
                 span,
                 ..Meta::new(hash, id, is_err, gate)
             };
-            let leader = |role| Run::new(cell, None, true, role).leading();
+            let leader = |role| Run::with(cell, None, true, role, Stance::LEADER);
             let fut = match start::<_, _, _, B>(make, meta) {
                 Ok(fut) => fut,
                 Err((meta, panicked)) => {
@@ -351,7 +370,8 @@ where
         M: FnOnce() -> F,
         F: Future<Output = T> + Send + 'static,
     {
-        let run = |role| Run::new(self.registry.shard(hash), None, false, role).leading();
+        let shard = self.registry.shard(hash);
+        let run = |role| Run::with(shard, None, false, role, Stance::LEADER);
         match start::<_, _, _, B>(make, Meta::new(hash, 0, is_err, None)) {
             Ok(fut) => run(Role::Driver(fut)),
             Err((meta, panicked)) => run(Role::Finished).failed(meta, panicked),
@@ -499,4 +519,16 @@ impl<K> fmt::Debug for Group<K> {
             .field("in_flight", &self.in_flight())
             .finish()
     }
+}
+
+/// Returns `run` once `key` and `garbage` (user code: their destructors; the key's may come
+/// with the caller's unused `make`) are dropped. Made
+/// first and held here, it is dropped, leaving its flight, if one of them panics; a returned
+/// value made before a local's destructor panics is not (rust-lang/rust#47949), and a follower
+/// already in its flight's slots would stay there for ever.
+#[inline(always)]
+fn dropped_after<R, K, G>(run: R, key: K, garbage: G) -> R {
+    drop(key);
+    drop(garbage);
+    run
 }

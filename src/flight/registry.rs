@@ -87,8 +87,10 @@ impl<K> ShardCell<K> {
     /// Ends the flight registered as (`hash`, `id`): unregisters it, or makes it linger with
     /// `keep` until the given instant; counts how it ended if `count` (a failure handed to
     /// followers to retry was counted then). Returns its shared state, if a follower (or this
-    /// call, to hold `keep`, with `cloner`) made one, and the entry if it was removed: the
-    /// caller drops that (the key's destructor is user code) once the followers are served.
+    /// call, to hold `keep`, with `cloner`) made one, and the key (with its span) if the entry
+    /// was removed: the caller drops that (the key's destructor is user code) once the
+    /// followers are served. (Not the whole entry: moving it through the callers' frames
+    /// costs a solo call more than its instructions, in stalled partial loads.)
     // Inlined into `complete`, the path of every flight: a call moves the removed entry
     // through memory (measured: ~20 more instructions per solo call).
     #[allow(clippy::type_complexity)]
@@ -99,7 +101,7 @@ impl<K> ShardCell<K> {
         (end, count): (End, bool),
         linger: Option<(Instant, Box<Result<T, Panicked>>)>,
         cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
-    ) -> (Option<Arc<Flight<T>>>, Option<Entry<K>>) {
+    ) -> (Option<Arc<Flight<T>>>, Option<Removed<K>>) {
         let mut guard = self.lock();
         let shard = &mut *guard;
         if count {
@@ -151,11 +153,11 @@ impl<K> ShardCell<K> {
                 (None, Some(holder))
             }
             _ => {
-                let (mut entry, _) = found.remove();
+                let (entry, _) = found.remove();
                 shard.unlinked(&entry, &self.common);
                 // Moved out, not cloned: no reference count traffic on the flight's line.
-                let flight = entry.flight.take().and_then(downcast);
-                (Some(entry), flight)
+                let (removed, flight) = entry.removed();
+                (Some(removed), flight.and_then(downcast))
             }
         };
         drop(guard);

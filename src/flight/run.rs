@@ -56,35 +56,40 @@ impl<K, T: Send + 'static> Run<K, T> {
         role: Role<T>,
         flight: Option<Arc<Flight<T>>>,
     ) -> Self {
-        let mut run = Run::new(registry, flight, false, role);
-        run.shared = true;
-        run
+        Run::with(registry, flight, false, role, Stance::SHARED)
     }
 
     /// A waiter in `role`, of a flight registered in `registry`'s shard if `registered`; not
-    /// its leader, nor shared, nor keeping a `make` (until the caller says so).
+    /// its leader, nor shared, nor keeping a `make`.
     pub(super) fn new(
         registry: &Arc<ShardCell<K>>,
         flight: Option<Arc<Flight<T>>>,
         registered: bool,
         role: Role<T>,
     ) -> Self {
+        Run::with(registry, flight, registered, role, Stance::default())
+    }
+
+    /// A waiter as `new` makes it, standing to its flight as `stance` says. Every field is
+    /// set here, none changed after: a waiter changed in place and then moved (returned) is a
+    /// wide load of narrow stores not yet written out, which stalls (measured on the solo path).
+    pub(super) fn with(
+        registry: &Arc<ShardCell<K>>,
+        flight: Option<Arc<Flight<T>>>,
+        registered: bool,
+        role: Role<T>,
+        stance: Stance,
+    ) -> Self {
         Run {
             registry: Arc::clone(registry),
             flight,
             registered,
             role,
-            leader: false,
-            shared: false,
-            maker: false,
+            leader: stance.leader,
+            shared: stance.shared,
+            maker: stance.maker,
             retrying: false,
         }
-    }
-
-    /// This waiter, as the caller whose `make` made the flight's future.
-    pub(super) fn leading(mut self) -> Self {
-        self.leader = true;
-        self
     }
 
     pub(crate) fn note_timeout(&self) {
@@ -174,6 +179,29 @@ impl<K, T: Send + 'static> Run<K, T> {
     }
 }
 
+/// How a new waiter stands to its flight (the flags of [`Run`] of those names).
+#[derive(Clone, Copy, Default)]
+pub(super) struct Stance {
+    pub(super) leader: bool,
+    pub(super) shared: bool,
+    pub(super) maker: bool,
+}
+
+impl Stance {
+    /// The caller whose `make` made the flight's future.
+    pub(super) const LEADER: Stance = Stance {
+        leader: true,
+        shared: false,
+        maker: false,
+    };
+    /// A caller served another's output (a lingering hit).
+    pub(super) const SHARED: Stance = Stance {
+        leader: false,
+        shared: true,
+        maker: false,
+    };
+}
+
 /// Drives a detached flight's call (`fut`) on a task of its own: it completes even if every
 /// waiter leaves.
 pub(super) fn spawn_driver<K, T>(
@@ -197,7 +225,7 @@ pub(super) fn spawn_driver<K, T>(
 pub(crate) trait Begin<F> {
     /// False for [`NoBegin`]: the plain path, chosen at compile time.
     const BEGINS: bool = true;
-    fn begin(fut: &mut F);
+    fn begin(fut: Pin<&mut F>);
 }
 
 /// No work before the flight's future is first polled (`Group::run`).
@@ -205,11 +233,14 @@ pub(crate) struct NoBegin;
 
 impl<F> Begin<F> for NoBegin {
     const BEGINS: bool = false;
-    fn begin(_: &mut F) {}
+    fn begin(_: Pin<&mut F>) {}
 }
 
-/// Calls a leader's `make` (user code: outside every lock), then `B::begin` on its future, and
-/// boxes it; a panic is caught, to end the flight at once.
+/// Calls a leader's `make` (user code: outside every lock) and boxes its future, then calls
+/// `B::begin` on it in the box; a panic of `make` is caught, to end the flight at once.
+// Begun in the box, not before: a future changed in place on the stack and then moved into
+// its box is read back in wide loads from narrow stores not yet written out, a stall that
+// cost a solo call more than its instructions (measured).
 // Inlined into its two callers: out of line it costs ~50 instructions a solo call (measured).
 #[allow(clippy::type_complexity)]
 #[inline(always)]
@@ -220,20 +251,15 @@ where
     T: 'static,
     B: Begin<F>,
 {
-    let made = if !B::BEGINS {
-        catch_unwind(AssertUnwindSafe(make))
-    } else {
-        let gated = meta.gate.is_some();
-        catch_unwind(AssertUnwindSafe(|| {
-            let mut fut = make();
-            if !gated {
-                B::begin(&mut fut);
+    let begins = B::BEGINS && meta.gate.is_none();
+    match catch_unwind(AssertUnwindSafe(make)) {
+        Ok(fut) => {
+            let mut boxed = Box::pin(Driven { meta, fut });
+            if begins {
+                B::begin(boxed.as_mut().project().fut);
             }
-            fut
-        }))
-    };
-    match made {
-        Ok(fut) => Ok(driven(meta, fut)),
+            Ok(boxed)
+        }
         Err(payload) => Err((meta, Panicked::new(payload))),
     }
 }

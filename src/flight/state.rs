@@ -14,9 +14,24 @@ impl<T> Flight<T> {
         retries: u32,
         cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
     ) -> Self {
+        #[cfg(feature = "tracing")]
+        let span = &entry.span;
+        #[cfg(not(feature = "tracing"))]
+        let span = &();
+        Flight::of(entry.hash, entry.id, span, retries, cloner)
+    }
+
+    /// The state of the flight registered as (`hash`, `id`), with its entry's `span`.
+    pub(super) fn of(
+        hash: u64,
+        id: u64,
+        _span: &SpanHold,
+        retries: u32,
+        cloner: fn(&Result<T, Panicked>) -> Result<T, Panicked>,
+    ) -> Self {
         Flight {
-            hash: entry.hash,
-            id: entry.id,
+            hash,
+            id,
             cloner,
             state: Mutex::new(State {
                 phase: Phase::Running,
@@ -34,7 +49,7 @@ impl<T> Flight<T> {
                 caller_slot: None,
                 published_to: 0,
                 #[cfg(feature = "tracing")]
-                span: entry.span.clone(),
+                span: _span.clone(),
             }),
         }
     }
