@@ -15,6 +15,7 @@ use http::request::Parts;
 use http::Method;
 
 use super::layer::{DEFAULT_REQUEST_LIMIT, DEFAULT_RESPONSE_LIMIT};
+use crate::http::key::has_directive;
 
 /// Extracts the caller identity part of the key.
 pub(crate) type IdentityFn = Arc<dyn Fn(&Parts) -> Option<Bytes> + Send + Sync>;
@@ -237,19 +238,11 @@ pub(crate) fn is_grpc_content_type(value: &HeaderValue) -> bool {
         && matches!(bytes.get(GRPC.len()), None | Some(b'+' | b';'))
 }
 
+/// Whether the call asks for a fresh answer (`no-cache`, `no-store`), read as the HTTP layer
+/// reads it: a malformed field counts as asking.
 fn asks_for_fresh(headers: &HeaderMap) -> bool {
-    let has_directive = |name: HeaderName, wanted: &[&str]| {
-        headers.get_all(name).iter().any(|value| {
-            value.to_str().map_or(true, |v| {
-                v.split(',').any(|directive| {
-                    let directive = directive.split('=').next().unwrap_or("").trim();
-                    wanted.iter().any(|w| directive.eq_ignore_ascii_case(w))
-                })
-            })
-        })
-    };
-    has_directive(header::CACHE_CONTROL, &["no-cache", "no-store"])
-        || has_directive(header::PRAGMA, &["no-cache"])
+    has_directive(headers, &header::CACHE_CONTROL, &["no-cache", "no-store"])
+        || has_directive(headers, &header::PRAGMA, &["no-cache"])
 }
 
 #[cfg(test)]

@@ -314,18 +314,94 @@ pub(crate) fn split_directives(value: &str) -> impl Iterator<Item = &str> {
 
 /// Whether a comma-separated directive list (`Cache-Control`, `Pragma`, `Connection`) has one
 /// of `wanted`, case-insensitively, with or without an argument. A value that is not visible
-/// ASCII counts as a match: when unsure, do not share.
+/// ASCII, or not a well-formed list, counts as a match: when unsure, do not share. (A quote
+/// left open or a missing comma would otherwise hide a `private` or `no-store` after it.)
 pub(crate) fn has_directive(headers: &HeaderMap, name: &HeaderName, wanted: &[&str]) -> bool {
     headers
         .get_all(name)
         .iter()
         .any(|value| match value.to_str() {
-            Ok(value) => split_directives(value).any(|directive| {
-                let name = directive.split('=').next().unwrap_or("").trim();
-                wanted.iter().any(|w| name.eq_ignore_ascii_case(w))
-            }),
+            Ok(value) => {
+                !well_formed(value)
+                    || split_directives(value).any(|directive| {
+                        let name = directive.split('=').next().unwrap_or("").trim();
+                        wanted.iter().any(|w| name.eq_ignore_ascii_case(w))
+                    })
+            }
             Err(_) => true,
         })
+}
+
+/// Whether `value` is a list of directives as RFC 9110 §5.6 and RFC 9111 §5.2 write them:
+/// `token [ "=" ( token / quoted-string ) ]`, separated by commas, empty elements and
+/// whitespace around the commas (and, leniently, around `=`) allowed.
+pub(crate) fn well_formed(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    let mut at = 0;
+    loop {
+        at = skip_space(bytes, at);
+        match bytes.get(at) {
+            None => return true,
+            Some(b',') => {
+                at += 1;
+                continue;
+            }
+            Some(_) => {}
+        }
+        let Some(end) = token(bytes, at) else {
+            return false;
+        };
+        at = skip_space(bytes, end);
+        if bytes.get(at) == Some(&b'=') {
+            at = skip_space(bytes, at + 1);
+            let argument = match bytes.get(at) {
+                Some(b'"') => quoted_string(bytes, at),
+                _ => token(bytes, at),
+            };
+            let Some(end) = argument else {
+                return false;
+            };
+            at = skip_space(bytes, end);
+        }
+        match bytes.get(at) {
+            None => return true,
+            Some(b',') => at += 1,
+            Some(_) => return false,
+        }
+    }
+}
+
+fn skip_space(bytes: &[u8], mut at: usize) -> usize {
+    while matches!(bytes.get(at), Some(b' ' | b'\t')) {
+        at += 1;
+    }
+    at
+}
+
+/// The end of the token (RFC 9110 §5.6.2) that begins at `start`, if one does.
+fn token(bytes: &[u8], start: usize) -> Option<usize> {
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    let len = bytes.get(start..)?.iter().take_while(|b| tchar(b)).count();
+    (len > 0).then_some(start + len)
+}
+
+/// The end of the quoted string (RFC 9110 §5.6.4) that begins at `start` (a `"`), if it closes.
+fn quoted_string(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut at = start + 1;
+    loop {
+        match *bytes.get(at)? {
+            b'"' => return Some(at + 1),
+            b'\\' => {
+                let escaped = *bytes.get(at + 1)?;
+                if escaped != b'\t' && !(b' '..=b'~').contains(&escaped) {
+                    return None;
+                }
+                at += 2;
+            }
+            b'\t' | b' '..=b'~' => at += 1,
+            _ => return None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -563,6 +639,40 @@ mod tests {
         let anonymous = k(get("/a")).unwrap();
         assert_ne!(anonymous, alice);
         assert_eq!(anonymous, k(get("/a")).unwrap());
+    }
+
+    #[test]
+    fn directive_lists_are_read_strictly() {
+        for good in [
+            "",
+            "max-age=60",
+            " public , max-age=60 ,, s-maxage=\"30\"",
+            "no-cache=\"set-cookie, x-user\"",
+            "ext=\"a \\\" b\", private",
+            "max-age = 60",
+        ] {
+            assert!(well_formed(good), "{good:?}");
+        }
+        for bad in [
+            "max-age=60, x=\"unterminated, private",
+            "a\"b, private",
+            "ext=\"a\\\", no-store",
+            "private max-age=60",
+            "private;x=1",
+            "\"private\"",
+            "max-age=",
+            "=60",
+            "x=\"a\" y",
+        ] {
+            assert!(!well_formed(bad), "{bad:?}");
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_str(bad).unwrap());
+            assert!(has_directive(
+                &headers,
+                &header::CACHE_CONTROL,
+                &["no-store"]
+            ));
+        }
     }
 
     #[test]

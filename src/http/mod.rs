@@ -41,7 +41,8 @@
 //! The first request of a key (the *leader*) calls the inner service; identical requests that
 //! arrive while it runs (the *followers*) wait. Its response is shared with them only if a
 //! shared cache could reuse it: no `Set-Cookie`, no `Cache-Control: private`, `no-store` or
-//! `no-cache`, no `Vary: *`, not stale on arrival (`max-age=0`, `s-maxage=0`, an `Expires`
+//! `no-cache` (a `Cache-Control` or `Pragma` that is not a well-formed directive list counts as
+//! having them, on requests too), no `Vary: *`, not stale on arrival (`max-age=0`, `s-maxage=0`, an `Expires`
 //! not after its `Date`), not `text/event-stream`, not `101`, no transfer coding but `chunked`
 //! (a `gzip` one would leave the copies coded and unlabelled), and a body within
 //! [`max_body_bytes`](CoalesceHttpLayer::max_body_bytes) (default 2 MiB). Its status must be
