@@ -237,7 +237,8 @@ impl<F> Begin<F> for NoBegin {
 }
 
 /// Calls a leader's `make` (user code: outside every lock) and boxes its future, then calls
-/// `B::begin` on it in the box; a panic of `make` is caught, to end the flight at once.
+/// `B::begin` on it in the box; a panic of either (`begin` drops what it replaced: the inner
+/// service's clone, the request) is caught, to end the flight at once.
 // Begun in the box, not before: a future changed in place on the stack and then moved into
 // its box is read back in wide loads from narrow stores not yet written out, a stall that
 // cost a solo call more than its instructions (measured).
@@ -256,12 +257,27 @@ where
         Ok(fut) => {
             let mut boxed = Box::pin(Driven { meta, fut });
             if begins {
-                B::begin(boxed.as_mut().project().fut);
+                let begun = catch_unwind(AssertUnwindSafe(|| {
+                    B::begin(boxed.as_mut().project().fut);
+                }));
+                if let Err(payload) = begun {
+                    return Err(unbegun(boxed, payload));
+                }
             }
             Ok(boxed)
         }
         Err(payload) => Err((meta, Panicked::new(payload))),
     }
+}
+
+/// A flight's future whose `begin` panicked: its `Meta` back, and the panic, to end the flight
+/// with. The future (a call perhaps made) is dropped here, its own panic contained.
+#[cold]
+#[inline(never)]
+fn unbegun<T, F>(mut boxed: Pin<Box<Driven<T, F>>>, payload: Panic) -> (Meta<T>, Panicked) {
+    let meta = boxed.as_mut().project().meta.take();
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(boxed)));
+    (meta, Panicked::new(payload))
 }
 
 impl<K, T: Clone + Send + 'static> Run<K, T> {
