@@ -521,11 +521,11 @@ impl<K> fmt::Debug for Group<K> {
     }
 }
 
-/// Returns `run` once `key` and `garbage` (user code: their destructors; the key's may come
-/// with the caller's unused `make`) are dropped. Made
-/// first and held here, it is dropped, leaving its flight, if one of them panics; a returned
-/// value made before a local's destructor panics is not (rust-lang/rust#47949), and a follower
-/// already in its flight's slots would stay there for ever.
+/// Returns `run` once `key` and `garbage` are dropped (user code: the key's destructor, with the
+/// caller's unused `make`'s, and the purged outputs'). Held here as a local, `run` is dropped,
+/// leaving its flight, if one of them panics; a value being returned when a local's destructor
+/// panics is not (rust-lang/rust#47949), and a follower already in its flight's slots would
+/// stay there for ever.
 #[inline(always)]
 fn dropped_after<R, K, G>(run: R, key: K, garbage: G) -> R {
     drop(key);
