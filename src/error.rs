@@ -50,6 +50,21 @@ enum Kind {
 }
 
 impl CoalesceError {
+    /// The error a flight's waiters get when the inner service fails with `error`: for code
+    /// written against `CoalesceError` (a retry policy, an error mapper) to be tested with a
+    /// stand-in for the coalesced service.
+    ///
+    /// ```
+    /// use tower_coalesce::CoalesceError;
+    ///
+    /// let err = CoalesceError::new(std::io::Error::other("backend down"));
+    /// assert!(err.downcast_ref::<std::io::Error>().is_some());
+    /// assert!(!err.is_panic() && !err.is_timeout());
+    /// ```
+    pub fn new(error: impl Into<tower::BoxError>) -> Self {
+        CoalesceError::inner(error)
+    }
+
     pub(crate) fn inner(error: impl Into<tower::BoxError>) -> Self {
         CoalesceError {
             kind: Arc::new(Kind::Inner(error.into())),

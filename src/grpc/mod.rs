@@ -33,6 +33,14 @@
 //! says whether it was the caller's own call, a copy of another's, a call of its own after
 //! the flight could not be shared, or a bypass.
 //!
+//!
+//! Put the layer on the server (`Server::builder().layer(..)`, as above), not on one service
+//! passed to `add_service`: tonic asks that one for its `NamedService` name, which
+//! [`CoalesceGrpcService`] does not give (the crate does not depend on tonic). To coalesce a
+//! client's outgoing calls, wrap its `Channel` with a `map_request` below the layer that turns
+//! the body back into tonic's own (`.map_request(|r: http::Request<_>|
+//! r.map(tonic::body::Body::new))`), since the inner service sees a [`CoalesceBody`].
+//!
 //! [`CoalesceBody`]: crate::http::CoalesceBody
 //! [`ServedBy`]: crate::http::ServedBy
 

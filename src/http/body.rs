@@ -242,6 +242,14 @@ pin_project! {
     }
 }
 
+/// An empty body, as tower-http's middleware makes for the responses it answers itself (a
+/// timeout, a refused CORS preflight), which need `Default` of the body type.
+impl<B: Body> Default for CoalesceBody<B> {
+    fn default() -> Self {
+        CoalesceBody::full(Bytes::new(), None)
+    }
+}
+
 impl<B: Body> CoalesceBody<B> {
     /// A complete body: `data` as one frame (none if empty), then `trailers` if any.
     pub(crate) fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
