@@ -840,7 +840,6 @@ async fn tower_test_mock_under_the_http_layer_when_the_futures_are_driven() {
 }
 
 #[tokio::test]
-#[ignore = "BUG: the HTTP layer calls the inner service only when its future is polled, so tower-test's `call` then `assert_request_eq!` pattern hangs"]
 async fn tower_test_mock_sees_the_http_request_at_call_time() {
     // The core layer calls a ready inner service in `call` "so that a tower_test mock sees the
     // request before the response future is polled" (CoalesceService docs, README); the HTTP

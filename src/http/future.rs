@@ -16,6 +16,7 @@ use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::body::CoalesceBody;
+use super::call::Eager;
 use super::key::{Bypass, Key, Writes};
 use super::share::{Outcome, Release};
 use super::ServedBy;
@@ -28,7 +29,7 @@ pub(crate) type LeaderSlot<B, E> = Arc<Slot<B, E>>;
 pub(crate) struct Slot<B: Body, E> {
     /// Where the flight leaves the leader's own response (or error) when it is not shared.
     pub(crate) reply: Mutex<Option<Result<Response<CoalesceBody<B>>, E>>>,
-    /// Set when the request calls alone (over a bound), before its call is first polled:
+    /// Set when the request calls alone (over a bound), before its call's response is judged:
     /// nobody can share its response, so it is passed on as it comes, unbuffered.
     pub(crate) alone: AtomicBool,
 }
@@ -41,8 +42,8 @@ impl<B: Body, E> Slot<B, E> {
         }
     }
 
-    /// Marks the leader's request as over a bound: made by the request before its call is
-    /// first polled, read by that call ([`is_alone`](Self::is_alone)).
+    /// Marks the leader's request as over a bound: made by the request in `call`, read when
+    /// its call's response is in ([`is_alone`](Self::is_alone)).
     pub(crate) fn mark_alone(&self) {
         self.alone.store(true, Ordering::Relaxed);
     }
@@ -101,7 +102,7 @@ pin_project! {
     {
         Bypass {
             #[pin]
-            call: Oneshot<S, Request<ReqBody>>,
+            call: Eager<S, Request<ReqBody>>,
             reason: Bypass,
             // A write's URI slot, counted when its response has a non-error status.
             write: Option<(Arc<Writes>, usize)>,
@@ -131,7 +132,7 @@ where
     ResBody: Body,
 {
     pub(crate) fn bypass(
-        call: Oneshot<S, Request<ReqBody>>,
+        call: Eager<S, Request<ReqBody>>,
         reason: Bypass,
         write: Option<(Arc<Writes>, usize)>,
         cache_status: bool,

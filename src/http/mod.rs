@@ -124,6 +124,7 @@
 // `pub(crate)`: the gRPC adapter buffers and replays bodies with it too.
 pub(crate) mod body;
 mod builder;
+mod call;
 // `pub(crate)`: the gRPC adapter hands its leader's reply over in the same slot.
 pub(crate) mod future;
 pub(crate) mod key;

@@ -1,22 +1,25 @@
 //! [`CoalesceHttpService`]: classify each request, then bypass, lead or follow.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body::Body;
-use tower::util::Oneshot;
+use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::body::{buffer, content_length, Buffered, CoalesceBody};
+use super::call::Eager;
 use super::future::{LeaderSlot, ResponseFuture, Slot, WaitGuard};
 use super::key::{Bypass, Key, Writes};
 use super::layer::Config;
 use super::share::{shareable, Outcome, Release, SharedResponse};
-use crate::flight::{Group, NoBegin};
+use crate::flight::{Begin, Group};
 use crate::future::follower_limit;
 use crate::Stats;
 
@@ -29,6 +32,12 @@ use crate::Stats;
 /// - `poll_ready` is always ready. Each call (a flight, a bypassed request, a follower's own
 ///   call) drives a clone of the inner service through `poll_ready` and `call` itself, so a
 ///   follower never waits for the inner service's readiness.
+/// - A leader's `call` (and a bypassed request's) calls the inner service at once when its
+///   clone is ready (one `poll_ready` with a no-op waker), as
+///   [`CoalesceService`](crate::CoalesceService) and tower's own middleware do, so that a
+///   `tower_test` mock sees the request before the response future is polled; otherwise the
+///   first poll waits for readiness. A follower's own call (after its wait limit, or when the
+///   response could not be shared) is made when it is needed.
 /// - Responses have a [`CoalesceBody`] and a [`ServedBy`](super::ServedBy) extension.
 pub struct CoalesceHttpService<S> {
     inner: S,
@@ -120,7 +129,8 @@ where
                     Bypass::Method => Writes::write_slot(&parts).map(|s| (self.writes.clone(), s)),
                     _ => None,
                 };
-                let call = Oneshot::new(self.inner.clone(), Request::from_parts(parts, body));
+                // Called now if the inner service is ready, as a leader's call is.
+                let call = Eager::new(self.inner.clone(), Request::from_parts(parts, body)).begun();
                 return ResponseFuture::bypass(call, reason, write, config.cache_status);
             }
         };
@@ -141,7 +151,7 @@ where
         // An inner error counts as a failed flight (stats, span outcome, metrics).
         let run = self
             .group
-            .run_classified(key, make, Outcome::failed, None, NoBegin);
+            .run_classified(key, make, Outcome::failed, None, BeginCall);
         match own {
             None => {
                 if run.is_alone() {
@@ -165,31 +175,113 @@ where
     }
 }
 
-/// One call of the inner service on behalf of a key: calls, judges the response, buffers a
-/// shareable body. A response that cannot be shared goes to the leader through `slot` (if the
-/// leader is still there: whoever took over the flight does not get it).
-async fn flight<S, ReqBody, ResBody>(
+pin_project! {
+    /// One call of the inner service on behalf of a key: calls ([`Eager`], begun in `call` as
+    /// the core layer does), then judges the response and buffers a shareable body (`then`,
+    /// made when the response is in). A response that cannot be shared goes to the leader
+    /// through the slot (if the leader is still there: whoever took over the flight does not
+    /// get it).
+    pub(crate) struct Flight<S, ReqBody, ResBody, Then>
+    where
+        S: Service<Request<ReqBody>>,
+        ResBody: Body,
+    {
+        #[pin]
+        call: Eager<S, Request<ReqBody>>,
+        ctx: Option<Ctx<ResBody, S::Error>>,
+        judge: Judge<ResBody, S::Error, Then>,
+        #[pin]
+        then: Option<Then>,
+    }
+}
+
+type Judge<ResBody, E, Then> = fn(Result<Response<ResBody>, E>, Ctx<ResBody, E>) -> Then;
+
+/// What judging a flight's response needs of its request and its leader.
+pub(crate) struct Ctx<ResBody: Body, E> {
+    slot: Weak<Slot<ResBody, E>>,
+    limit: usize,
+    head: bool,
+    /// The leader's request headers, to compare with the followers' on whatever the
+    /// response's `Vary` will name; one copy per flight.
+    request_headers: http::HeaderMap,
+}
+
+/// A flight of `req` on `inner`, not called yet.
+fn flight<S, ReqBody, ResBody>(
     inner: S,
     req: Request<ReqBody>,
     slot: Weak<Slot<ResBody, S::Error>>,
     limit: usize,
-) -> Outcome
+) -> Flight<S, ReqBody, ResBody, impl Future<Output = Outcome>>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body,
 {
-    let hand_to_leader = |result| Slot::put(&slot, result);
-    // Set before this first runs: a call over a bound, which nobody shares.
-    let alone = Slot::is_alone(&slot);
-    // The leader's request headers, to compare with the followers' on whatever the response's
-    // `Vary` will name; one copy per flight.
-    let request_headers = if alone {
-        http::HeaderMap::new()
-    } else {
-        req.headers().clone()
+    let ctx = Ctx {
+        slot,
+        limit,
+        head: req.method() == Method::HEAD,
+        request_headers: req.headers().clone(),
     };
-    let head = req.method() == Method::HEAD;
-    let (parts, body) = match Oneshot::new(inner, req).await {
+    Flight {
+        call: Eager::new(inner, req),
+        ctx: Some(ctx),
+        judge: judge::<S::Error, ResBody>,
+        then: None,
+    }
+}
+
+impl<S, ReqBody, ResBody, Then> Future for Flight<S, ReqBody, ResBody, Then>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
+    Then: Future<Output = Outcome>,
+{
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let mut this = self.project();
+        if this.then.is_none() {
+            let result = ready!(this.call.poll(cx));
+            let ctx = this.ctx.take().expect("polled after completion");
+            this.then.set(Some((this.judge)(result, ctx)));
+        }
+        let then = this.then.as_pin_mut().expect("set above");
+        then.poll(cx)
+    }
+}
+
+/// Begins a leader's call in `call`, as [`CallNow`](crate::future::CallNow) does for the core
+/// layer (not while the key's cancelled call is still being dropped: the group does not
+/// begin those).
+pub(crate) struct BeginCall;
+
+impl<S, ReqBody, ResBody, Then> Begin<Flight<S, ReqBody, ResBody, Then>> for BeginCall
+where
+    S: Service<Request<ReqBody>>,
+    ResBody: Body,
+{
+    fn begin(flight: Pin<&mut Flight<S, ReqBody, ResBody, Then>>) {
+        flight.project().call.begin();
+    }
+}
+
+/// Judges a flight's response (`result` of its call) and buffers a shareable body.
+async fn judge<E, ResBody: Body>(
+    result: Result<Response<ResBody>, E>,
+    ctx: Ctx<ResBody, E>,
+) -> Outcome {
+    let Ctx {
+        slot,
+        limit,
+        head,
+        request_headers,
+    } = ctx;
+    let hand_to_leader = |result| Slot::put(&slot, result);
+    // Set before the leader's `call` returned: a call over a bound, which nobody shares.
+    let alone = Slot::is_alone(&slot);
+    let (parts, body) = match result {
         Ok(res) => res.into_parts(),
         Err(error) => {
             hand_to_leader(Err(error));
