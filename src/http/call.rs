@@ -1,5 +1,9 @@
 //! [`Eager`]: one call of the inner service, made in the layer's `call` when the service is
 //! ready, as the core layer (and tower's own middleware) does.
+//!
+//! Apart from the core layer's `Call`, which it mirrors: that one keeps a failed readiness as
+//! a `CoalesceError` (its service's error need only be `Into<BoxError>`, not `Send`), this one
+//! as the inner service's own error, which the HTTP layer returns unwrapped.
 
 use std::any::Any;
 use std::future::Future;
