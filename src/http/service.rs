@@ -36,8 +36,10 @@ use crate::Stats;
 ///   clone is ready (one `poll_ready` with a no-op waker), as
 ///   [`CoalesceService`](crate::CoalesceService) and tower's own middleware do, so that a
 ///   `tower_test` mock sees the request before the response future is polled; otherwise the
-///   first poll waits for readiness. A follower's own call (after its wait limit, or when the
-///   response could not be shared) is made when it is needed.
+///   first poll waits for readiness. What that call reserves (a `ConcurrencyLimit` permit
+///   below) is held by the response future until it completes or is dropped. A follower's own
+///   call (after its wait limit, or when the response could not be shared) is made when it is
+///   needed.
 /// - Responses have a [`CoalesceBody`] and a [`ServedBy`](super::ServedBy) extension.
 pub struct CoalesceHttpService<S> {
     inner: S,
