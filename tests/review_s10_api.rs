@@ -2,18 +2,18 @@
 //! tower's own middleware, `tower-test`, axum and tonic, the error type's `source()`/downcast
 //! behaviour, and README prose claims, all through the public API only.
 //!
-//! Findings are marked `BUG:` — a bound that does not hold is kept as commented-out code (so the
-//! file compiles), a runtime failure as an `#[ignore = "BUG: ..."]` test:
+//! Its findings, and what became of them:
 //! - no response future (`ResponseFuture`, `Run`, HTTP/gRPC) is ever `Sync`, so tower's
-//!   `ServiceBuilder::boxed_clone_sync()` does not compile over the layer;
-//! - `CoalesceBody` is not `Default`, which tower-http's timeout/CORS/auth layers need;
-//! - `CoalesceGrpcService` is not a tonic `NamedService` (no `add_service(layer.layer(svc))`);
-//! - the gRPC layer hands its inner service `CoalesceBody<B>`, so a tonic `Channel` (client
-//!   side) needs a `map_request`;
-//! - `CoalesceError` has no public constructor;
-//! - `CoalesceError`'s `Display` repeats its `source()`'s message (ignored test);
-//! - the HTTP layer calls its inner service only when polled, so tower-test's
-//!   `call` + `assert_request_eq!` pattern hangs (ignored test).
+//!   `ServiceBuilder::boxed_clone_sync()` does not compile over the layer (left; commented-out
+//!   code below);
+//! - `CoalesceBody` was not `Default`, which tower-http's timeout/CORS/auth layers need (fixed);
+//! - `CoalesceGrpcService` is not a tonic `NamedService`, and the gRPC layer hands its inner
+//!   service `CoalesceBody<B>`, so a tonic `Channel` needs a `map_request` (both documented);
+//! - `CoalesceError` had no public constructor (fixed: `CoalesceError::new`);
+//! - `CoalesceError`'s `Display` repeats its `source()`'s message (kept as tower does; ignored
+//!   test);
+//! - the HTTP layer called its inner service only when polled, so tower-test's `call` +
+//!   `assert_request_eq!` pattern hung (fixed).
 //!
 //! No sleep decides anything: backends hold their calls behind a `watch` gate the test opens
 //! once every waiter is where it should be (checked by yielding, bounded by a timeout); the
@@ -1395,7 +1395,7 @@ async fn follower_wait_limit_with_on_timeout_error_is_timeout() {
 }
 
 #[tokio::test]
-#[ignore = "BUG: CoalesceError's Display repeats its source's message, so error reporters print it twice"]
+#[ignore = "kept as decided: Display includes the source message, as tower's own errors do (session 10 note)"]
 async fn error_report_does_not_repeat_the_inner_message() {
     // Rust's error guideline (std::error::Error docs, error-handling WG): an error either
     // returns its cause from `source()` or writes it in its `Display`, never both, or every
