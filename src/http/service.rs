@@ -37,7 +37,8 @@ use crate::Stats;
 ///   [`CoalesceService`](crate::CoalesceService) and tower's own middleware do, so that a
 ///   `tower_test` mock sees the request before the response future is polled; otherwise the
 ///   first poll waits for readiness. What that call reserves (a `ConcurrencyLimit` permit
-///   below) is held by the response future until it completes or is dropped. A follower's own
+///   below) is held until the response head is in (not while the body is buffered), or until
+///   the response future is dropped. A follower's own
 ///   call (after its wait limit, or when the response could not be shared) is made when it is
 ///   needed.
 /// - Responses have a [`CoalesceBody`] and a [`ServedBy`](super::ServedBy) extension.
@@ -188,8 +189,10 @@ pin_project! {
         S: Service<Request<ReqBody>>,
         ResBody: Body,
     {
+        // Dropped once it has the response head, as a `.await` of it would: what it holds (a
+        // `ConcurrencyLimit` permit below) goes before the body is buffered.
         #[pin]
-        call: Eager<S, Request<ReqBody>>,
+        call: Option<Eager<S, Request<ReqBody>>>,
         ctx: Option<Ctx<ResBody, S::Error>>,
         judge: Judge<ResBody, S::Error, Then>,
         #[pin]
@@ -227,7 +230,7 @@ where
         request_headers: req.headers().clone(),
     };
     Flight {
-        call: Eager::new(inner, req),
+        call: Some(Eager::new(inner, req)),
         ctx: Some(ctx),
         judge: judge::<S::Error, ResBody>,
         then: None,
@@ -244,12 +247,13 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
         let mut this = self.project();
-        if this.then.is_none() {
-            let result = ready!(this.call.poll(cx));
+        if let Some(call) = this.call.as_mut().as_pin_mut() {
+            let result = ready!(call.poll(cx));
+            this.call.set(None);
             let ctx = this.ctx.take().expect("polled after completion");
             this.then.set(Some((this.judge)(result, ctx)));
         }
-        let then = this.then.as_pin_mut().expect("set above");
+        let then = this.then.as_pin_mut().expect("polled after completion");
         then.poll(cx)
     }
 }
@@ -265,7 +269,9 @@ where
     ResBody: Body,
 {
     fn begin(flight: Pin<&mut Flight<S, ReqBody, ResBody, Then>>) {
-        flight.project().call.begin();
+        if let Some(call) = flight.project().call.as_pin_mut() {
+            call.begin();
+        }
     }
 }
 
