@@ -764,3 +764,28 @@ async fn a_finished_call_releases_its_concurrency_permit_before_the_body_is_buff
     let body = s.unwrap().into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "published");
 }
+
+/// A bypassed request's response future, kept after it answered (to ask `served_by`, say), no
+/// longer holds what its call reserved: its inner future is dropped once it has the response,
+/// as tower's `Oneshot` drops it.
+#[tokio::test]
+async fn a_kept_bypass_future_releases_its_concurrency_permit() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inner = tower::service_fn({
+        let calls = calls.clone();
+        move |_req: MockReq| {
+            calls.fetch_add(1, SeqCst);
+            async { Ok::<_, std::convert::Infallible>(ok("done")) }
+        }
+    });
+    let mut svc = CoalesceHttpLayer::new().layer(ConcurrencyLimit::new(inner, 1));
+    let post = || Request::post("/w").body(Full::default()).unwrap();
+    let mut first = Box::pin(svc.call(post()));
+    let res = bounded("the first POST", first.as_mut()).await.unwrap();
+    assert_eq!(served(&res), ServedBy::Bypass);
+    // `first` is still alive: the second POST must get the permit all the same.
+    let second = bounded("the second POST", svc.call(post())).await.unwrap();
+    assert_eq!(body_of(second).await, "done");
+    assert_eq!(calls.load(SeqCst), 2);
+    drop(first);
+}

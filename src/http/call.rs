@@ -33,6 +33,9 @@ pin_project! {
         // `poll_ready` or `call` panicked in `begin`: raised again at the first poll, where it
         // would have been raised without `begin`.
         Panicked { payload: Option<Box<dyn Any + Send>> },
+        // Answered: the inner future is dropped at once, with what it holds (a
+        // `ConcurrencyLimit` permit), as tower's `Oneshot` does.
+        Done,
     }
 }
 
@@ -94,13 +97,18 @@ impl<S: Service<Req>, Req> Future for Eager<S, Req> {
                     ready!(svc.poll_ready(cx))?;
                     svc.call(req.take().expect("polled after completion"))
                 }
-                EagerProj::Called { fut } => return fut.poll(cx),
+                EagerProj::Called { fut } => {
+                    let out = ready!(fut.poll(cx));
+                    self.set(Eager::Done);
+                    return Poll::Ready(out);
+                }
                 EagerProj::Failed { err } => {
                     return Poll::Ready(Err(err.take().expect("polled after completion")))
                 }
                 EagerProj::Panicked { payload } => {
                     resume_unwind(payload.take().expect("polled after completion"))
                 }
+                EagerProj::Done => panic!("polled after completion"),
             };
             self.set(Eager::Called { fut });
         }
