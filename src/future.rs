@@ -239,7 +239,11 @@ where
         let mut this = self.project();
         loop {
             let run = match this.kind.as_mut().project() {
-                KindProj::Bypass { call } => return call.as_mut().poll(cx),
+                KindProj::Bypass { call } => {
+                    let out = ready!(call.as_mut().poll(cx));
+                    call.set(Call::Done);
+                    return Poll::Ready(out);
+                }
                 KindProj::Alone { call } => {
                     // It came in with a key, so, as every call run for a key, its panic is
                     // an error (only a request without a key is left untouched).
@@ -331,6 +335,10 @@ pin_project! {
         // polled, as it would have been without `begin`, so that every waiter that joined by
         // then gets that panic.
         Panicked { payload: Option<Box<dyn Any + Send>> },
+        // A bypassed request's call once answered: its inner future dropped at once, with what
+        // it holds (a `ConcurrencyLimit` permit), as tower's `Oneshot` does, even if the
+        // response future is kept. (A flight's call is dropped whole when it answers.)
+        Done,
     }
 }
 
@@ -417,6 +425,7 @@ where
                 CallProj::Panicked { payload } => {
                     resume_unwind(payload.take().expect("polled after completion"))
                 }
+                CallProj::Done => panic!("polled after completion"),
             };
             self.set(Call::Called { fut });
         }

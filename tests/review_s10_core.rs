@@ -1488,3 +1488,26 @@ async fn expired_output_drop_panic_during_a_join_leaves_no_phantom_follower() {
     assert_eq!(live.load(SeqCst), 0, "the call was not cancelled");
     assert_eq!(group.in_flight(), 0, "a phantom follower holds the key");
 }
+
+/// A keyless request's response future, kept after it answered, no longer holds what its call
+/// reserved below (a `ConcurrencyLimit` permit): the inner future is dropped once it answers,
+/// as tower's `Oneshot` drops it.
+#[tokio::test]
+async fn a_kept_bypass_future_releases_its_concurrency_permit() {
+    let inner = tower::service_fn(|n: u32| async move { Ok::<_, Infallible>(n) });
+    let limited = tower::limit::ConcurrencyLimit::new(inner, 1);
+    let mut svc = CoalesceLayer::new(|_: &u32| None::<u32>).layer(limited);
+    let mut first = Box::pin(svc.call(1));
+    let one = tokio::time::timeout(Duration::from_secs(10), first.as_mut())
+        .await
+        .expect("the first call answers")
+        .unwrap();
+    assert_eq!(one, 1);
+    assert!(first.is_bypass());
+    // `first` is still alive: the second call must get the permit all the same.
+    let two = tokio::time::timeout(Duration::from_secs(10), svc.call(2))
+        .await
+        .expect("the permit was given back when the first call answered")
+        .unwrap();
+    assert_eq!(two, 2);
+}
