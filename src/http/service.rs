@@ -200,6 +200,8 @@ pin_project! {
     }
 }
 
+/// The step after the call, [`judge`], held as a pointer: that names its future's type
+/// (`Then`), which an `async fn`'s is not otherwise.
 type Judge<ResBody, E, Then> = fn(Result<Response<ResBody>, E>, Ctx<ResBody, E>) -> Then;
 
 /// What judging a flight's response needs of its request and its leader.
