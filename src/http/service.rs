@@ -189,10 +189,10 @@ pin_project! {
         S: Service<Request<ReqBody>>,
         ResBody: Body,
     {
-        // Dropped once it has the response head, as a `.await` of it would: what it holds (a
-        // `ConcurrencyLimit` permit below) goes before the body is buffered.
+        // Drops its inner future once it has the response head (`Eager::Done`): what that
+        // holds (a `ConcurrencyLimit` permit below) goes before the body is buffered.
         #[pin]
-        call: Option<Eager<S, Request<ReqBody>>>,
+        call: Eager<S, Request<ReqBody>>,
         ctx: Option<Ctx<ResBody, S::Error>>,
         judge: Judge<ResBody, S::Error, Then>,
         #[pin]
@@ -232,7 +232,7 @@ where
         request_headers: req.headers().clone(),
     };
     Flight {
-        call: Some(Eager::new(inner, req)),
+        call: Eager::new(inner, req),
         ctx: Some(ctx),
         judge: judge::<S::Error, ResBody>,
         then: None,
@@ -249,9 +249,8 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
         let mut this = self.project();
-        if let Some(call) = this.call.as_mut().as_pin_mut() {
-            let result = ready!(call.poll(cx));
-            this.call.set(None);
+        if this.then.is_none() {
+            let result = ready!(this.call.poll(cx));
             let ctx = this.ctx.take().expect("polled after completion");
             this.then.set(Some((this.judge)(result, ctx)));
         }
@@ -271,9 +270,7 @@ where
     ResBody: Body,
 {
     fn begin(flight: Pin<&mut Flight<S, ReqBody, ResBody, Then>>) {
-        if let Some(call) = flight.project().call.as_pin_mut() {
-            call.begin();
-        }
+        flight.project().call.begin();
     }
 }
 
